@@ -13,6 +13,9 @@ import importlib
 import os
 import sys
 
+# TensorFlow C++ start-up chatter (CUDA probing, oneDNN notes) hides our own output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 COMMANDS = {
     "ingest": ("pipeline.run", "main", "stage 1: manifest/folder -> image TFRecords (Beam)"),
     "verify": ("pipeline.verify", "main", "check a dataset against its manifest"),

@@ -167,6 +167,15 @@ def group_shards(shards: Iterable[Mapping[str, Any]], out_dir: str) -> dict[str,
   return result
 
 
+def fingerprint(shards_by_split: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+  """sha256 over every shard's sha256, in split and shard order: identifies a dataset's content."""
+  digest = hashlib.sha256()
+  for split in sorted(shards_by_split):
+    for shard in shards_by_split[split]:
+      digest.update(f"{split}:{shard['sha256']}\n".encode())
+  return digest.hexdigest()
+
+
 def write_json(path: str, payload: Any) -> None:
   """Writes JSON through a temporary name then renames, so readers never see half a file."""
   tmp = f"{path}.tmp"

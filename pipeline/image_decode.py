@@ -1,0 +1,314 @@
+"""Image validation, decoding and resizing with OpenCV: the single decode path of the project.
+
+    from pipeline import image_decode
+    result = image_decode.decode_and_resize(data, size=300, resize="stretch")
+
+Used by the ingest job (stage 1) and by `headstart predict`, so new images are prepared exactly
+like training images. Pure functions, no Beam.
+
+Policy (documented in README "Image policy"):
+- The header is read first (Pillow's lazy open parses only the header): images above
+  `max_pixels` are refused before any pixel buffer is allocated (decompression bombs).
+- Output is always 8-bit, 3-channel RGB. Grayscale and palette images are expanded; CMYK is
+  converted; 16-bit images are scaled to 8 bits; alpha is composited on `background`
+  (white by default); animated images keep their first frame.
+- EXIF orientation is applied (the image is stored upright, as a viewer shows it).
+- Shrinking uses INTER_AREA, after a reduced-size JPEG decode (IMREAD_REDUCED_COLOR_2/4/8) when
+  the image is at least twice the needed size: the DCT-domain downscale is far cheaper than a
+  full decode followed by a big INTER_AREA. Enlarging uses INTER_CUBIC.
+- A JPEG without its end-of-image marker is `truncated` (libjpeg only warns and returns a
+  half-grey image).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+RESIZE_MODES = ("stretch", "pad", "crop")
+FORMATS = ("jpeg", "png")
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MIN_SIDE = 32
+JPEG_QUALITY = 95
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_EXIF_ORIENTATION_TAG = 0x0112
+# How far before the end a JPEG's end-of-image marker may sit (some encoders pad with zeros).
+_JPEG_TRAILER_SLACK_BYTES = 64
+
+# The reduced decode flags and their scale, largest reduction first.
+_REDUCED_DECODES = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                    (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+class ImageError(ValueError):
+  """An input is not a usable image; `reason` is the dead-letter reason code."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+  """What the file header says, read without decoding pixels."""
+  format: str
+  width: int
+  height: int
+  mode: str
+  frames: int
+  orientation: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Maps source pixel coordinates to stored-image pixel coordinates: `x' = x * scale + offset`."""
+  scale_x: float
+  scale_y: float
+  offset_x: float
+  offset_y: float
+  size: int
+
+  def normalise(self, points: np.ndarray) -> np.ndarray:
+    """Source-pixel (K, 2) points -> [0, 1] coordinates of the stored image."""
+    out = np.empty_like(points, dtype=np.float32)
+    out[:, 0] = (points[:, 0] * self.scale_x + self.offset_x) / self.size
+    out[:, 1] = (points[:, 1] * self.scale_y + self.offset_y) / self.size
+    return out
+
+  def to_source_pixels(self, normalised: np.ndarray) -> np.ndarray:
+    """Inverse of `normalise`: [0, 1] stored-image points -> source pixels."""
+    out = np.empty_like(normalised, dtype=np.float32)
+    out[..., 0] = (normalised[..., 0] * self.size - self.offset_x) / self.scale_x
+    out[..., 1] = (normalised[..., 1] * self.size - self.offset_y) / self.scale_y
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodedImage:
+  """An RGB uint8 image of `size`×`size` plus where it came from."""
+  rgb: np.ndarray
+  source_width: int
+  source_height: int
+  geometry: Geometry
+
+
+def sniff_format(data: bytes) -> str | None:
+  """Names the image format from magic bytes (`jpeg`, `png`, `gif`, `webp`, `bmp`, `tiff`)."""
+  if data.startswith(_JPEG_MAGIC):
+    return "jpeg"
+  if data.startswith(_PNG_MAGIC):
+    return "png"
+  if data[:6] in (b"GIF87a", b"GIF89a"):
+    return "gif"
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    return "webp"
+  if data[:2] == b"BM":
+    return "bmp"
+  if data[:4] in (b"II*\x00", b"MM\x00*"):
+    return "tiff"
+  return None
+
+
+def read_header(data: bytes) -> Header:
+  """Parses the header only.
+
+  Raises:
+    ImageError: empty input, not an image, or a header Pillow cannot parse.
+  """
+  if not data:
+    raise ImageError("empty_file", "the file is empty (0 bytes)")
+  kind = sniff_format(data)
+  if kind is None:
+    head = data[:64].lstrip().lower()
+    what = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not an image"
+    raise ImageError("not_an_image", f"content is {what} (magic bytes {data[:8]!r})")
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      width, height = image.size
+      frames = int(getattr(image, "n_frames", 1))
+      orientation = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1)) if kind == "jpeg" else 1
+      return Header(kind, width, height, image.mode, frames, orientation)
+  except Image.DecompressionBombError as error:
+    raise ImageError("too_many_pixels", str(error)) from error
+  except (OSError, SyntaxError, ValueError) as error:
+    raise ImageError("corrupt_header", f"unreadable {kind} header: {error}") from error
+
+
+def _check_complete(data: bytes, header: Header) -> None:
+  if header.format == "jpeg":
+    tail = data[-_JPEG_TRAILER_SLACK_BYTES:].rstrip(b"\x00\r\n ")
+    if not tail.endswith(b"\xff\xd9"):
+      raise ImageError("truncated", "JPEG has no end-of-image marker: the file is truncated")
+  elif header.format == "png" and b"IEND" not in data[-32:]:
+    raise ImageError("truncated", "PNG has no IEND chunk: the file is truncated")
+
+
+def _reduction_for(header: Header, needed: int, resize: str) -> tuple[int, int]:
+  """Largest DCT reduction that keeps the decoded image at least `needed` on the side that matters."""
+  if header.format != "jpeg" or header.mode not in ("RGB", "L", "YCbCr"):
+    return 1, cv2.IMREAD_COLOR
+  # "pad" fits the long side, "crop" fills with the short side, "stretch" needs both.
+  side = {"pad": max, "crop": min, "stretch": min}[resize](header.width, header.height)
+  for factor, flag in _REDUCED_DECODES:
+    if side // factor >= needed:
+      return factor, flag
+  return 1, cv2.IMREAD_COLOR
+
+
+def _to_rgb8(array: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+  """OpenCV output (gray, BGR, BGRA; 8 or 16 bit) -> RGB uint8."""
+  if array.dtype == np.uint16:
+    array = (array.astype(np.uint32) * 255 // 65535).astype(np.uint8)
+  elif array.dtype != np.uint8:
+    array = cv2.normalize(array, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+  if array.ndim == 2:
+    return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
+  if array.shape[2] == 4:
+    alpha = array[:, :, 3:4].astype(np.float32) / 255.0
+    bgr = array[:, :, :3].astype(np.float32)
+    back = np.array(background[::-1], np.float32)
+    array = (bgr * alpha + back * (1.0 - alpha) + 0.5).astype(np.uint8)
+  return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def _decode_with_pillow(data: bytes, background: tuple[int, int, int]) -> np.ndarray:
+  """Fallback for what OpenCV cannot read (GIF/animated, odd modes): first frame, upright, RGB."""
+  with Image.open(io.BytesIO(data)) as image:
+    image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+      canvas = Image.new("RGB", image.size, background)
+      canvas.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+      image = canvas
+    elif image.mode == "I;16" or image.mode == "I":
+      return _to_rgb8(np.asarray(image).astype(np.uint16), background)
+    return np.asarray(image.convert("RGB"))
+
+
+def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
+  transforms = {
+      2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+      5: lambda a: np.transpose(a, (1, 0, 2)), 6: lambda a: np.rot90(a, -1),
+      7: lambda a: np.rot90(a, 1)[::-1], 8: lambda a: np.rot90(a, 1),
+  }
+  return np.ascontiguousarray(transforms[orientation](rgb)) if orientation in transforms else rgb
+
+
+def decode_rgb(data: bytes, *, needed: int = 0, resize: str = "stretch",
+               max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
+               background: tuple[int, int, int] = (255, 255, 255)) -> tuple[np.ndarray, Header]:
+  """Validates and decodes to upright RGB uint8, reduced when only `needed` pixels are needed.
+
+  Returns:
+    The RGB array (possibly reduced by 2, 4 or 8) and the header (original size).
+
+  Raises:
+    ImageError: with a dead-letter reason code.
+  """
+  header = read_header(data)
+  if header.width * header.height > max_pixels:
+    raise ImageError("too_many_pixels", f"{header.width}x{header.height} = "
+                     f"{header.width * header.height} pixels exceeds the limit of {max_pixels}")
+  if min(header.width, header.height) < min_side:
+    raise ImageError("too_small", f"{header.width}x{header.height} is below the minimum side of "
+                     f"{min_side} px")
+  _check_complete(data, header)
+  buffer = np.frombuffer(data, np.uint8)
+  needs_unchanged = header.mode in ("RGBA", "LA", "PA", "I;16", "I;16B", "I", "P") or (
+      header.format == "png" and header.mode not in ("RGB", "L"))
+  if header.format in ("gif", "webp", "tiff") or header.frames > 1:
+    rgb = _decode_with_pillow(data, background)
+  elif needs_unchanged:
+    array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    rgb = None if array is None else _apply_orientation(_to_rgb8(array, background),
+                                                        header.orientation)
+  else:
+    # IMREAD_COLOR (and the reduced variants) apply EXIF orientation themselves.
+    _, flag = _reduction_for(header, needed, resize)
+    array = cv2.imdecode(buffer, flag)
+    rgb = None if array is None else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+  if rgb is None:
+    raise ImageError("decode_failed", f"OpenCV could not decode this {header.format} image")
+  return rgb, header
+
+
+def _upright_size(header: Header) -> tuple[int, int]:
+  """(width, height) as displayed, after EXIF orientation."""
+  if header.orientation in (5, 6, 7, 8):
+    return header.height, header.width
+  return header.width, header.height
+
+
+def resize_geometry(width: int, height: int, size: int, resize: str) -> Geometry:
+  """The source->stored mapping for a resize mode (independent of any reduced decode)."""
+  if resize == "stretch":
+    return Geometry(size / width, size / height, 0.0, 0.0, size)
+  if resize == "pad":
+    scale = size / max(width, height)
+    return Geometry(scale, scale, (size - width * scale) / 2, (size - height * scale) / 2, size)
+  if resize == "crop":
+    scale = size / min(width, height)
+    return Geometry(scale, scale, (size - width * scale) / 2, (size - height * scale) / 2, size)
+  raise ValueError(f"unknown resize mode {resize!r}; allowed: {', '.join(RESIZE_MODES)}")
+
+
+def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+  shrinking = width * height < rgb.shape[0] * rgb.shape[1]
+  return cv2.resize(rgb, (width, height),
+                    interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+
+
+def fit(rgb: np.ndarray, size: int, resize: str,
+        background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+  """Resizes an RGB image to `size`×`size` by stretching, letterboxing (pad) or centre-cropping."""
+  height, width = rgb.shape[:2]
+  if resize == "stretch":
+    return _resize(rgb, size, size)
+  geometry = resize_geometry(width, height, size, resize)
+  new_width = max(1, round(width * geometry.scale_x))
+  new_height = max(1, round(height * geometry.scale_y))
+  scaled = _resize(rgb, new_width, new_height)
+  if resize == "pad":
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = background
+    top, left = (size - new_height) // 2, (size - new_width) // 2
+    canvas[top:top + new_height, left:left + new_width] = scaled
+    return canvas
+  top, left = (new_height - size) // 2, (new_width - size) // 2
+  return np.ascontiguousarray(scaled[top:top + size, left:left + size])
+
+
+def decode_and_resize(data: bytes, *, size: int, resize: str = "stretch",
+                      max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE,
+                      background: tuple[int, int, int] = (255, 255, 255)) -> DecodedImage:
+  """Bytes of any supported image -> `size`×`size` RGB uint8 plus the source geometry.
+
+  Raises:
+    ImageError: the bytes are not a usable image (reason code in `.reason`).
+    ValueError: `resize` is not one of RESIZE_MODES.
+  """
+  if resize not in RESIZE_MODES:
+    raise ValueError(f"unknown resize mode {resize!r}; allowed: {', '.join(RESIZE_MODES)}")
+  rgb, header = decode_rgb(data, needed=size, resize=resize, max_pixels=max_pixels,
+                           min_side=min_side, background=background)
+  width, height = _upright_size(header)
+  return DecodedImage(fit(rgb, size, resize, background), width, height,
+                      resize_geometry(width, height, size, resize))
+
+
+def encode(rgb: np.ndarray, image_format: str) -> bytes:
+  """RGB uint8 -> JPEG (quality 95) or PNG bytes."""
+  bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+  if image_format == "jpeg":
+    ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+  elif image_format == "png":
+    ok, buffer = cv2.imencode(".png", bgr)
+  else:
+    raise ValueError(f"unknown image format {image_format!r}; allowed: {', '.join(FORMATS)}")
+  if not ok:
+    raise ImageError("encode_failed", f"OpenCV could not encode a {rgb.shape} image")
+  return buffer.tobytes()

@@ -1,0 +1,250 @@
+"""Beam DoFns and composite PTransforms of the ingest job (stage 1).
+
+    rows, dead = root | "ReadSources" >> ReadSources(cfg)
+    images, dead2 = rows | "FetchAndDecode" >> FetchAndDecode(cfg)
+
+Every DoFn sends bad elements to the `dead` output as one JSON dead-letter line (stage, reason,
+row, message) and bumps a counter named after the reason; nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from pipeline import dataset_io, fetch, image_decode, sources, splits
+
+DEAD = "dead"
+STATS = "stats"
+_PROGRESS_EVERY_SECONDS = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestConfig:
+  """Everything the ingest transforms need (picklable, shipped to workers)."""
+  image_size: int = 300
+  resize: str = "stretch"
+  image_format: str = "jpeg"
+  splits: tuple[tuple[str, float], ...] = (("train", 0.8), ("validation", 0.9), ("test", 1.0))
+  background: tuple[int, int, int] = (255, 255, 255)
+  max_pixels: int = image_decode.DEFAULT_MAX_PIXELS
+  min_side: int = image_decode.DEFAULT_MIN_SIDE
+  fetch: fetch.FetchConfig = fetch.FetchConfig()
+  fetch_threads: int = 16
+  classes: tuple[str, ...] | None = None
+
+
+def dead_letter(reason: str, row, message: str, stage: str = "ingest") -> str:
+  """One `errors.jsonl` line; credentials in URLs are redacted from the row and message."""
+  if isinstance(row, dict):
+    row = {k: v for k, v in row.items() if k not in ("location", "error")}
+  text = json.dumps({"stage": stage, "reason": reason, "row": row, "message": message},
+                    sort_keys=True, default=str)
+  return sources.redact(text)
+
+
+class _DeadLetteringDoFn(beam.DoFn):
+  """Base: counters per reason, created lazily in the worker (never module globals)."""
+
+  def __init__(self):
+    super().__init__()
+    self._counters = {}
+
+  def _dead(self, reason: str, row, message: str):
+    if reason not in self._counters:
+      self._counters[reason] = Metrics.counter("ingest_dead_letters", reason)
+    self._counters[reason].inc()
+    return pvalue.TaggedOutput(DEAD, dead_letter(reason, row, message))
+
+
+class ParseCsvLineFn(_DeadLetteringDoFn):
+  """Manifest line (str) -> source row dict, or a dead letter."""
+
+  def __init__(self, spec: sources.CsvSpec):
+    super().__init__()
+    self._spec = spec
+
+  def process(self, line: str):
+    if not line.strip():
+      return
+    try:
+      yield sources.parse_csv_line(line, self._spec)
+    except sources.RowError as error:
+      yield self._dead(error.reason, sources.redact(line), str(error))
+
+
+class RouteFolderRowFn(_DeadLetteringDoFn):
+  """Folder-tree entry -> source row, or a dead letter for files outside class folders."""
+
+  def process(self, row: dict):
+    if "error" in row:
+      yield self._dead(row["error"], row, f"{row['source']!r} is not an image inside a class "
+                       "folder")
+    else:
+      yield row
+
+
+class KeepOnePerIdFn(_DeadLetteringDoFn):
+  """(id, rows) -> the one row to ingest; other copies become `duplicate` dead letters.
+
+  Copies that disagree on the label are all `conflicting_label`: which one is right is unknown.
+  """
+
+  def process(self, element: tuple[str, Iterable[dict]]):
+    _, rows = element
+    rows = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+    if len({r["label"] for r in rows}) > 1:
+      labels = sorted({str(r["label"]) for r in rows})
+      for row in rows:
+        yield self._dead("conflicting_label", row, f"the same source is listed with labels "
+                         f"{labels}")
+      return
+    yield rows[0]
+    for row in rows[1:]:
+      yield self._dead("duplicate", row, "the same source is listed more than once; kept one")
+
+
+def prepare_image(row: dict, data: bytes, cfg: IngestConfig) -> dict:
+  """Decodes, validates and resizes fetched bytes; returns the row plus image fields.
+
+  Raises:
+    image_decode.ImageError: the bytes are not a usable image.
+  """
+  decoded = image_decode.decode_and_resize(
+      data, size=cfg.image_size, resize=cfg.resize, max_pixels=cfg.max_pixels,
+      min_side=cfg.min_side, background=cfg.background)
+  result = dict(row)
+  result.update(
+      image=image_decode.encode(decoded.rgb, cfg.image_format),
+      width=decoded.source_width, height=decoded.source_height,
+      content_sha256=hashlib.sha256(data).hexdigest())
+  if row.get("targets") is not None:
+    points = np.asarray(row["targets"], np.float32).reshape(-1, 2)
+    result["targets"] = decoded.geometry.normalise(points).tolist()
+  return result
+
+
+class FetchDecodeBatchFn(_DeadLetteringDoFn):
+  """Batch of source rows -> image dicts, fetching and decoding many at once on a thread pool.
+
+  Downloads wait on the network and OpenCV releases the GIL, so threads keep one worker busy.
+  """
+
+  def __init__(self, cfg: IngestConfig):
+    super().__init__()
+    self._cfg = cfg
+
+  def setup(self):
+    self._fetcher = fetch.Fetcher(self._cfg.fetch)
+    self._pool = concurrent.futures.ThreadPoolExecutor(self._cfg.fetch_threads)
+    self._done = Metrics.counter("ingest", "images_written")
+    self._count, self._started, self._last_log = 0, time.monotonic(), time.monotonic()
+
+  def teardown(self):
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
+  def _one(self, row: dict):
+    try:
+      return prepare_image(row, self._fetcher.fetch(row["location"]), self._cfg)
+    except (fetch.FetchError, image_decode.ImageError) as error:
+      return error
+
+  def process(self, batch: Sequence[dict]):
+    for row, result in zip(batch, self._pool.map(self._one, batch)):
+      if isinstance(result, Exception):
+        yield self._dead(result.reason, row, str(result))
+      else:
+        self._done.inc()
+        yield result
+    self._count += len(batch)
+    now = time.monotonic()
+    if now - self._last_log > _PROGRESS_EVERY_SECONDS:
+      self._last_log = now
+      logging.getLogger("headstart").info("ingest: %d images processed by this worker (%.1f images/s)", self._count,
+                   self._count / (now - self._started))
+
+
+class ToExampleFn(_DeadLetteringDoFn):
+  """Image dict -> (split, serialized tf.train.Example); also emits (split, label) stats."""
+
+  def __init__(self, cfg: IngestConfig):
+    super().__init__()
+    self._cfg = cfg
+
+  def process(self, item: dict, class_names: Sequence[str]):
+    values = {
+        "id": item["id"], "image": item["image"], "source": item["source"],
+        "group": item.get("group") or "", "content_sha256": item["content_sha256"],
+        "height": item["height"], "width": item["width"],
+    }
+    if item.get("label") is not None:
+      if item["label"] not in class_names:
+        yield self._dead("unknown_label", item, f"label {item['label']!r} is not one of "
+                         f"{list(class_names)}")
+        return
+      values["label"] = class_names.index(item["label"])
+    if item.get("targets") is not None:
+      values["targets"] = np.asarray(item["targets"], np.float32)
+    split = item.get("split") or splits.assign_split(item.get("group") or item["id"],
+                                                     self._cfg.splits)
+    yield pvalue.TaggedOutput(STATS, (split, item.get("label")))
+    yield split, dataset_io.to_example(values)
+
+
+class ReadCsvSource(beam.PTransform):
+  """CSV manifest path -> (source rows, dead letters, input row count)."""
+
+  def __init__(self, spec: sources.CsvSpec):
+    super().__init__()
+    self._spec = spec
+
+  def expand(self, root):
+    lines = root | "ReadLines" >> beam.io.ReadFromText(self._spec.path, skip_header_lines=1,
+                                                       strip_trailing_newlines=True)
+    parsed = lines | "ParseRows" >> beam.ParDo(ParseCsvLineFn(self._spec)).with_outputs(
+        DEAD, main="rows")
+    count = (lines | "KeepNonBlank" >> beam.Filter(lambda line: bool(line.strip()))
+             | "CountRows" >> beam.combiners.Count.Globally())
+    return parsed.rows, parsed[DEAD], count
+
+
+class ReadFolderSource(beam.PTransform):
+  """Folder tree rows (listed by the driver) -> (source rows, dead letters, input row count)."""
+
+  def __init__(self, rows: Sequence[dict]):
+    super().__init__()
+    self._rows = list(rows)
+
+  def expand(self, root):
+    entries = root | "ListFiles" >> beam.Create(self._rows, reshuffle=True)
+    routed = entries | "RouteRows" >> beam.ParDo(RouteFolderRowFn()).with_outputs(DEAD, main="rows")
+    count = entries | "CountRows" >> beam.combiners.Count.Globally()
+    return routed.rows, routed[DEAD], count
+
+
+class FetchAndDecode(beam.PTransform):
+  """Unique source rows -> image dicts (decoded, validated, resized, re-encoded) + dead letters."""
+
+  def __init__(self, cfg: IngestConfig):
+    super().__init__()
+    self._cfg = cfg
+
+  def expand(self, rows):
+    unique = (rows
+              | "KeyById" >> beam.Map(lambda row: (row["id"], row))
+              | "GroupById" >> beam.GroupByKey()
+              | "KeepOnePerId" >> beam.ParDo(KeepOnePerIdFn()).with_outputs(DEAD, main="rows"))
+    images = (unique.rows
+              | "BatchRows" >> beam.BatchElements(min_batch_size=4, max_batch_size=64)
+              | "FetchDecodeResize" >> beam.ParDo(FetchDecodeBatchFn(self._cfg)).with_outputs(
+                  DEAD, main="images"))
+    return images.images, (unique[DEAD], images[DEAD]) | "MergeDeadLetters" >> beam.Flatten()
