@@ -1,0 +1,332 @@
+"""What one `headstart extract` call has to do: a job per backbone, its cache key and directory,
+whether the cache already holds it, and the manifest/index written when it is done.
+
+    headstart extract --images out/images --out out/features --backbones vgg16,mobilenet_v2
+
+Planning touches only JSON manifests and weight-file hashes, so a cache hit is decided before
+any model is built or Beam pipeline constructed. Only the jobs that miss are prepared (stale
+directory removed, random weights saved, output shape probed) and sent to the pipeline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from features import backbones as backbones_lib
+from features import cache_key as cache_key_lib
+from features import health as health_lib
+from features import weights as weights_lib
+from pipeline import dataset_io
+
+INDEX_NAME = "index.json"
+FEATURES_NAME = "features"
+RANDOM_WEIGHTS_NAME = "backbone.weights.h5"
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractConfig:
+  """Parsed `headstart extract` flags (Beam flags excluded)."""
+  images: str
+  out: str
+  backbones: tuple[str, ...]
+  layer: str | None = None
+  input_size: int | None = None
+  weights: str = "imagenet"
+  weights_dir: str | None = None
+  batch_size: int = 64
+  store: str = "both"
+  views: int = 0
+  force: bool = False
+  seed: int = 0
+  precision: str = "float32"
+  jit_compile: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureJob:
+  """One backbone's extraction: everything a worker needs to rebuild the model and write."""
+  backbone: str
+  tag: str
+  out_dir: str
+  cache_key: str
+  cache_key_fields: Mapping[str, Any]
+  weights: weights_lib.WeightsChoice
+  input_size: int
+  layer: str | None
+  preprocess: str
+  precision: str
+  seed: int
+  store: str
+  views: int
+  image_info: Mapping[str, Any]
+  model_path: str | None = None
+  weights_dir: str | None = None
+  hit: bool = False
+  map_shape: tuple[int, ...] = ()
+  pooled_dim: int = 0
+  start_time: float = 0.0
+
+  @property
+  def dir_name(self) -> str:
+    return self.out_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractPlan:
+  """The image dataset's shards and the jobs of one call."""
+  config: ExtractConfig
+  shards: tuple[str, ...]
+  jobs: tuple[FeatureJob, ...]
+
+
+def _image_fingerprint(manifest: Mapping[str, Any]) -> str:
+  # Older image manifests may lack `fingerprint`; recompute it the same way from shard hashes.
+  if manifest.get("fingerprint"):
+    return manifest["fingerprint"]
+  return shards_fingerprint(manifest["splits"])
+
+
+def shards_fingerprint(splits: Mapping[str, Any]) -> str:
+  """sha256 over every shard's sha256 in split and shard order (as the image stage computes it)."""
+  digest = hashlib.sha256()
+  for split in sorted(splits):
+    entries = splits[split]["shards"] if isinstance(splits[split], Mapping) else splits[split]
+    for shard in entries:
+      digest.update(f"{split}:{shard['sha256']}\n".encode())
+  return digest.hexdigest()
+
+
+def plan(config: ExtractConfig) -> ExtractPlan:
+  """Computes every backbone's cache key and whether a complete dataset already holds it.
+
+  Raises:
+    ValueError: the image dataset is missing/incomplete, or a flag value is invalid.
+  """
+  image_manifest = dataset_io.read_manifest(config.images)
+  if image_manifest.get("kind", "images") != "images":
+    raise ValueError(f"--images {config.images!r} is a {image_manifest.get('kind')!r} dataset; "
+                     "pass the image dataset written by `headstart ingest`")
+  image_size = int(image_manifest.get("image_size") or 0)
+  input_size = config.input_size or image_size
+  if not input_size:
+    raise ValueError(f"{config.images!r} records no image_size; pass --input-size")
+  from features import records  # imported here: TFDS-free, but pulls cv2 only when needed
+  image_info = {
+      "image_dataset": config.images,
+      "image_size": image_size,
+      "image_format": image_manifest.get("format"),
+      "resize": image_manifest.get("resize", "stretch"),
+      "task": image_manifest.get("task", "unlabelled"),
+      "class_names": image_manifest.get("class_names"),
+      "num_keypoints": image_manifest.get("num_keypoints"),
+      "image_fingerprint": _image_fingerprint(image_manifest),
+  }
+  registered = [b for b in config.backbones if not backbones_lib.is_custom_model(b)]
+  if config.weights not in ("imagenet", "none") and len(registered) > 1:
+    raise ValueError(f"--weights {config.weights!r} is one file but {len(registered)} backbones "
+                     "were given; extract one backbone per weights file")
+  jobs = []
+  for index, entry in enumerate(config.backbones):
+    if backbones_lib.is_custom_model(entry):
+      name = backbones_lib.custom_model_name(entry)
+      if not tf.io.gfile.exists(entry):
+        raise ValueError(f"backbone model {entry!r} does not exist; pass a .keras file or a "
+                         "SavedModel directory")
+      sha = weights_lib.file_sha256(entry)
+      choice = weights_lib.WeightsChoice("file", "model", entry, entry.rsplit("/", 1)[-1], sha)
+      preprocess, model_path, model_sha = "none", entry, sha
+    else:
+      spec = backbones_lib.BACKBONES[entry]
+      if input_size < spec.min_size:
+        raise ValueError(f"--input-size {input_size!r} is too small for {entry}; it needs at "
+                         f"least {spec.min_size}")
+      name, preprocess, model_path, model_sha = entry, spec.preprocess, None, None
+      choice = weights_lib.resolve(entry, config.weights, input_size=input_size,
+                                   weights_dir=config.weights_dir)
+    fields = cache_key_lib.cache_key_fields(
+        image_fingerprint=image_info["image_fingerprint"], backbone=name,
+        weights_kind=choice.kind, weights_sha256=choice.sha256, seed=config.seed,
+        layer=config.layer, input_size=input_size, resize=image_info["resize"],
+        input_resize=records.input_resize_name(image_size or input_size, input_size),
+        preprocess=preprocess, dtype=config.precision, store=config.store, views=config.views,
+        model_sha256=model_sha)
+    key = cache_key_lib.cache_key(fields)
+    out_dir = f"{config.out.rstrip('/')}/{cache_key_lib.dataset_dir_name(name, choice.kind, key)}"
+    jobs.append(FeatureJob(
+        backbone=name, tag=f"b{index}", out_dir=out_dir, cache_key=key, cache_key_fields=fields,
+        weights=choice, input_size=input_size, layer=config.layer, preprocess=preprocess,
+        precision=config.precision, seed=config.seed, store=config.store, views=config.views,
+        image_info=image_info, model_path=model_path,
+        weights_dir=weights_lib.weights_dir_from(config.weights_dir),
+        hit=not config.force and _is_complete(out_dir, key)))
+  shards = tuple(path for split in image_manifest["splits"]
+                 for path in dataset_io.shard_paths(config.images, image_manifest, split))
+  return ExtractPlan(config, shards, tuple(jobs))
+
+
+def _is_complete(out_dir: str, key: str) -> bool:
+  if not dataset_io.has_manifest(out_dir):
+    return False
+  try:
+    return dataset_io.read_manifest(out_dir).get("cache_key") == key
+  except dataset_io.DatasetError:
+    return False
+
+
+def prepare(job: FeatureJob) -> FeatureJob:
+  """Readies a missed job on the driver: clean directory, random weights saved, shape probed.
+
+  A directory without a complete manifest (an interrupted run, or `--force`) is removed first,
+  so no stale shard can end up next to new ones.
+
+  Raises:
+    ValueError: unknown `--layer`, or a user model whose input size differs from --input-size.
+  """
+  if tf.io.gfile.exists(job.out_dir):
+    tf.io.gfile.rmtree(job.out_dir)
+  tf.io.gfile.makedirs(job.out_dir)
+  weights = job.weights
+  if job.model_path:
+    model = backbones_lib.load_user_model(job.model_path)
+    fixed = backbones_lib.user_model_input_size(model)
+    if fixed is not None and fixed != job.input_size:
+      raise ValueError(f"backbone model {job.model_path!r} takes {fixed}x{fixed} images but "
+                       f"--input-size is {job.input_size}; pass --input-size {fixed}")
+    model = backbones_lib.build_extractor(job.backbone, input_size=job.input_size,
+                                          layer=job.layer, model_path=job.model_path)
+    shape = tuple(model.output.shape[1:])
+  else:
+    seed = job.seed if weights.kind == "none" else None
+    base = backbones_lib.build_base(job.backbone, job.input_size, seed=seed)
+    if weights.kind == "none":
+      weights = _save_random_weights(base, job.out_dir)
+    if job.layer:
+      names = [layer.name for layer in base.layers]
+      if job.layer not in names:
+        raise ValueError(f"{job.backbone} has no layer {job.layer!r}; its last layers: "
+                         f"{', '.join(names[-6:])}")
+      shape = tuple(base.get_layer(job.layer).output.shape[1:])
+    else:
+      shape = tuple(base.output.shape[1:])
+  if len(shape) == 1:  # a vector output is stored as a 1x1 map
+    shape = (1, 1, shape[0])
+  if len(shape) != 3:
+    raise ValueError(f"{job.backbone} output has shape {shape!r}; expected HxWxC or C")
+  return dataclasses.replace(job, weights=weights, map_shape=tuple(int(d) for d in shape),
+                             pooled_dim=int(shape[-1]))
+
+
+def _save_random_weights(base: Any, out_dir: str) -> weights_lib.WeightsChoice:
+  # Keras writes only local files; write there, then copy through gfile (out_dir may be gs://).
+  import tempfile
+  local_dir = tempfile.mkdtemp(prefix="headstart-random-")
+  local = f"{local_dir}/{RANDOM_WEIGHTS_NAME}"
+  base.save_weights(local)
+  target = f"{out_dir}/{RANDOM_WEIGHTS_NAME}"
+  tf.io.gfile.copy(local, target, overwrite=True)
+  tf.io.gfile.remove(local)
+  return weights_lib.WeightsChoice("none", "random", target, RANDOM_WEIGHTS_NAME,
+                                   weights_lib.file_sha256(target))
+
+
+def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
+             job: FeatureJob) -> dict[str, Any]:
+  """Writes one feature dataset's TFDS metadata and, last, its manifest; returns the manifest."""
+  from features import records
+  grouped = dataset_io.group_shards(shards, job.out_dir)
+  info = job.image_info
+  features = records.feature_tfds_features(
+      task=info["task"], class_names=info["class_names"], num_keypoints=info["num_keypoints"],
+      map_shape=job.map_shape, pooled_dim=job.pooled_dim, store=job.store)
+  seconds = max(time.time() - job.start_time, 1e-9)
+  examples = sum(s["num_examples"] for entries in grouped.values() for s in entries)
+  forward_seconds = health.get("forward_seconds", 0.0)
+  extra = {
+      "kind": FEATURES_NAME,
+      "backbone": job.backbone,
+      **job.weights.to_manifest(),
+      "seed": job.seed if job.weights.kind == "none" else None,
+      "model_path": job.model_path,
+      "layer": job.layer,
+      "input_size": job.input_size,
+      "resize": info["resize"],
+      "input_resize": job.cache_key_fields["input_resize"],
+      "preprocess": job.preprocess,
+      "dtype": job.precision,
+      "cache_key": job.cache_key,
+      "cache_key_fields": dict(job.cache_key_fields),
+      "feature_map_shape": list(job.map_shape),
+      "feature_map_dtype": "float16",
+      "pooled_dim": job.pooled_dim,
+      "pooled_dtype": "float32",
+      "store": job.store,
+      "views": job.views,
+      "image_dataset": info["image_dataset"],
+      "image_size": info["image_size"],
+      "image_format": info["image_format"],
+      "image_fingerprint": info["image_fingerprint"],
+      "task": info["task"],
+      "class_names": info["class_names"],
+      "num_keypoints": info["num_keypoints"],
+      "fingerprint": shards_fingerprint(grouped),
+      "health": health_lib.summarize_health(health),
+      "extraction_seconds": round(seconds, 3),
+      "images_per_second": round(examples / seconds, 3),
+      "forward_seconds": round(forward_seconds, 3),
+      "forward_images_per_second": (round(health.get("examples", 0) / forward_seconds, 3)
+                                    if forward_seconds else None),
+      "backbone_weights_file": RANDOM_WEIGHTS_NAME if job.weights.kind == "none" else None,
+  }
+  return dataset_io.finalize_dataset(
+      job.out_dir, FEATURES_NAME, features, grouped, extra,
+      description=f"{job.backbone} features ({job.weights.kind} weights) of {info['image_dataset']}")
+
+
+def write_index(out: str, jobs: Sequence[FeatureJob]) -> dict[str, Any]:
+  """Updates `out/index.json`: every complete feature dataset under `out`, this call's first.
+
+  Entries of earlier calls stay listed while their manifest exists; `dir` is relative to `out`.
+  """
+  path = f"{out.rstrip('/')}/{INDEX_NAME}"
+  entries: dict[str, dict[str, Any]] = {}
+  for job in jobs:
+    if dataset_io.has_manifest(job.out_dir):
+      entries[job.dir_name] = {"dir": job.dir_name, "backbone": job.backbone,
+                               "weights_kind": job.weights.kind, "cache_key": job.cache_key}
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path, "r") as f:
+      try:
+        previous = json.load(f).get("datasets", [])
+      except json.JSONDecodeError:
+        previous = []
+    for entry in previous:
+      if entry.get("dir") not in entries and \
+          dataset_io.has_manifest(f"{out.rstrip('/')}/{entry.get('dir')}"):
+        entries[entry["dir"]] = entry
+  index = {"datasets": list(entries.values())}
+  tf.io.gfile.makedirs(out)
+  dataset_io.write_json(path, index)
+  return index
+
+
+def summary_lines(job: FeatureJob, manifest: Mapping[str, Any]) -> list[str]:
+  """Human summary of one finished dataset, plus a WARNING line when its features look broken."""
+  splits = ", ".join(f"{s} {v['num_examples']}" for s, v in manifest["splits"].items())
+  health = manifest["health"]
+  shape = "x".join(str(d) for d in manifest["feature_map_shape"])
+  lines = [
+      f"{job.out_dir}: {job.backbone} ({manifest['weights_kind']} weights from "
+      f"{manifest['weights_source']}, sha256 {str(manifest['weights_sha256'])[:12]}), map {shape}, "
+      f"pooled {manifest['pooled_dim']}; {splits}; {manifest['images_per_second']:.2f} images/s "
+      f"end to end, forward {manifest['forward_images_per_second'] or 0:.2f} images/s; health: "
+      f"mean {health['mean'] or 0:.4g}, std {health['std'] or 0:.4g}, zeros "
+      f"{(health['zero_fraction'] or 0):.1%}, NaN {health['nan_count']}, Inf {health['inf_count']}"]
+  if not health["ok"]:
+    lines.append(f"WARNING: {job.backbone} features look broken: {'; '.join(health['warnings'])}")
+  return lines

@@ -1,0 +1,159 @@
+"""Stage 2 entry point: run frozen backbones once over an image dataset, one feature dataset each.
+
+    headstart extract --images out/images --out out/features --backbones vgg16,mobilenet_v2 \
+        --weights none --input-size 96          # ~1 min for 40 images on 2 CPU cores
+
+A second identical call prints `cache hit: <dir>` per backbone and does no work. Beam flags
+pass through (`--runner`, `--direct_running_mode=multi_processing`, Dataflow options); local
+runs default to `--runner=FnApiRunner`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Any
+
+from features import backbones as backbones_lib
+from features import records
+
+_WEIGHTS_HELP = "imagenet (default), none (seeded random init) or the path of a weights file"
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+  return value
+
+
+def _non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+  return value
+
+
+class _Parser(argparse.ArgumentParser):
+  # A bad flag value becomes a ValueError: `headstart` prints it as one line, no usage dump.
+  def error(self, message: str):
+    raise ValueError(message)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
+  """Splits argv into an `ExtractConfig` and the Beam flags (unknown flags pass through).
+
+  Raises:
+    ValueError: a flag is missing or has a bad value (the message names value and choices).
+  """
+  from features import jobs as jobs_lib
+  parser = _Parser(prog="headstart extract", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--images", required=True, help="image dataset dir (headstart ingest --out)")
+  parser.add_argument("--out", required=True, help="folder for the feature datasets + index.json")
+  parser.add_argument("--backbones", default="mobilenet_v2",
+                      help=f"comma list of {', '.join(backbones_lib.BACKBONES)} or model paths")
+  parser.add_argument("--layer", default=None, help="output layer name (default: last conv block)")
+  parser.add_argument("--input-size", type=_positive_int, default=None,
+                      help="square input side (default: the image dataset's image size)")
+  parser.add_argument("--weights", default="imagenet", help=_WEIGHTS_HELP)
+  parser.add_argument("--weights-dir", default=None,
+                      help="folder/bucket of staged weight files (or $HEADSTART_WEIGHTS_DIR)")
+  parser.add_argument("--batch-size", type=_positive_int, default=64)
+  parser.add_argument("--store", choices=records.STORE_CHOICES, default="both")
+  parser.add_argument("--views", type=_non_negative_int, default=0,
+                      help="augmented views per train image (flip, crops)")
+  parser.add_argument("--force", action="store_true", help="recompute even on a cache hit")
+  parser.add_argument("--seed", type=int, default=0, help="seed of --weights none and of views")
+  parser.add_argument("--precision", choices=backbones_lib.PRECISIONS, default="float32",
+                      help="compute precision of the backbones (mixed_* for GPUs)")
+  parser.add_argument("--jit-compile", action="store_true", help="compile the forward with XLA")
+  known, beam_args = parser.parse_known_args(argv)
+  config = jobs_lib.ExtractConfig(
+      images=known.images.rstrip("/"), out=known.out.rstrip("/"),
+      backbones=tuple(backbones_lib.parse_backbones(known.backbones)), layer=known.layer,
+      input_size=known.input_size, weights=known.weights, weights_dir=known.weights_dir,
+      batch_size=known.batch_size, store=known.store, views=known.views, force=known.force,
+      seed=known.seed, precision=known.precision, jit_compile=known.jit_compile)
+  if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
+    # Beam 2.77's default DirectRunner first tries to download the Prism binary (fails offline).
+    beam_args = ["--runner=FnApiRunner", *beam_args]
+  return config, beam_args
+
+
+def build_pipeline(root: Any, plan: Any) -> list[Any]:
+  """Adds the extraction of every job in `plan` to `root`; returns the per-dataset outputs.
+
+  Images are read and decoded once per input size; all backbones of that size see the same
+  batches in one worker pass.
+  """
+  from features import transforms
+  config = plan.config
+  image_records = root | "ReadImages" >> transforms.ReadImageRecords(plan.shards)
+  by_size: dict[int, list[Any]] = {}
+  for job in plan.jobs:
+    by_size.setdefault(job.input_size, []).append(job)
+  outputs = []
+  for size, jobs in by_size.items():
+    outputs += image_records | f"Extract[{size}px]" >> transforms.ExtractFeatures(
+        jobs, batch_size=config.batch_size, views=config.views, seed=config.seed,
+        jit_compile=config.jit_compile)
+  return outputs
+
+
+def run(argv: list[str] | None = None) -> Any:
+  """Plans, reuses cached datasets, extracts the missing ones and updates `index.json`.
+
+  Returns:
+    The Beam `PipelineResult` (finished), or None when every backbone was a cache hit.
+
+  Raises:
+    ValueError: bad flags, missing image dataset or weights (one sentence each).
+  """
+  import dataclasses
+
+  from features import jobs as jobs_lib
+  config, beam_args = parse_args(argv)
+  plan = jobs_lib.plan(config)
+  for job in plan.jobs:
+    if job.hit:
+      print(f"cache hit: {job.out_dir}")
+  hits = [job for job in plan.jobs if job.hit]
+  missing = [job for job in plan.jobs if not job.hit]
+  result = None
+  if missing:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline import dataset_io
+    start = time.time()
+    missing = [dataclasses.replace(jobs_lib.prepare(job), start_time=start) for job in missing]
+    for job in missing:
+      print(f"extracting {job.backbone} -> {job.out_dir} (weights {job.weights.kind} from "
+            f"{job.weights.source}: {job.weights.path}, sha256 {job.weights.sha256})")
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    build_pipeline(pipeline, dataclasses.replace(plan, jobs=tuple(missing)))
+    result = pipeline.run()
+    result.wait_until_finish()
+    for job in missing:
+      for line in jobs_lib.summary_lines(job, dataset_io.read_manifest(job.out_dir)):
+        print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
+  jobs_lib.write_index(config.out, [*missing, *hits])
+  return result
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`headstart extract`: returns 0 on success (bad flags raise ValueError, printed in one line)."""
+  logging.getLogger().setLevel(logging.WARNING)
+  run(argv)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

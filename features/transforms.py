@@ -1,0 +1,189 @@
+"""Beam DoFns and composite PTransforms of stage 2: read image records, decode once, run every
+backbone on the same batch, write one TFDS feature dataset per backbone.
+
+    headstart extract --images out/images --out out/features --backbones vgg16,mobilenet_v2
+
+Models are built in `DoFn.setup()` through a `Shared` handle (once per worker process, however
+many threads), and run batched through a compiled `tf.function` (optionally XLA), never a
+per-image `predict`.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.utils import shared
+
+from features import health as health_lib
+from features import jobs as jobs_lib
+from features import records
+from features import views as views_lib
+from pipeline import dataset_io
+
+
+class ReadImageRecords(beam.PTransform):
+  """Shard paths (from the image manifest, never a glob) -> (split, serialized image Example)."""
+
+  def __init__(self, shard_paths: Sequence[str]):
+    super().__init__()
+    self._shard_paths = list(shard_paths)
+
+  def expand(self, root):
+    return (root
+            | "ListShards" >> beam.Create(self._shard_paths)
+            | "ReadRecords" >> beam.io.ReadAllFromTFRecord(with_filename=True)
+            | "KeyBySplit" >> beam.MapTuple(
+                lambda file_name, record: (records.split_of_shard(file_name), record)))
+
+
+class DecodeImageFn(beam.DoFn):
+  """(split, serialized image Example) -> ImageRecord at the input size, plus augmented views
+  1..K of train images."""
+
+  def __init__(self, input_size: int, views: int, seed: int):
+    super().__init__()
+    self._input_size = input_size
+    self._views = views
+    self._seed = seed
+    self._decoded = beam.metrics.Metrics.counter("extract", "images_decoded")
+    self._augmented = beam.metrics.Metrics.counter("extract", "views_augmented")
+
+  def process(self, element: tuple[str, bytes]) -> Iterator[records.ImageRecord]:
+    split, serialized = element
+    fields = records.parse_image_example(serialized)
+    image = records.decode_image(fields["image"], self._input_size)
+    self._decoded.inc()
+    yield records.ImageRecord(fields["id"], split, 0, image, fields["label"], fields["targets"])
+    # Augmented views exist only for train (readers skip view > 0 elsewhere).
+    for view in range(1, self._views + 1 if split == "train" else 1):
+      targets = fields["targets"]
+      if targets is not None:
+        targets = views_lib.augment_targets(targets, fields["id"], view, self._seed)
+      self._augmented.inc()
+      yield records.ImageRecord(
+          fields["id"], split, view,
+          views_lib.augment_image(image, fields["id"], view, self._seed), fields["label"], targets)
+
+
+class _LoadedBackbones:
+  """The compiled forward functions of every job, built once per process (weak-referenceable,
+  as `Shared` requires)."""
+
+  def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], jit_compile: bool):
+    from features import forward as forward_lib
+    self.forwards = {job.tag: forward_lib.load_forward(job, jit_compile=jit_compile)
+                     for job in jobs}
+
+
+class RunBackbonesFn(beam.DoFn):
+  """Batch of ImageRecords -> per backbone tag: (split, serialized feature Example), and
+  `health_<tag>`: partial health sums of the batch."""
+
+  def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], *, batch_size: int, jit_compile: bool,
+               shared_handle: shared.Shared):
+    super().__init__()
+    self._jobs = list(jobs)
+    self._batch_size = batch_size
+    self._jit_compile = jit_compile
+    self._shared_handle = shared_handle
+    self._loaded = None
+    self._batches = beam.metrics.Metrics.counter("extract", "batches")
+
+  def setup(self):
+    tag = "|".join(f"{job.tag}:{job.cache_key}" for job in self._jobs)
+    self._loaded = self._shared_handle.acquire(
+        lambda: _LoadedBackbones(self._jobs, self._jit_compile), tag=tag)
+
+  def process(self, batch: Sequence[records.ImageRecord]) -> Iterator[Any]:
+    import tensorflow as tf
+    images = np.stack([record.image for record in batch])
+    count = len(batch)
+    if self._jit_compile and count < self._batch_size:
+      # XLA compiles once per shape: pad the last batch instead of compiling a second program.
+      images = np.concatenate([images, np.zeros((self._batch_size - count, *images.shape[1:]),
+                                                images.dtype)])
+    tensor = tf.constant(images)  # one host->device copy shared by every backbone
+    self._batches.inc()
+    for job in self._jobs:
+      start = time.perf_counter()
+      maps, pooled = self._loaded.forwards[job.tag](tensor)
+      maps, pooled = maps.numpy()[:count], pooled.numpy()[:count]
+      seconds = time.perf_counter() - start
+      yield beam.pvalue.TaggedOutput(f"health_{job.tag}", health_lib.batch_health(maps, seconds))
+      for index, record in enumerate(batch):
+        yield beam.pvalue.TaggedOutput(job.tag, (record.split, records.encode_feature_record(
+            record, maps[index], pooled[index], job.store)))
+
+
+class MergeHealthFn(beam.CombineFn):
+  """Partial health sums -> one accumulator (exact and order-free: only sums)."""
+
+  def create_accumulator(self) -> dict[str, float]:
+    return health_lib.empty_health()
+
+  def add_input(self, accumulator, element):
+    return health_lib.merge_health(accumulator, element)
+
+  def merge_accumulators(self, accumulators: Iterable[Mapping[str, float]]):
+    total = health_lib.empty_health()
+    for accumulator in accumulators:
+      total = health_lib.merge_health(total, accumulator)
+    return total
+
+  def extract_output(self, accumulator):
+    return accumulator
+
+
+def _finalize(shards: list[dict[str, Any]], health: Mapping[str, float],
+              job: jobs_lib.FeatureJob) -> str:
+  jobs_lib.finalize(shards, health, job)
+  return job.out_dir
+
+
+class WriteFeatureDataset(beam.PTransform):
+  """((split, serialized feature Example), partial health sums) -> the dataset directory, once
+  its shards, TFDS metadata and (last) manifest are written."""
+
+  def __init__(self, job: jobs_lib.FeatureJob):
+    super().__init__()
+    self._job = job
+
+  def expand(self, pcolls):
+    features, health = pcolls
+    shards = features | "WriteSplits" >> dataset_io.WriteSplits(self._job.out_dir,
+                                                                jobs_lib.FEATURES_NAME)
+    merged = health | "MergeHealth" >> beam.CombineGlobally(MergeHealthFn())
+    return (shards
+            | "CollectShards" >> beam.combiners.ToList()
+            | "WriteManifest" >> beam.Map(_finalize, health=beam.pvalue.AsSingleton(merged),
+                                          job=self._job))
+
+
+class ExtractFeatures(beam.PTransform):
+  """(split, serialized image Example) -> one written feature dataset per job of one input size."""
+
+  def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], *, batch_size: int, views: int,
+               seed: int, jit_compile: bool):
+    super().__init__()
+    self._jobs = list(jobs)
+    self._batch_size = batch_size
+    self._views = views
+    self._seed = seed
+    self._jit_compile = jit_compile
+
+  def expand(self, image_records):
+    input_size = self._jobs[0].input_size
+    tags = [job.tag for job in self._jobs]
+    outputs = (
+        image_records
+        | "DecodeImages" >> beam.ParDo(DecodeImageFn(input_size, self._views, self._seed))
+        | "BatchImages" >> beam.BatchElements(min_batch_size=self._batch_size,
+                                              max_batch_size=self._batch_size)
+        | "RunBackbones" >> beam.ParDo(RunBackbonesFn(
+            self._jobs, batch_size=self._batch_size, jit_compile=self._jit_compile,
+            shared_handle=shared.Shared())).with_outputs(*tags, *[f"health_{t}" for t in tags]))
+    return [(outputs[job.tag], outputs[f"health_{job.tag}"])
+            | f"WriteFeatures[{job.dir_name}]" >> WriteFeatureDataset(job) for job in self._jobs]
