@@ -1,0 +1,250 @@
+"""tf.data input pipelines for heads: feature datasets (stage 2) and image datasets (stage 1).
+
+    headstart train --features DATA/features/vgg16-imagenet-3fa2c1d0 --head linear --out runs/x
+
+Shards come from the dataset's manifest (never a glob), are read with a parallel interleave,
+parsed a batch at a time (`tf.io.parse_example` + `decode_raw` of the float16 bytes), then
+cached, shuffled, batched and prefetched. Heads that only need the pooled vector never parse the
+feature map. Records with `view > 0` (augmented copies) are dropped unless `views=True`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import dataset_io
+
+# Records parsed per `parse_example` call: big enough to amortise the op, small enough that a
+# batch of 9x9x512 float16 maps (~80 KiB each) stays a few tens of MiB.
+PARSE_BATCH = 256
+INPUT_KINDS = ("pooled", "map", "image")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What a head needs to know about a dataset, read from its manifest."""
+  data_dir: str
+  kind: str                               # "features" or "images"
+  task: str                               # binary, multiclass, keypoints
+  class_names: tuple[str, ...]
+  num_keypoints: int
+  feature_map_shape: tuple[int, ...] | None
+  pooled_dim: int | None
+  image_size: int | None
+  cache_key: str
+  backbone: str
+  weights_kind: str
+  splits: tuple[str, ...]
+  manifest: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+
+  @property
+  def num_outputs(self) -> int:
+    """Width of the head's output layer."""
+    if self.task == "binary":
+      return 1
+    if self.task == "multiclass":
+      return len(self.class_names)
+    return 2 * self.num_keypoints
+
+  @property
+  def target_key(self) -> str:
+    return "targets" if self.task == "keypoints" else "label"
+
+  def num_examples(self, split: str) -> int:
+    return int(self.manifest["splits"][split]["num_examples"])
+
+
+def load_spec(data_dir: str) -> DatasetSpec:
+  """Reads a feature or image dataset's manifest into a `DatasetSpec`.
+
+  Raises:
+    dataset_io.DatasetError: no manifest (not a complete dataset).
+    ValueError: the dataset is unlabelled or its task is unknown.
+  """
+  data_dir = data_dir.rstrip("/")
+  manifest = dataset_io.read_manifest(data_dir)
+  task = manifest.get("task")
+  if task not in ("binary", "multiclass", "keypoints"):
+    raise ValueError(f"dataset {data_dir!r} has task {task!r}; heads train on binary, "
+                     "multiclass or keypoints datasets")
+  kind = manifest.get("kind")
+  if kind not in ("features", "images"):
+    raise ValueError(f"dataset {data_dir!r} has kind {kind!r}, expected features or images")
+  map_shape = manifest.get("feature_map_shape")
+  if kind == "images":
+    cache_key = manifest["fingerprint"]
+  else:
+    cache_key = manifest.get("cache_key") or ""
+    if not cache_key:
+      raise dataset_io.DatasetError(f"feature dataset {data_dir!r} has no cache_key in its "
+                                    "manifest, so a model trained on it could not be checked")
+  return DatasetSpec(
+      data_dir=data_dir, kind=kind, task=task,
+      class_names=tuple(manifest.get("class_names") or ()),
+      num_keypoints=int(manifest.get("num_keypoints") or 0),
+      feature_map_shape=tuple(int(d) for d in map_shape) if map_shape else None,
+      pooled_dim=int(manifest["pooled_dim"]) if manifest.get("pooled_dim") else None,
+      image_size=int(manifest["image_size"]) if manifest.get("image_size") else None,
+      cache_key=cache_key,
+      backbone=manifest.get("backbone", "none (from scratch)" if kind == "images" else ""),
+      weights_kind=manifest.get("weights_kind", "none" if kind == "images" else ""),
+      splits=tuple(s for s in dataset_io.SPLITS if s in manifest["splits"]),
+      manifest=manifest)
+
+
+def check_cache_key(spec: DatasetSpec, expected: str, run_dir: str) -> None:
+  """Refuses features that differ from the ones a run was trained on.
+
+  Raises:
+    dataset_io.DatasetError: the keys differ.
+  """
+  if spec.cache_key != expected:
+    raise dataset_io.DatasetError(
+        f"features {spec.data_dir!r} have cache key {spec.cache_key[:12]!r} but run "
+        f"{run_dir!r} was trained on {expected[:12]!r}: re-extract with the run's backbone "
+        "settings or train a new head on these features")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _feature_description(spec: DatasetSpec, keys: tuple[str, ...]) -> dict[str, Any]:
+  description = {}
+  for key in keys:
+    if key in ("id", "feature_map", "pooled", "image"):
+      description[key] = tf.io.FixedLenFeature([], tf.string)
+    elif key == "label":
+      description[key] = tf.io.FixedLenFeature([], tf.int64)
+    elif key == "targets":
+      description[key] = tf.io.FixedLenFeature([spec.num_keypoints * 2], tf.float32)
+    elif key in ("view", "height", "width"):
+      description[key] = tf.io.FixedLenFeature([], tf.int64, default_value=0)
+    else:
+      raise ValueError(f"cannot parse record key {key!r}")
+  return description
+
+
+def make_parse_fn(spec: DatasetSpec, keys: tuple[str, ...]):
+  """Returns `parse(serialized: tf.string[N]) -> dict[str, Tensor]` for a batch of records.
+
+  `feature_map` becomes float32 `[N, H, W, C]` from raw float16 bytes and `pooled` float32
+  `[N, C]`; `targets` is flattened to `[N, 2K]`. Works eagerly and inside `Dataset.map`.
+  """
+  description = _feature_description(spec, keys)
+
+  def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    parsed = tf.io.parse_example(serialized, description)
+    if "feature_map" in parsed:
+      raw = tf.io.decode_raw(parsed["feature_map"], tf.float16)
+      parsed["feature_map"] = tf.cast(
+          tf.reshape(raw, [-1, *spec.feature_map_shape]), tf.float32)
+    if "pooled" in parsed:
+      raw = tf.io.decode_raw(parsed["pooled"], tf.float32)
+      parsed["pooled"] = tf.reshape(raw, [-1, spec.pooled_dim])
+    return parsed
+
+  return parse
+
+
+def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+  """JPEG/PNG bytes of one stored image -> float32 `[S, S, 3]` in [0, 255]."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image = tf.ensure_shape(image, [image_size, image_size, 3])
+  return tf.cast(image, tf.float32)
+
+
+def input_key(input_kind: str) -> str:
+  """Record key a head of the given input kind reads."""
+  if input_kind not in INPUT_KINDS:
+    raise ValueError(f"unknown input kind {input_kind!r}; allowed: {', '.join(INPUT_KINDS)}")
+  return {"pooled": "pooled", "map": "feature_map", "image": "image"}[input_kind]
+
+
+def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = False,
+               with_id: bool = False, extra_keys: tuple[str, ...] = ()) -> tf.data.Dataset:
+  """One split as a dataset of per-example dicts `{"x", "y"[, "id"]}` (no cache/shuffle/batch).
+
+  Args:
+    spec: the dataset, from `load_spec`.
+    split: `train`, `validation` or `test`.
+    input_kind: `pooled`, `map` (feature datasets) or `image` (image datasets).
+    views: keep augmented views (`view > 0`).
+    with_id: also yield the record id.
+    extra_keys: further record keys to yield under their own names (e.g. `height`).
+
+  Raises:
+    dataset_io.DatasetError: the split is missing.
+    ValueError: the dataset does not hold that input kind.
+  """
+  key = input_key(input_kind)
+  if (input_kind == "image") != (spec.kind == "images"):
+    raise ValueError(f"a head reading {input_kind!r} inputs cannot train on the {spec.kind} "
+                     f"dataset {spec.data_dir!r}")
+  store = spec.manifest.get("store", "both")
+  if (key == "feature_map" and (spec.feature_map_shape is None or store == "pooled")) or (
+      key == "pooled" and (spec.pooled_dim is None or store == "maps")):
+    raise ValueError(f"feature dataset {spec.data_dir!r} does not store {key!r} "
+                     f"(store={store!r}); pick a head that reads the other tensor")
+  files = dataset_io.shard_paths(spec.data_dir, spec.manifest, split)
+  # Views only exist in feature datasets; image records have none.
+  filter_views = spec.kind == "features" and not views
+  keys = (key, spec.target_key, *(("id",) if with_id else ()), *extra_keys,
+          *(("view",) if filter_views else ()))
+  # parse_example handles the encoded image bytes; decoding is per image below.
+  parse = make_parse_fn(spec, keys)
+  autotune = tf.data.AUTOTUNE
+  dataset = tf.data.Dataset.from_tensor_slices(files).interleave(
+      tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+      num_parallel_calls=autotune, deterministic=True)
+  dataset = dataset.batch(PARSE_BATCH).map(parse, num_parallel_calls=autotune).unbatch()
+  if filter_views:
+    dataset = dataset.filter(lambda record: tf.equal(record["view"], 0))
+  if input_kind == "image":
+    size = spec.image_size
+    dataset = dataset.map(lambda record: {**record, "image": decode_image(record["image"], size)},
+                          num_parallel_calls=autotune)
+  names = {key: "x", spec.target_key: "y"}
+  return dataset.map(
+      lambda record: {names.get(k, k): v for k, v in record.items() if k != "view"},
+      num_parallel_calls=autotune)
+
+
+def _to_pair(record: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+  return record["x"], record["y"]
+
+
+def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer: int,
+                   seed: int, cache: bool = True) -> tf.data.Dataset:
+  """Per-example dicts -> shuffled `(x, y)` batches, cached after the first epoch."""
+  autotune = tf.data.AUTOTUNE
+  dataset = dataset.map(_to_pair, num_parallel_calls=autotune)
+  if cache:
+    dataset = dataset.cache()
+  # Shuffle after the cache so every epoch sees a new order of the same cached records.
+  dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  return dataset.batch(batch_size).prefetch(autotune)
+
+
+def make_for_eval(dataset: tf.data.Dataset, *, batch_size: int,
+                  cache: bool = True) -> tf.data.Dataset:
+  """Per-example dicts -> `(x, y)` batches in record order."""
+  autotune = tf.data.AUTOTUNE
+  dataset = dataset.map(_to_pair, num_parallel_calls=autotune)
+  if cache:
+    dataset = dataset.cache()
+  return dataset.batch(batch_size).prefetch(autotune)
+
+
+def load_arrays(dataset: tf.data.Dataset, keys: tuple[str, ...] = ("x", "y")
+                ) -> dict[str, np.ndarray]:
+  """Materialises a per-example dataset into numpy arrays (for sweeps and metrics)."""
+  columns: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+  for batch in dataset.batch(1024).as_numpy_iterator():
+    for key in keys:
+      columns[key].append(batch[key])
+  return {key: np.concatenate(parts) if parts else np.zeros((0,)) for key, parts in columns.items()}

@@ -1,0 +1,115 @@
+"""Command-line entry points of stage 3: argument parsing only, then one library call each.
+
+    headstart train --features DATA/features/vgg16-imagenet-3fa2c1d0 --head conv --out runs/x --epochs 30
+    headstart predict --model runs/x --images some/folder --out predictions.csv
+    headstart finetune --model runs/x --images DATA/images --unfreeze 20
+
+Hyperparameters: defaults < `--config FILE` (JSON or Python, see `heads.config`) < flags given
+on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from heads import config as config_lib
+from heads import zoo
+
+
+def _train_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="headstart train", description=__doc__.splitlines()[0])
+  parser.add_argument("--features", required=True,
+                      help="feature dataset directory (an image dataset for --head scratch)")
+  parser.add_argument("--head", required=True, choices=zoo.HEADS)
+  parser.add_argument("--out", required=True, help="run directory")
+  parser.add_argument("--config", help="JSON or .py file overriding head/train settings")
+  parser.add_argument("--sweep", action="store_true",
+                      help="linear head: pick the L2 strength on validation first")
+  # None = not given: the config file or the default decides.
+  parser.add_argument("--epochs", type=int)
+  parser.add_argument("--batch-size", type=int)
+  parser.add_argument("--optimizer", choices=config_lib.OPTIMIZERS)
+  parser.add_argument("--learning-rate", type=float)
+  parser.add_argument("--lr-decay", action="store_true", default=None)
+  parser.add_argument("--early-stopping", type=int, metavar="PATIENCE")
+  parser.add_argument("--seed", type=int)
+  parser.add_argument("--views", action="store_true", default=None,
+                      help="also train on augmented views (view > 0)")
+  parser.add_argument("--class-weights", choices=config_lib.CLASS_WEIGHTS)
+  parser.add_argument("--units", type=int, help="conv/conv2/keypoints Dense units")
+  parser.add_argument("--dropout", type=float)
+  parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+  return parser
+
+
+_TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer",
+                "learning_rate": "learning_rate", "lr_decay": "lr_decay",
+                "early_stopping": "early_stopping", "seed": "seed", "views": "views",
+                "class_weights": "class_weight"}
+_HEAD_FLAGS = {"units": "dense_units", "dropout": "dropout"}
+
+
+def train_main(argv: list[str]) -> int:
+  """`headstart train`: fits one head and prints where its metrics are."""
+  from heads import training
+
+  args = _train_parser().parse_args(argv)
+  config = config_lib.load_file(args.config) if args.config else config_lib.Config()
+  config = config_lib.override(config, {
+      "train": {key: getattr(args, flag) for flag, key in _TRAIN_FLAGS.items()
+                if getattr(args, flag) is not None},
+      "head": {key: getattr(args, flag) for flag, key in _HEAD_FLAGS.items()
+               if getattr(args, flag) is not None}})
+  result = training.train(args.features, args.head, args.out, config, sweep_l2=args.sweep,
+                          verbose=0 if args.quiet else 2)
+  print(json.dumps(_summary(result)))
+  print(f"wrote {args.out.rstrip('/')}/{training.METRICS_NAME}")
+  return 0
+
+
+def _summary(result: dict) -> dict:
+  keys = ("head", "backbone", "weights_kind", "params", "epochs", "examples_per_second")
+  summary = {key: result.get(key) for key in keys}
+  for split in ("validation", "test"):
+    block = result.get(split) or {}
+    for name in ("accuracy", "loss", "mae_px", "mae_px_source"):
+      if block.get(name) is not None:
+        summary[f"{split}_{name}"] = block[name]
+  return summary
+
+
+def predict_main(argv: list[str]) -> int:
+  """`headstart predict`: exported model over a folder or CSV of images -> predictions CSV."""
+  from heads import predict
+
+  parser = argparse.ArgumentParser(prog="headstart predict")
+  parser.add_argument("--model", required=True, help="run directory written by headstart train")
+  parser.add_argument("--images", required=True, help="folder of images or CSV of image paths")
+  parser.add_argument("--out", default="predictions.csv")
+  parser.add_argument("--batch-size", type=int, default=32)
+  args = parser.parse_args(argv)
+  summary = predict.predict_images(args.model, args.images, args.out,
+                                   batch_size=args.batch_size)
+  print(json.dumps(summary))
+  return 0
+
+
+def finetune_main(argv: list[str]) -> int:
+  """`headstart finetune`: unfreezes the last N backbone layers and trains on the images."""
+  from heads import finetune
+
+  parser = argparse.ArgumentParser(prog="headstart finetune")
+  parser.add_argument("--model", required=True, help="run directory written by headstart train")
+  parser.add_argument("--images", required=True, help="the image dataset (stage 1 output)")
+  parser.add_argument("--unfreeze", type=int, required=True, metavar="N")
+  parser.add_argument("--out", help="output run directory (default MODEL/finetune)")
+  parser.add_argument("--epochs", type=int, default=5)
+  parser.add_argument("--learning-rate", type=float,
+                      help="default: the run's learning rate x finetune_lr_scale (0.1)")
+  parser.add_argument("--batch-size", type=int)
+  args = parser.parse_args(argv)
+  result = finetune.finetune(args.model, args.images, unfreeze=args.unfreeze, out_dir=args.out,
+                             epochs=args.epochs, learning_rate=args.learning_rate,
+                             batch_size=args.batch_size)
+  print(json.dumps(_summary(result)))
+  return 0

@@ -1,0 +1,132 @@
+"""The head zoo: small Keras functional models built from a dataset's feature spec.
+
+    headstart train --features DATA/features/vgg16-imagenet-3fa2c1d0 --head conv --out runs/x
+
+| head      | reads          | layers                                                          |
+|-----------|----------------|-----------------------------------------------------------------|
+| linear    | pooled vector  | output                                                          |
+| mlp       | pooled vector  | Dense(hidden) -> Dropout -> output                              |
+| gap_dense | feature map    | GAP -> Dense(128) -> output                                     |
+| conv      | feature map    | Conv2D 512 3x3 same -> MaxPool -> Flatten -> Dense 512 -> Dropout -> output |
+| conv2     | feature map    | two conv blocks (as used on ResNet50 maps), then as conv         |
+| keypoints | feature map    | Conv2D -> Flatten -> Dense -> Dropout -> 2K linear (MAE)        |
+| scratch   | stored images  | small CNN trained from pixels, to show what transfer buys       |
+
+The task picks the output: binary -> Dense(1, sigmoid), multiclass -> Dense(K, softmax),
+keypoints -> Dense(2K) linear regression of normalised (x, y) pairs.
+"""
+from __future__ import annotations
+
+import keras
+
+from heads.config import HeadConfig
+from heads.reader import DatasetSpec
+
+HEAD_INPUTS = {
+    "linear": "pooled", "mlp": "pooled", "gap_dense": "map", "conv": "map", "conv2": "map",
+    "keypoints": "map", "scratch": "image",
+}
+HEADS = tuple(HEAD_INPUTS)
+
+
+def input_kind(head: str) -> str:
+  """`pooled`, `map` or `image`: what the head reads.
+
+  Raises:
+    ValueError: unknown head name.
+  """
+  if head not in HEAD_INPUTS:
+    raise ValueError(f"unknown head {head!r}; allowed: {', '.join(HEADS)}")
+  return HEAD_INPUTS[head]
+
+
+def input_shape(head: str, spec: DatasetSpec) -> tuple[int, ...]:
+  """Shape of one input example of `head` on `spec`."""
+  kind = input_kind(head)
+  if kind == "pooled":
+    return (spec.pooled_dim,)
+  if kind == "map":
+    return tuple(spec.feature_map_shape)
+  return (spec.image_size, spec.image_size, 3)
+
+
+def loss_for(task: str) -> str:
+  """Keras loss name for a task."""
+  return {"binary": "binary_crossentropy", "multiclass": "sparse_categorical_crossentropy",
+          "keypoints": "mean_absolute_error"}[task]
+
+
+def _output(x, spec: DatasetSpec, config: HeadConfig):
+  activation = {"binary": "sigmoid", "multiclass": "softmax", "keypoints": None}[spec.task]
+  regularizer = keras.regularizers.L2(config.l2) if config.l2 > 0 else None
+  # float32 output: stable losses even if a mixed-precision policy is active.
+  return keras.layers.Dense(spec.num_outputs, activation=activation,
+                            kernel_regularizer=regularizer, dtype="float32", name="output")(x)
+
+
+def _conv_block(x, filters: int, name: str):
+  x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"{name}_conv")(x)
+  # Pooling a 1x1 map is impossible; small maps keep their full resolution.
+  if x.shape[1] >= 2 and x.shape[2] >= 2:
+    x = keras.layers.MaxPooling2D(2, name=f"{name}_pool")(x)
+  return x
+
+
+def _dense_dropout(x, config: HeadConfig):
+  x = keras.layers.Flatten(name="flatten")(x)
+  x = keras.layers.Dense(config.dense_units, activation="relu", name="dense")(x)
+  return keras.layers.Dropout(config.dropout, name="dropout")(x)
+
+
+def build_head(head: str, spec: DatasetSpec, config: HeadConfig = HeadConfig()) -> keras.Model:
+  """Builds an uncompiled head for `spec`'s task and input shape.
+
+  Args:
+    head: one of `HEADS`.
+    spec: the dataset the head trains on.
+    config: layer sizes and dropout.
+
+  Returns:
+    A functional `keras.Model` named `head_<name>`.
+
+  Raises:
+    ValueError: unknown head, or a head that does not fit the dataset (e.g. `keypoints` on a
+      classification dataset, a map head on pooled-only features).
+  """
+  kind = input_kind(head)
+  if head == "keypoints" and spec.task != "keypoints":
+    raise ValueError(f"head 'keypoints' needs a keypoints dataset, {spec.data_dir!r} is "
+                     f"{spec.task!r}")
+  if kind == "image" and spec.image_size is None:
+    raise ValueError(f"head 'scratch' needs an image dataset with image_size; {spec.data_dir!r} "
+                     "has none")
+  if kind == "map" and spec.feature_map_shape is None:
+    raise ValueError(f"head {head!r} reads the feature map, but {spec.data_dir!r} stores none")
+  if kind == "pooled" and spec.pooled_dim is None:
+    raise ValueError(f"head {head!r} reads the pooled vector, but {spec.data_dir!r} stores none")
+  inputs = keras.Input(input_shape(head, spec), name="features" if kind != "image" else "image")
+  x = inputs
+  if head == "mlp":
+    x = keras.layers.Dense(config.hidden_units, activation="relu", name="hidden")(x)
+    x = keras.layers.Dropout(config.dropout, name="dropout")(x)
+  elif head == "gap_dense":
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dense(config.gap_units, activation="relu", name="dense")(x)
+  elif head == "conv":
+    x = _dense_dropout(_conv_block(x, config.conv_filters, "block1"), config)
+  elif head == "conv2":
+    x = _conv_block(x, config.conv_filters, "block1")
+    x = _conv_block(x, config.conv2_filters, "block2")
+    x = _dense_dropout(x, config)
+  elif head == "keypoints":
+    # No pooling: the position of activations in the map is the signal.
+    x = keras.layers.Conv2D(config.conv2_filters, 3, padding="same", activation="relu",
+                            name="block1_conv")(x)
+    x = _dense_dropout(x, config)
+  elif head == "scratch":
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
+    for index, filters in enumerate(config.scratch_filters):
+      x = _conv_block(x, filters, f"block{index + 1}")
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(config.dropout, name="dropout")(x)
+  return keras.Model(inputs, _output(x, spec, config), name=f"head_{head}")

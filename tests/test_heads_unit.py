@@ -1,0 +1,342 @@
+"""Stage 3 on synthetic feature datasets: reader, head zoo, training, resume, cache-key refusal.
+
+    .venv/bin/pytest tests/test_heads_unit.py -q      # ~1 min on 2 cores
+
+Datasets are written here with `pipeline.dataset_io` exactly as stage 2 lays them out (TFDS
+shards, `features.json`, `manifest.json` last), with a few records per split and tiny maps.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from heads import config as config_lib
+from heads import metrics, reader, run, sweep, training, zoo
+from pipeline import dataset_io
+
+MAP_SHAPE = (3, 3, 4)
+
+
+def write_feature_dataset(out: pathlib.Path, *, task: str = "binary",
+                          counts: dict[str, int] | None = None, map_shape=MAP_SHAPE,
+                          num_keypoints: int = 3, views_in_train: int = 0, cache_key: str = "k1",
+                          seed: int = 0) -> pathlib.Path:
+  """Writes a stage-2 style feature dataset whose maps carry the label (so heads can learn)."""
+  import tensorflow_datasets as tfds
+
+  counts = counts or {"train": 24, "validation": 8, "test": 8}
+  rng = np.random.default_rng(seed)
+  class_names = {"binary": ["cat", "dog"], "multiclass": ["a", "b", "c"],
+                 "keypoints": []}[task]
+  out.mkdir(parents=True, exist_ok=True)
+  shards = []
+  for split, count in counts.items():
+    path = str(out / f"features-{split}.tfrecord-00000-of-00001")
+    with tf.io.TFRecordWriter(path) as writer:
+      for index in range(count):
+        for view in range(1 + (views_in_train if split == "train" else 0)):
+          fmap = rng.normal(0, 1, map_shape).astype(np.float32)
+          record = {"id": f"{split}-{index}", "view": view}
+          if task == "keypoints":
+            targets = rng.uniform(0.2, 0.8, (num_keypoints, 2)).astype(np.float32)
+            fmap[..., 0] += 3 * targets[0, 0]
+            record["targets"] = targets.reshape(-1)
+          else:
+            label = index % len(class_names)
+            fmap[..., label % map_shape[-1]] += 2.0
+            record["label"] = label
+          record["feature_map"] = fmap.astype(np.float16).tobytes()
+          record["pooled"] = fmap.mean(axis=(0, 1)).astype(np.float32).tobytes()
+          writer.write(dataset_io.to_example(record))
+    shards.append(dataset_io.describe_shard(path, split))
+  features = {"id": tfds.features.Text(), "view": tfds.features.Scalar(np.int64),
+              "feature_map": tfds.features.Tensor(shape=map_shape, dtype=np.float16,
+                                                  encoding="bytes"),
+              "pooled": tfds.features.Tensor(shape=map_shape[-1:], dtype=np.float32,
+                                             encoding="bytes")}
+  if task == "keypoints":
+    features["targets"] = tfds.features.Tensor(shape=(num_keypoints, 2), dtype=np.float32)
+  else:
+    features["label"] = tfds.features.ClassLabel(names=class_names)
+  grouped = dataset_io.group_shards(shards, str(out))
+  extra = {"kind": "features", "task": task, "class_names": class_names,
+           "num_keypoints": num_keypoints if task == "keypoints" else None,
+           "backbone": "tiny", "weights_kind": "none", "cache_key": cache_key,
+           "feature_map_shape": list(map_shape), "pooled_dim": map_shape[-1], "store": "both",
+           "input_size": 16, "image_size": 16, "image_format": "png",
+           "fingerprint": "f" * 64, "views": views_in_train}
+  dataset_io.finalize_dataset(str(out), "features", tfds.features.FeaturesDict(features),
+                              grouped, extra)
+  return out
+
+
+@pytest.fixture(scope="module")
+def binary_dir(tmp_path_factory):
+  return write_feature_dataset(tmp_path_factory.mktemp("binary"), views_in_train=1)
+
+
+@pytest.fixture(scope="module")
+def multiclass_dir(tmp_path_factory):
+  return write_feature_dataset(tmp_path_factory.mktemp("multi"), task="multiclass")
+
+
+@pytest.fixture(scope="module")
+def keypoints_dir(tmp_path_factory):
+  return write_feature_dataset(tmp_path_factory.mktemp("kp"), task="keypoints")
+
+
+def tiny(**train):
+  config = config_lib.tiny()
+  return dataclasses.replace(config, train=dataclasses.replace(config.train, **train))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader
+
+
+def test_parse_fn_eager_and_in_dataset_map_agree(binary_dir):
+  spec = reader.load_spec(str(binary_dir))
+  parse = reader.make_parse_fn(spec, ("id", "feature_map", "pooled", "label", "view"))
+  files = dataset_io.shard_paths(str(binary_dir), spec.manifest, "test")
+  serialized = next(iter(tf.data.TFRecordDataset(files).batch(8)))
+  eager = parse(serialized)
+  mapped = next(iter(tf.data.TFRecordDataset(files).batch(8).map(
+      parse, num_parallel_calls=tf.data.AUTOTUNE)))
+  assert eager["feature_map"].dtype == tf.float32
+  assert tuple(eager["feature_map"].shape) == (8, *MAP_SHAPE)
+  assert tuple(eager["pooled"].shape) == (8, MAP_SHAPE[-1])
+  for key in eager:
+    np.testing.assert_array_equal(eager[key].numpy(), mapped[key].numpy())
+  # The pooled vector is the float32 mean of the (pre-float16) map: close to the parsed map's.
+  np.testing.assert_allclose(eager["pooled"].numpy(),
+                             eager["feature_map"].numpy().mean(axis=(1, 2)), atol=1e-2)
+
+
+def test_read_split_skips_views_unless_asked(binary_dir):
+  spec = reader.load_spec(str(binary_dir))
+  originals = list(reader.read_split(spec, "train", input_kind="pooled", with_id=True))
+  with_views = list(reader.read_split(spec, "train", input_kind="pooled", views=True))
+  assert len(originals) == 24 and len(with_views) == 48
+  assert set(originals[0]) == {"x", "y", "id"}
+  assert tuple(originals[0]["x"].shape) == (MAP_SHAPE[-1],)
+
+
+def test_pooled_heads_do_not_parse_the_map(binary_dir, monkeypatch):
+  spec = reader.load_spec(str(binary_dir))
+  seen = []
+  original = reader._feature_description
+  monkeypatch.setattr(reader, "_feature_description",
+                      lambda s, keys: seen.append(keys) or original(s, keys))
+  reader.read_split(spec, "train", input_kind="pooled")
+  assert "feature_map" not in seen[0]
+
+
+def test_missing_manifest_is_refused_in_one_sentence(tmp_path):
+  with pytest.raises(dataset_io.DatasetError, match="no manifest.json"):
+    reader.load_spec(str(tmp_path))
+
+
+def test_training_batches_shapes(binary_dir):
+  spec = reader.load_spec(str(binary_dir))
+  batches = reader.make_for_train(reader.read_split(spec, "train", input_kind="map"),
+                                  batch_size=5, shuffle_buffer=100, seed=0)
+  x, y = next(iter(batches))
+  assert tuple(x.shape) == (5, *MAP_SHAPE) and tuple(y.shape) == (5,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Head zoo
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp", "gap_dense", "conv", "conv2"])
+@pytest.mark.parametrize("task", ["binary", "multiclass", "keypoints"])
+def test_every_head_output_shape_and_loss(head, task, binary_dir, multiclass_dir, keypoints_dir):
+  data_dir = {"binary": binary_dir, "multiclass": multiclass_dir, "keypoints": keypoints_dir}[task]
+  spec = reader.load_spec(str(data_dir))
+  model = zoo.build_head(head, spec, config_lib.tiny().head)
+  training.compile_head(model, spec.task, keras.optimizers.Adam(1e-3))
+  x = np.random.default_rng(0).normal(size=(4, *zoo.input_shape(head, spec))).astype(np.float32)
+  out = model.predict(x, verbose=0)
+  assert out.shape == (4, {"binary": 1, "multiclass": 3, "keypoints": 6}[task])
+  y = (np.zeros((4, 6), np.float32) if task == "keypoints" else np.array([0, 1, 0, 1]))
+  loss = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
+  assert np.isfinite(loss) and loss > 0
+  if task == "multiclass":
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_conv_head_skips_pooling_on_1x1_maps(tmp_path):
+  spec = reader.load_spec(str(write_feature_dataset(
+      tmp_path, map_shape=(1, 1, 4), counts={"train": 4})))
+  for head in ("conv", "conv2"):
+    model = zoo.build_head(head, spec, config_lib.tiny().head)
+    assert not [layer for layer in model.layers if "pool" in layer.name]
+    assert model.output_shape == (None, 1)
+
+
+def test_keypoints_head_needs_keypoints_and_bad_head_is_refused(binary_dir, keypoints_dir):
+  with pytest.raises(ValueError, match="keypoints dataset"):
+    zoo.build_head("keypoints", reader.load_spec(str(binary_dir)))
+  with pytest.raises(ValueError, match="'resnet'"):
+    zoo.input_kind("resnet")
+  model = zoo.build_head("keypoints", reader.load_spec(str(keypoints_dir)),
+                         config_lib.tiny().head)
+  assert model.output_shape == (None, 6)
+  assert zoo.loss_for("keypoints") == "mean_absolute_error"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+def test_config_file_overrides_defaults_and_refuses_typos(tmp_path):
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps({"train": {"epochs": 3}, "head": {"dropout": 0.25}}))
+  config = config_lib.load_file(str(path))
+  assert config.train.epochs == 3 and config.head.dropout == 0.25
+  assert config.train.batch_size == 64
+  path.write_text(json.dumps({"train": {"epoch": 3}}))
+  with pytest.raises(ValueError, match="'epoch'"):
+    config_lib.load_file(str(path))
+  with pytest.raises(ValueError, match="'adamw'"):
+    config_lib.override(config_lib.Config(), {"train": {"optimizer": "adamw"}})
+  py = tmp_path / "c.py"
+  py.write_text("def get_config():\n  return {'head': {'dense_units': 7}}\n")
+  assert config_lib.load_file(str(py)).head.dense_units == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+def test_classification_metrics():
+  probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+  result = metrics.classification(np.array([0, 1, 1, 1]), probs, ["a", "b"])
+  assert result["accuracy"] == 0.75
+  assert result["confusion_matrix"] == [[1, 0], [1, 2]]
+  assert result["per_class"]["b"]["precision"] == 1.0
+  assert result["per_class"]["b"]["recall"] == pytest.approx(2 / 3)
+
+
+def test_keypoint_pixel_errors_in_stored_and_source_pixels():
+  targets = np.array([[0.5, 0.5]])
+  predicted = np.array([[0.6, 0.5]])
+  result = metrics.keypoints(targets, predicted, image_size=100, height=np.array([200]),
+                             width=np.array([400]), resize="stretch")
+  assert result["mae_px"] == pytest.approx(5.0)          # (10 + 0) / 2 stored pixels
+  assert result["mae_px_source"] == pytest.approx(20.0)  # x scaled by 4
+  padded = metrics.keypoints(targets, predicted, image_size=100, height=np.array([200]),
+                             width=np.array([400]), resize="pad")
+  assert padded["mae_px_source"] == pytest.approx(20.0)  # long side 400 -> 100: x4 both axes
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def test_train_writes_history_metrics_and_predictions(binary_dir, tmp_path):
+  out = tmp_path / "run"
+  result = training.train(str(binary_dir), "gap_dense", str(out), tiny(epochs=4, learning_rate=1e-2,
+                                                                         batch_size=4),
+                          verbose=0)
+  for name in ("config.json", "history.csv", "metrics.json", "head.keras",
+               "predictions_test.csv", "checkpoints/best.weights.h5"):
+    assert (out / name).exists(), name
+  written = json.loads((out / "metrics.json").read_text())
+  assert written["cache_key"] == "k1" and written["params"] > 0
+  assert written["examples_per_second"] > 0 and written["num_train_examples"] == 24
+  assert set(written["test"]) >= {"loss", "accuracy", "per_class", "confusion_matrix"}
+  assert result["test"]["accuracy"] >= 0.75        # the label is written into the maps
+  with open(out / "predictions_test.csv") as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 8 and set(rows[0]) == {"id", "label", "prob_cat", "prob_dog"}
+  assert len((out / "history.csv").read_text().strip().splitlines()) == 5
+  # Without a backbone loader for the synthetic "tiny" backbone, export is skipped and said so.
+  assert any("model.keras" in note for note in written["notes"]) or (out / "model.keras").exists()
+
+
+def test_train_with_only_a_train_split_says_what_it_skipped(tmp_path):
+  data_dir = write_feature_dataset(tmp_path / "d", task="multiclass", counts={"train": 9})
+  result = training.train(str(data_dir), "mlp", str(tmp_path / "run"), tiny(epochs=1),
+                          verbose=0)
+  assert "validation" not in result and "test" not in result
+  assert any("no validation split" in note for note in result["notes"])
+  assert any("no test split" in note for note in result["notes"])
+
+
+class _Interrupt(keras.callbacks.Callback):
+  def __init__(self, after_epoch: int):
+    super().__init__()
+    self.after_epoch = after_epoch
+
+  def on_epoch_end(self, epoch, logs=None):
+    if epoch == self.after_epoch:
+      raise KeyboardInterrupt("simulated preemption")
+
+
+def test_interrupted_run_resumes_from_its_last_epoch(multiclass_dir, tmp_path):
+  out = tmp_path / "run"
+  config = tiny(epochs=4, lr_decay=True)
+  with pytest.raises(KeyboardInterrupt):
+    # Interrupt in epoch 2's end after the backup of epoch 1: epochs 0 and 1 are done.
+    training.train(str(multiclass_dir), "linear", str(out), config, verbose=0,
+                   callbacks=[_Interrupt(after_epoch=2)])
+  assert (out / "backup").exists()
+  result = training.train(str(multiclass_dir), "linear", str(out), config, verbose=0)
+  assert result["resumed"] is True
+  assert result["epochs_this_session"] < 4
+  assert result["epochs"] == 4
+  epochs = [int(row["epoch"]) for row in csv.DictReader(open(out / "history.csv"))]
+  assert epochs == [0, 1, 2, 3]
+  assert not (out / "backup").exists()      # removed once training finishes
+
+
+def test_keypoint_head_reports_pixel_error(keypoints_dir, tmp_path):
+  result = training.train(str(keypoints_dir), "keypoints", str(tmp_path / "run"),
+                          tiny(epochs=2), verbose=0)
+  assert result["task"] == "keypoints"
+  assert result["test"]["mae_px"] > 0 and result["test"]["rmse_px"] >= result["test"]["mae_px"]
+  header = (tmp_path / "run" / "predictions_test.csv").read_text().splitlines()[0]
+  assert header == "id,x0,y0,x1,y1,x2,y2"
+
+
+def test_linear_sweep_picks_an_l2_from_the_grid(multiclass_dir, tmp_path):
+  result = training.train(str(multiclass_dir), "linear", str(tmp_path / "run"),
+                          tiny(epochs=1), sweep_l2=True, verbose=0)
+  grid = config_lib.tiny().train.sweep_grid
+  assert result["l2"] in grid and len(result["sweep"]) == len(grid)
+  with pytest.raises(ValueError, match="linear"):
+    training.train(str(multiclass_dir), "conv", str(tmp_path / "x"), tiny(), sweep_l2=True)
+
+
+def test_sweep_prefers_strong_l2_on_noise_and_weak_l2_on_signal():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(60, 5)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int64)
+  best, rows = sweep.sweep_l2(x[:40], y[:40], x[40:], y[40:], task="binary", num_outputs=1,
+                              grid=(1e-4, 10.0), steps=200)
+  assert best == 1e-4 and rows[0]["val_score"] > rows[1]["val_score"]
+
+
+def test_class_weights_balance_the_classes():
+  weights = training.class_weights(np.array([0, 0, 0, 1]), 2)
+  assert weights[0] * 3 == pytest.approx(weights[1] * 1)
+
+
+def test_train_cli_flags_override_config_file(multiclass_dir, tmp_path, capsys):
+  path = tmp_path / "c.json"
+  path.write_text(json.dumps({"train": {"epochs": 5, "batch_size": 4},
+                              "head": config_lib.to_dict(config_lib.tiny())["head"]}))
+  out = tmp_path / "run"
+  assert run.train_main(["--features", str(multiclass_dir), "--head", "mlp", "--out", str(out),
+                         "--config", str(path), "--epochs", "1", "--quiet"]) == 0
+  saved = json.loads((out / "config.json").read_text())
+  assert saved["train"]["epochs"] == 1 and saved["train"]["batch_size"] == 4
+  assert json.loads(capsys.readouterr().out.splitlines()[0])["head"] == "mlp"
