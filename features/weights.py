@@ -134,7 +134,9 @@ def download_imagenet(spec: BackboneSpec, input_size: int) -> str:
     return get_file(spec.keras_file_name(input_size), spec.keras_url(input_size),
                     cache_subdir="models", cache_dir=keras_home(), file_hash=spec.keras_md5)
   except Exception as error:  # get_file wraps network errors in plain Exception
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    # Keras' message repeats the URL; keep only the cause ("Name or service not known"...).
+    reason = str(error).splitlines()[0].rsplit("-- ", 1)[-1] if str(error) else \
+        type(error).__name__
     raise ValueError(
         f"ImageNet weights for {spec.name!r} are not available offline and the download of "
         f"{spec.keras_url(input_size)} failed ({reason}); pass --weights-dir DIR (or set "
