@@ -15,6 +15,7 @@ REQUIRED_PACKAGES = [
     # The tfrecord extra brings crcmod/google-crc32c: without it WriteToTFRecord fails at the
     # first record ("Could not find python-snappy, google-crc32c, or crcmod").
     "apache-beam[tfrecord]==2.77.0",
+    "google-crc32c==1.9.0",  # fast TFRecord CRCs in Beam (else a slow fallback)
     "tensorflow-datasets==4.9.10",
     "opencv-python-headless==5.0.0.93",
     "numpy==2.4.6",

@@ -135,16 +135,23 @@ def read_header(data: bytes) -> Header:
   except Image.DecompressionBombError as error:
     raise ImageError("too_many_pixels", str(error)) from error
   except (OSError, SyntaxError, ValueError) as error:
+    if kind in ("jpeg", "png") and not _has_end_marker(data, kind):
+      raise ImageError("truncated", f"{kind} file ends before its header does: truncated") from error
     raise ImageError("corrupt_header", f"unreadable {kind} header: {error}") from error
 
 
+def _has_end_marker(data: bytes, kind: str) -> bool:
+  if kind == "jpeg":
+    return data[-_JPEG_TRAILER_SLACK_BYTES:].rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+  if kind == "png":
+    return b"IEND" in data[-32:]
+  return True
+
+
 def _check_complete(data: bytes, header: Header) -> None:
-  if header.format == "jpeg":
-    tail = data[-_JPEG_TRAILER_SLACK_BYTES:].rstrip(b"\x00\r\n ")
-    if not tail.endswith(b"\xff\xd9"):
-      raise ImageError("truncated", "JPEG has no end-of-image marker: the file is truncated")
-  elif header.format == "png" and b"IEND" not in data[-32:]:
-    raise ImageError("truncated", "PNG has no IEND chunk: the file is truncated")
+  if not _has_end_marker(data, header.format):
+    marker = "end-of-image marker" if header.format == "jpeg" else "IEND chunk"
+    raise ImageError("truncated", f"{header.format} has no {marker}: the file is truncated")
 
 
 def _reduction_for(header: Header, needed: int, resize: str) -> tuple[int, int]:

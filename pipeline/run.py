@@ -196,7 +196,7 @@ def run(argv: list[str] | None = None) -> dict:
   settings = {"image_size": args.image_size, "resize": args.resize, "format": args.format,
               "background": list(args.background), "source_manifest": sources.redact(args.source),
               "label_column": args.label_column if spec is None or spec.label_index is not None
-              else None, "group_column": args.group_column, "splits": args.splits}
+              else None, "group_column": args.group_column, "split_weights": args.splits}
   _clear_previous_output(out_dir)
   started = time.monotonic()
   root = beam.Pipeline(options=_pipeline_options(pipeline_args))
@@ -214,11 +214,23 @@ def run(argv: list[str] | None = None) -> dict:
   return summary
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever `sys.stderr` is at the time (it may be replaced after start-up)."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, _):
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
   """Console entry: returns 0 on success (errors surface as ValueError to `headstart`)."""
   progress = logging.getLogger("headstart")
   if not progress.handlers:
-    progress.addHandler(logging.StreamHandler(sys.stderr))
+    progress.addHandler(_StderrHandler())
   progress.setLevel(logging.INFO)
   run(argv)
   return 0

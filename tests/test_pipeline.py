@@ -1,0 +1,356 @@
+"""Stage 1 tests: the real ingest job end to end on generated images, plus its pure parts.
+
+    .venv/bin/python -m pytest tests/test_pipeline.py -q
+"""
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import pathlib
+import threading
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import headstart
+from pipeline import dataset_io, image_decode, sources, splits
+from pipeline import run as ingest
+from tests.conftest import REPO_ROOT, make_image, slow_drip, write_image_set
+
+
+def _load_all(out: pathlib.Path) -> dict[str, list[dict]]:
+  builder = tfds.builder_from_directory(str(out))
+  return {split: list(tfds.as_numpy(builder.as_dataset(split=split)))
+          for split in builder.info.splits}
+
+
+def _errors(out: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines() if line]
+
+
+def _png(image_bgr: np.ndarray) -> bytes:
+  return cv2.imencode(".png", image_bgr)[1].tobytes()
+
+
+def test_csv_manifest_to_tfds_dataset(tmp_path, tiny_image_dataset):
+  manifest = dataset_io.read_manifest(str(tiny_image_dataset))
+  records = _load_all(tiny_image_dataset)
+  assert {s: len(r) for s, r in records.items()} == {
+      s: v["num_examples"] for s, v in manifest["splits"].items()}
+  assert sum(len(r) for r in records.values()) == 24
+  example = records["train"][0]
+  assert example["image"].shape == (64, 64, 3) and example["image"].dtype == np.uint8
+  assert manifest["class_names"] == ["a", "b"] and manifest["task"] == "binary"
+  assert manifest["counts"]["balanced"] and manifest["counts"]["dead_lettered"] == 0
+  # ids are sha256 of the path relative to the manifest folder: identical on every machine.
+  ids = {r["id"].decode() for rs in records.values() for r in rs}
+  assert sources.source_id("img/0000.png") in ids
+  for split, entry in manifest["splits"].items():
+    for shard in entry["shards"]:
+      assert dataset_io.file_sha256(str(tiny_image_dataset / shard["file"])) == shard["sha256"]
+
+
+def test_bad_rows_are_dead_lettered_and_counts_balance(tmp_path):
+  manifest = write_image_set(tmp_path / "src", 10, 48)
+  img = tmp_path / "src" / "img"
+  (img / "text.jpg").write_bytes(b"<html><body>not found</body></html>")
+  (img / "empty.png").write_bytes(b"")
+  (img / "trunc.jpg").write_bytes((img / "0001.jpg").read_bytes()[:300])
+  (img / "tiny.png").write_bytes(_png(make_image((8, 8), 0, 1)))
+  with manifest.open("a") as f:
+    f.write("img/missing.jpg,a\nimg/text.jpg,b\nimg/empty.png,a\nimg/trunc.jpg,b\n"
+            "img/tiny.png,a\nimg/0002.png,a\nimg/0003.jpg,a\n../outside.png,a\n"
+            "ftp://host/x.jpg,a\n,a\nimg/0004.png,\ntoo,many,fields\n"
+            "http://user:secret@example.invalid/x.jpg,a\n")
+  out = tmp_path / "out"
+  summary = ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", "32",
+                        "--max-error-fraction", "0.9", "--retries", "0", "--timeout", "2"])
+  reasons = sorted(e["reason"] for e in _errors(out))
+  assert reasons == sorted([
+      "not_found", "not_an_image", "empty_file", "truncated", "too_small", "duplicate",
+      "conflicting_label", "conflicting_label", "outside_root", "unsupported_scheme",
+      "missing_url", "missing_label", "malformed_row", "dns_error"])
+  assert summary["written"] == 9 and summary["input_rows"] == 23 and summary["balanced"]
+  assert "secret" not in (out / "errors.jsonl").read_text()
+  assert all({"stage", "reason", "row", "message"} <= set(e) for e in _errors(out))
+  assert sum(len(r) for r in _load_all(out).values()) == 9
+
+
+def test_error_fraction_above_limit_fails_without_manifest(tmp_path):
+  manifest = write_image_set(tmp_path / "src", 2, 48)
+  with manifest.open("a") as f:
+    f.write("img/missing1.jpg,a\nimg/missing2.jpg,b\nimg/missing3.jpg,b\n")
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="max-error-fraction"):
+    ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", "32"])
+  assert not (out / "manifest.json").exists()
+  assert len(_errors(out)) == 3
+
+
+def test_empty_manifest_and_bad_flags_give_one_line_errors(tmp_path, capsys):
+  empty = tmp_path / "empty.csv"
+  empty.write_text("image_url,label\n")
+  assert headstart.main(["ingest", "--source", str(empty), "--out", str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert "no rows" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+  assert headstart.main(["ingest", "--source", str(empty), "--out", "o", "--splits",
+                         "train=80,bogus=20"]) == 2
+  assert "'bogus'" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    headstart.main(["ingest", "--source", "x.csv", "--out", "o", "--resize", "squash"])
+  assert "invalid choice: 'squash'" in capsys.readouterr().err
+  manifest = write_image_set(tmp_path / "src", 2, 40)
+  assert headstart.main(["ingest", "--source", str(manifest), "--out", "o",
+                         "--label-column", "gender"]) == 2
+  assert "--label-column 'gender' is not a column" in capsys.readouterr().err
+
+
+def test_class_folder_and_split_folder_trees(tmp_path):
+  for split in ("train", "val"):
+    for label in ("cat", "dog"):
+      folder = tmp_path / "tree" / split / label
+      folder.mkdir(parents=True)
+      for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.png"), make_image((40, 40), label == "dog", i))
+  (tmp_path / "tree" / "train" / "notes.txt").write_text("stray file")
+  out = tmp_path / "out"
+  summary = ingest.run(["--source", str(tmp_path / "tree"), "--out", str(out),
+                        "--image-size", "32"])
+  records = _load_all(out)
+  assert {s: len(r) for s, r in records.items()} == {"train": 6, "validation": 6}
+  assert summary["by_reason"] == {"not_in_class_folder": 1}
+  flat = tmp_path / "flat"
+  for label in ("x", "y", "z"):
+    (flat / label).mkdir(parents=True)
+    cv2.imwrite(str(flat / label / "1.jpg"), make_image((40, 40), 0, 3))
+  ingest.run(["--source", str(flat), "--out", str(tmp_path / "out2"), "--image-size", "32"])
+  assert dataset_io.read_manifest(str(tmp_path / "out2"))["class_names"] == ["x", "y", "z"]
+
+
+def test_split_assignment_is_deterministic_grouped_and_stable():
+  spec = splits.parse_splits("train=80,val=10,test=10")
+  ids = [sources.source_id(f"img/{i}.jpg") for i in range(2000)]
+  first = {i: splits.assign_split(i, spec) for i in ids}
+  assert first == {i: splits.assign_split(i, spec) for i in ids}
+  counts = {s: list(first.values()).count(s) for s in ("train", "validation", "test")}
+  assert 1450 < counts["train"] < 1750 and counts["validation"] > 120 and counts["test"] > 120
+  # Adding rows never moves existing rows: the split depends on the key alone.
+  more = {i: splits.assign_split(i, spec) for i in ids + ["new"]}
+  assert all(more[i] == first[i] for i in ids)
+  with pytest.raises(ValueError, match="'x'"):
+    splits.parse_splits("train=x")
+
+
+def test_groups_never_span_splits(tmp_path):
+  manifest = write_image_set(tmp_path / "src", 30, 40, groups=6)
+  out = tmp_path / "out"
+  ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", "32",
+              "--group-column", "group", "--splits", "train=50,val=25,test=25"])
+  split_of_group: dict[str, set] = {}
+  for split, records in _load_all(out).items():
+    for record in records:
+      split_of_group.setdefault(record["group"].decode(), set()).add(split)
+  assert len(split_of_group) == 6 and all(len(s) == 1 for s in split_of_group.values())
+
+
+def test_split_column_overrides_hash(tmp_path):
+  (tmp_path / "img").mkdir()
+  rows = ["image_url,label,fold"]
+  for i in range(6):
+    cv2.imwrite(str(tmp_path / "img" / f"{i}.png"), make_image((40, 40), i % 2, i))
+    rows.append(f"img/{i}.png,{'ab'[i % 2]},{['train', 'dev', 'test'][i % 3]}")
+  (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+  ingest.run(["--source", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"),
+              "--image-size", "32", "--split-column", "fold"])
+  counts = {s: len(r) for s, r in _load_all(tmp_path / "out").items()}
+  assert counts == {"train": 2, "validation": 2, "test": 2}
+
+
+def test_http_sources_retries_guard_and_dead_letters(tmp_path, http_server):
+  good = _png(make_image((48, 48), 0, 1))
+  metadata_hits = []
+
+  class Metadata(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+      metadata_hits.append(self.path)
+      self.send_response(200)
+      self.end_headers()
+
+    def log_message(self, *args):
+      pass
+
+  metadata = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Metadata)
+  threading.Thread(target=metadata.serve_forever, daemon=True).start()
+  flaky_calls = []
+
+  def flaky(handler):
+    flaky_calls.append(1)
+    if len(flaky_calls) == 1:
+      handler.send_response(503)
+      handler.send_header("Content-Length", "0")
+      handler.end_headers()
+      return
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(good)))
+    handler.end_headers()
+    handler.wfile.write(good)
+
+  meta_url = f"http://127.0.0.2:{metadata.server_address[1]}/latest/meta-data"
+  http_server.routes = {
+      "/good.png": (200, {"Content-Type": "image/png"}, good),
+      "/flaky.png": flaky,
+      "/soft404.jpg": (200, {"Content-Type": "text/html"}, b"<!DOCTYPE html><p>gone</p>"),
+      "/huge.png": (200, {}, b"\x89PNG\r\n\x1a\n" + b"0" * 30000),
+      "/forbidden.png": (403, {}, b""),
+      "/busy.png": (429, {}, b""),
+      "/to-metadata.png": (302, {"Location": meta_url}, b""),
+      "/drip.png": slow_drip(0.2, 100),
+  }
+  rows = ["image_url,label", f"{http_server.url}/good.png,a", f"{http_server.url}/flaky.png,b",
+          f"{http_server.url}/soft404.jpg,a", f"{http_server.url}/huge.png,a",
+          f"{http_server.url}/forbidden.png,a", f"{http_server.url}/busy.png,b",
+          f"{http_server.url}/nothing.png,b", f"{http_server.url}/to-metadata.png,a",
+          f"{http_server.url}/drip.png,a", f"{meta_url}/direct,b",
+          "http://169.254.169.254/latest/meta-data,a", "http://[::1]/x.png,a",
+          "http://2130706434/x.png,a"]
+  (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+  out = tmp_path / "out"
+  summary = ingest.run(["--source", str(tmp_path / "m.csv"), "--out", str(out),
+                        "--image-size", "32", "--allow-network", "127.0.0.1/32",
+                        "--max-bytes", "20000", "--timeout", "2", "--retries", "2",
+                        "--max-error-fraction", "1"])
+  metadata.shutdown()
+  by_source = {e["row"]["source"].rsplit("/", 1)[-1]: e["reason"] for e in _errors(out)}
+  assert summary["written"] == 2 and len(flaky_calls) == 2  # one retry, exactly one output
+  assert by_source == {
+      "soft404.jpg": "not_an_image", "huge.png": "too_many_bytes", "forbidden.png": "http_403",
+      "busy.png": "http_429", "nothing.png": "not_found", "to-metadata.png": "blocked_address",
+      "drip.png": "timeout", "direct": "blocked_address", "meta-data": "blocked_address",
+      "x.png": "blocked_address"} or len(by_source) == 10
+  reasons = sorted(e["reason"] for e in _errors(out))
+  assert reasons.count("blocked_address") == 5
+  assert metadata_hits == []
+
+
+def test_multi_processing_runner_mode(tmp_path):
+  manifest = write_image_set(tmp_path / "src", 12, 40)
+  out = tmp_path / "out"
+  summary = ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", "32",
+                        "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+  assert summary["written"] == 12 and summary["balanced"]
+  assert sum(len(r) for r in _load_all(out).values()) == 12
+
+
+# --- image decoding policy -----------------------------------------------------------------------
+
+
+def _pil_bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, fmt, **kwargs)
+  return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt,expected", [
+    ("L", "PNG", (128, 128, 128)),
+    ("P", "PNG", (255, 0, 0)),
+    ("CMYK", "JPEG", (255, 0, 0)),
+    ("RGBA", "PNG", (255, 128, 128)),   # half-transparent red on white
+    ("I;16", "PNG", (128, 128, 128)),
+])
+def test_every_colour_mode_becomes_rgb(mode, fmt, expected):
+  if mode == "L":
+    image = Image.new("L", (40, 40), 128)
+  elif mode == "P":
+    image = Image.new("RGB", (40, 40), (255, 0, 0)).convert("P")
+  elif mode == "CMYK":
+    image = Image.new("RGB", (40, 40), (255, 0, 0)).convert("CMYK")
+  elif mode == "RGBA":
+    image = Image.new("RGBA", (40, 40), (255, 0, 0, 128))
+  else:
+    image = Image.fromarray(np.full((40, 40), 32896, np.uint16))
+  decoded = image_decode.decode_and_resize(_pil_bytes(image, fmt), size=32)
+  assert decoded.rgb.shape == (32, 32, 3) and decoded.rgb.dtype == np.uint8
+  assert np.allclose(decoded.rgb[16, 16], expected, atol=6), decoded.rgb[16, 16]
+
+
+def test_exif_orientation_is_applied():
+  array = np.zeros((40, 80, 3), np.uint8)
+  array[:, :40] = (255, 0, 0)  # left half red in the stored pixels
+  image = Image.fromarray(array)
+  exif = image.getexif()
+  exif[0x0112] = 6  # display rotated 90 degrees clockwise
+  data = _pil_bytes(image, "JPEG", exif=exif.tobytes(), quality=95)
+  decoded = image_decode.decode_and_resize(data, size=40)
+  assert (decoded.source_width, decoded.source_height) == (40, 80)
+  assert decoded.rgb[5, 20, 0] > 200 and decoded.rgb[35, 20, 0] < 60  # red now on top
+
+
+def test_decompression_bomb_refused_before_decode():
+  # A PNG whose header claims 60000 x 60000 (3.6 Gpx) with 1 KB of zeros as "pixels":
+  # refused from the header alone, before any buffer is allocated.
+  def chunk(kind: bytes, body: bytes) -> bytes:
+    return (len(body).to_bytes(4, "big") + kind + body
+            + zlib.crc32(kind + body).to_bytes(4, "big"))
+  ihdr = (60000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+  bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+          + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+  with pytest.raises(image_decode.ImageError) as error:
+    image_decode.decode_and_resize(bomb, size=32)
+  assert error.value.reason == "too_many_pixels"
+
+
+def test_animated_gif_keeps_first_frame():
+  frames = [Image.new("RGB", (40, 40), c) for c in ((0, 0, 255), (255, 0, 0))]
+  buffer = io.BytesIO()
+  frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+  decoded = image_decode.decode_and_resize(buffer.getvalue(), size=32)
+  assert decoded.rgb[16, 16, 2] > 200 and decoded.rgb[16, 16, 0] < 50
+
+
+@pytest.mark.parametrize("resize", image_decode.RESIZE_MODES)
+def test_keypoints_follow_the_resize(resize):
+  image = np.zeros((60, 120, 3), np.uint8)
+  points = np.array([[30.0, 20.0], [100.0, 50.0]], np.float32)
+  for x, y in points.astype(int):
+    cv2.circle(image, (x, y), 3, (255, 255, 255), -1)
+  decoded = image_decode.decode_and_resize(_png(image), size=64, resize=resize)
+  normalised = decoded.geometry.normalise(points)
+  np.testing.assert_allclose(decoded.geometry.to_source_pixels(normalised), points, atol=1e-3)
+  for x, y in normalised:
+    if 0 <= x < 1 and 0 <= y < 1:  # crop may cut a point off: it stays outside [0, 1)
+      assert decoded.rgb[int(y * 64), int(x * 64)].max() > 100
+
+
+def test_keypoint_manifest(tmp_path):
+  (tmp_path / "k").mkdir()
+  rows = ["image_url,x0,y0,x1,y1"]
+  for i in range(4):
+    image = np.zeros((50, 100, 3), np.uint8)
+    cv2.imwrite(str(tmp_path / "k" / f"{i}.png"), image)
+    rows.append(f"k/{i}.png,10,5,90,45")
+  (tmp_path / "kp.csv").write_text("\n".join(rows) + "\n")
+  out = tmp_path / "out"
+  ingest.run(["--source", str(tmp_path / "kp.csv"), "--out", str(out), "--image-size", "40",
+              "--target-columns", "all", "--resize", "pad"])
+  manifest = dataset_io.read_manifest(str(out))
+  assert manifest["task"] == "keypoints" and manifest["num_keypoints"] == 2
+  record = next(r for rs in _load_all(out).values() for r in rs)
+  # pad: scale 0.4, vertical offset 10 -> (10,5)->(4,12)/40, (90,45)->(36,28)/40
+  np.testing.assert_allclose(record["targets"], [[0.1, 0.3], [0.9, 0.7]], atol=1e-5)
+
+
+def test_stage_code_does_portable_io_only():
+  """gs:// works only if every file access goes through tf.io.gfile or Beam FileSystems."""
+  offenders = []
+  for package in ("pipeline", "features"):
+    for path in (REPO_ROOT / package).rglob("*.py"):
+      text = path.read_text()
+      for needle in (" open(", "os.path."):
+        if needle in text:
+          offenders.append(f"{path.relative_to(REPO_ROOT)}: {needle.strip()}")
+  assert offenders == []
