@@ -214,15 +214,34 @@ def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = 
       num_parallel_calls=autotune)
 
 
+def count_examples(spec: DatasetSpec, split: str, *, views: bool = False) -> int:
+  """Examples `read_split` yields for a split; parses only `view`, never the big tensors."""
+  if spec.kind != "features" or views:
+    return spec.num_examples(split)
+  files = dataset_io.shard_paths(spec.data_dir, spec.manifest, split)
+  parse = make_parse_fn(spec, ("view",))
+  dataset = tf.data.TFRecordDataset(files).batch(PARSE_BATCH).map(
+      parse, num_parallel_calls=tf.data.AUTOTUNE)
+  return int(dataset.reduce(np.int64(0), lambda count, batch: count + tf.reduce_sum(
+      tf.cast(tf.equal(batch["view"], 0), tf.int64))))
+
+
 def _to_pair(record: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
   return record["x"], record["y"]
 
 
 def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer: int,
-                   seed: int, cache: bool = True) -> tf.data.Dataset:
-  """Per-example dicts -> shuffled `(x, y)` batches, cached after the first epoch."""
+                   seed: int, cache: bool = True,
+                   num_examples: int | None = None) -> tf.data.Dataset:
+  """Per-example dicts -> shuffled `(x, y)` batches, cached after the first epoch.
+
+  `num_examples` (from `count_examples`) declares the cardinality the view filter hides, so Keras
+  knows the epoch length from the first epoch on.
+  """
   autotune = tf.data.AUTOTUNE
   dataset = dataset.map(_to_pair, num_parallel_calls=autotune)
+  if num_examples is not None:
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
   if cache:
     dataset = dataset.cache()
   # Shuffle after the cache so every epoch sees a new order of the same cached records.

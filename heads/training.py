@@ -251,12 +251,12 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   dataset_io.write_json(f"{out_dir}/{CONFIG_NAME}", run_config)
 
   batch_size = config.train.batch_size
+  num_train = reader.count_examples(spec, "train", views=config.train.views)
   train_batches = reader.make_for_train(train_records, batch_size=batch_size,
                                         shuffle_buffer=config.train.shuffle_buffer,
-                                        seed=config.train.seed)
+                                        seed=config.train.seed, num_examples=num_train)
   val_batches = reader.make_for_eval(reader.read_split(spec, "validation", input_kind=kind),
                                      batch_size=batch_size) if has_validation else None
-  num_train = sum(1 for _ in train_records.map(lambda r: r["y"]).batch(4096).unbatch())
   steps_per_epoch = -(-num_train // batch_size)
 
   weights = None
@@ -288,7 +288,8 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
         monitor=monitor, patience=config.train.early_stopping, restore_best_weights=True))
   started = time.perf_counter()
   model.fit(train_batches, validation_data=val_batches, epochs=config.train.epochs,
-            class_weight=weights, callbacks=[*run_callbacks, *callbacks], verbose=verbose)
+            class_weight=weights, callbacks=[*run_callbacks, *callbacks], verbose=verbose,
+            shuffle=False)   # the dataset shuffles itself
   train_seconds = time.perf_counter() - started
   epochs_done = _dedupe_history(history_path)
   if tf.io.gfile.exists(f"{out_dir}/{BEST_WEIGHTS}"):

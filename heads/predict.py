@@ -1,0 +1,169 @@
+"""Predicts new images with a run's exported `model.keras` (backbone + head in one model).
+
+    headstart predict --model runs/gender_vgg16 --images some/folder --out predictions.csv
+
+Images are prepared exactly like the training images: `pipeline.image_decode.decode_and_resize`
+with the image dataset's size, resize mode and pad colour, then encoded in the dataset's format
+and decoded again (JPEG is lossy, and the backbone saw the stored JPEG), then run through the
+model in batches. Ids are those ingest gives: sha256 of the path relative to the folder (or as
+written in the CSV, relative to the CSV's folder), so rows join with `predictions_test.csv`.
+An image that cannot be read or decoded becomes a row with its `error` and no label.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+
+from heads import export, training
+from pipeline import image_decode, sources
+
+_URL_COLUMN = "image_url"
+
+
+def _list_folder(folder: str) -> Iterator[tuple[str, str]]:
+  folder = folder.rstrip("/")
+  for directory, _, files in sorted(tf.io.gfile.walk(folder)):
+    relative_dir = directory[len(folder):].strip("/")
+    for name in sorted(files):
+      if name.lower().endswith(sources.IMAGE_EXTENSIONS):
+        relative = f"{relative_dir}/{name}" if relative_dir else name
+        yield f"{folder}/{relative}", relative
+
+
+def _list_csv(path: str) -> Iterator[tuple[str, str]]:
+  base_dir = path.rsplit("/", 1)[0] if "/" in path else "."
+  with tf.io.gfile.GFile(path, "r") as f:
+    rows = list(csv.reader(f))
+  if not rows:
+    raise ValueError(f"CSV {path!r} is empty")
+  header = rows[0]
+  column = header.index(_URL_COLUMN) if _URL_COLUMN in header else 0
+  for row in rows[1:]:
+    if not row or not row[column].strip():
+      continue
+    source = row[column].strip()
+    if urllib.parse.urlsplit(source).scheme in ("http", "https"):
+      yield "", source           # remote: reported as an error row, predict does not fetch
+      continue
+    try:
+      location, canonical = sources.resolve_location(source, base_dir, allow_roots=("/",))
+    except ValueError as error:
+      yield "", source
+      logging.warning("skipping %r: %s", source, error)
+      continue
+    yield location, canonical
+
+
+def list_images(images: str) -> list[tuple[str, str]]:
+  """`(location, canonical source)` pairs of a folder (recursive) or a CSV of image paths.
+
+  Raises:
+    ValueError: the path is neither a folder nor a CSV file.
+  """
+  if tf.io.gfile.isdir(images):
+    return list(_list_folder(images))
+  if images.lower().endswith(".csv") and tf.io.gfile.exists(images):
+    return list(_list_csv(images))
+  raise ValueError(f"--images {images!r} is neither a folder nor a CSV file of image paths")
+
+
+def prepare_image(data: bytes, settings: dict[str, Any]) -> np.ndarray:
+  """Encoded image bytes -> float32 `[S, S, 3]` in [0, 255], as the stored training image.
+
+  Raises:
+    pipeline.image_decode.ImageError: the bytes are not a usable image.
+  """
+  background = tuple(settings.get("background") or settings.get("pad_color") or (255, 255, 255))
+  decoded = image_decode.decode_and_resize(
+      data, size=int(settings["image_size"]), resize=settings.get("resize") or "stretch",
+      background=background)
+  rgb = decoded.rgb
+  image_format = settings.get("format")
+  if image_format in image_decode.FORMATS:
+    stored = image_decode.encode(rgb, image_format)
+    rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(stored, np.uint8), cv2.IMREAD_COLOR),
+                       cv2.COLOR_BGR2RGB)
+  return rgb.astype(np.float32)
+
+
+def predict_images(run_dir: str, images: str, out_path: str, *,
+                   batch_size: int = 32) -> dict[str, Any]:
+  """Writes `id,source,error,label,prob_<class>...` (or keypoint columns) for every image.
+
+  Args:
+    run_dir: a finished `headstart train` run with `model.keras`.
+    images: folder of images or CSV whose `image_url` (else first) column holds paths.
+    out_path: the CSV to write.
+    batch_size: images per model call.
+
+  Returns:
+    A summary: rows written, images predicted, images in error.
+
+  Raises:
+    ValueError: not a run, no exported model, or no images found.
+  """
+  run_dir = run_dir.rstrip("/")
+  run = training.load_run(run_dir)
+  model_path = f"{run_dir}/{export.MODEL_NAME}"
+  if not tf.io.gfile.exists(model_path):
+    raise ValueError(f"run {run_dir!r} has no {export.MODEL_NAME} (see notes in its metrics.json)")
+  settings = dict(run["image"])
+  if not settings.get("image_size"):
+    raise ValueError(f"run {run_dir!r} does not record the image size its model expects")
+  listed = list_images(images)
+  if not listed:
+    raise ValueError(f"no images found in {images!r}")
+  model = keras.models.load_model(model_path, compile=False)
+  ids, sources_written, errors, outputs = [], [], [], []
+  pending: list[np.ndarray] = []
+  pending_rows: list[int] = []
+
+  def flush():
+    if pending:
+      result = np.asarray(model.predict_on_batch(np.stack(pending)))
+      for row, output in zip(pending_rows, result):
+        outputs[row] = output
+      pending.clear()
+      pending_rows.clear()
+
+  for location, canonical in listed:
+    ids.append(sources.source_id(canonical))
+    sources_written.append(canonical)
+    outputs.append(None)
+    try:
+      if not location:
+        raise image_decode.ImageError("remote_not_fetched",
+                                      "predict reads local or gs:// paths only")
+      with tf.io.gfile.GFile(location, "rb") as f:
+        pending.append(prepare_image(f.read(), settings))
+      pending_rows.append(len(ids) - 1)
+      errors.append("")
+    except (image_decode.ImageError, tf.errors.OpError) as error:
+      errors.append(getattr(error, "reason", type(error).__name__))
+    if len(pending) == batch_size:
+      flush()
+  flush()
+  width = len(run["class_names"]) if run["task"] == "multiclass" else (
+      1 if run["task"] == "binary" else 2 * int(run["num_keypoints"]))
+  good = [row for row, output in enumerate(outputs) if output is not None]
+  bad = [row for row, output in enumerate(outputs) if output is None]
+  text = export.predictions_csv(
+      [ids[row] for row in good], np.array([outputs[row] for row in good]).reshape(-1, width),
+      task=run["task"], class_names=run["class_names"], num_keypoints=run["num_keypoints"] or 0,
+      extra={"source": [sources_written[row] for row in good], "error": ["" for _ in good]})
+  buffer = io.StringIO()
+  writer = csv.writer(buffer)
+  for row in bad:
+    writer.writerow([ids[row], sources_written[row], errors[row]])
+  with tf.io.gfile.GFile(out_path, "w") as f:
+    f.write(text + buffer.getvalue())
+  return {"rows": len(listed), "predicted": len(good), "errors": len(bad), "out": out_path}
