@@ -1,0 +1,291 @@
+"""Stage 2 tests: the real `headstart extract` job on the tiny ingested dataset, plus its pure parts.
+
+    .venv/bin/python -m pytest tests/test_features.py -q      # ~1.5 min on 2 cores
+
+Backbones are built with random weights at 32 px (VGG16 -> 1x1x512), so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import headstart
+from features import backbones, cache_key, forward, health, records, views
+from features import run as extract
+from pipeline import dataset_io
+from tests.conftest import REPO_ROOT
+
+SIZE = 32
+BASE_ARGS = ["--weights", "none", "--input-size", str(SIZE), "--batch-size", "8"]
+
+
+def _fields(**overrides):
+  fields = dict(image_fingerprint="f" * 64, backbone="vgg16", weights_kind="imagenet",
+                weights_sha256="a" * 64, seed=0, layer=None, input_size=300, resize="stretch",
+                input_resize="none", preprocess="caffe", dtype="float32", store="both", views=0)
+  fields.update(overrides)
+  return cache_key.cache_key_fields(**fields)
+
+
+def _datasets(out: pathlib.Path) -> dict[str, pathlib.Path]:
+  index = json.loads((out / "index.json").read_text())
+  return {entry["backbone"]: out / entry["dir"] for entry in index["datasets"]}
+
+
+def _load(path: pathlib.Path, split: str = "train") -> list[dict]:
+  builder = tfds.builder_from_directory(str(path))
+  return list(tfds.as_numpy(builder.as_dataset(split=split)))
+
+
+@pytest.fixture(scope="session")
+def extracted(tiny_image_dataset, tmp_path_factory):
+  """vgg16 + mobilenet_v2 (random weights, 32 px, 2 augmented views) over the tiny dataset."""
+  out = tmp_path_factory.mktemp("features")
+  extract.run(["--images", str(tiny_image_dataset), "--out", str(out),
+               "--backbones", "vgg16,mobilenet_v2", "--views", "2", *BASE_ARGS])
+  return out
+
+
+@pytest.fixture(scope="session")
+def tiny_keras_model(tmp_path_factory) -> pathlib.Path:
+  """A one-Conv2D stand-in backbone saved as .keras (takes any input size)."""
+  inputs = keras.Input((None, None, 3))
+  x = keras.layers.Rescaling(1 / 255.0)(inputs)
+  x = keras.layers.Conv2D(8, 3, strides=4, activation="relu", name="conv")(x)
+  path = tmp_path_factory.mktemp("model") / "tiny_net.keras"
+  keras.Model(inputs, x).save(path)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts
+
+
+def test_cache_key_is_stable_and_changes_with_every_field():
+  key = cache_key.cache_key(_fields())
+  assert key == cache_key.cache_key(_fields()) and re.fullmatch(r"[0-9a-f]{64}", key)
+  changes = dict(image_fingerprint="e" * 64, backbone="vgg19", weights_sha256="b" * 64,
+                 layer="block4_pool", input_size=224, resize="pad", input_resize="cv2_area",
+                 preprocess="tf", dtype="mixed_float16", store="pooled", views=2)
+  keys = {cache_key.cache_key(_fields(**{name: value})) for name, value in changes.items()}
+  assert len(keys) == len(changes) and key not in keys
+  # The seed matters only for random weights (or views); it then replaces the weights hash.
+  assert cache_key.cache_key(_fields(seed=1)) == key
+  random0 = cache_key.cache_key(_fields(weights_kind="none", weights_sha256=None, seed=0))
+  assert random0 != cache_key.cache_key(_fields(weights_kind="none", weights_sha256=None, seed=1))
+  assert cache_key.dataset_dir_name("vgg16", "none", random0) == f"vgg16-none-{random0[:8]}"
+  with pytest.raises(ValueError, match="differ"):
+    cache_key.cache_key({**_fields(), "typo": 1})
+
+
+def test_ibug_flip_permutation_and_views_are_deterministic():
+  perm = views.IBUG_68_FLIP
+  assert sorted(perm) == list(range(68))
+  assert all(perm[perm[i]] == i for i in range(68))  # an involution
+  assert perm[36] == 45 and perm[48] == 54 and perm[30] == 30 and perm[0] == 16
+  targets = np.random.default_rng(0).uniform(0.2, 0.8, (68, 2)).astype(np.float32)
+  mirrored = views.augment_targets(targets, "id", 1, seed=0)
+  np.testing.assert_allclose(mirrored[45], [1 - targets[36, 0], targets[36, 1]], rtol=1e-6)
+  np.testing.assert_allclose(views.augment_targets(mirrored, "id", 1, 0), targets, rtol=1e-6)
+  # Other point counts: no known permutation, x mirrored only.
+  five = views.augment_targets(targets[:5], "id", 1, seed=0)
+  np.testing.assert_allclose(five[:, 0], 1 - targets[:5, 0], rtol=1e-6)
+  image = np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(views.augment_image(image, "id", 1, 0), image[:, ::-1])
+  crop = views.augment_image(image, "id", 2, 0)
+  assert crop.shape == image.shape
+  np.testing.assert_array_equal(crop, views.augment_image(image, "id", 2, 0))
+  assert views.view_params("id", 2, 0) != views.view_params("id", 2, 1)
+  # A point at the crop's corner maps to (0, 0).
+  _, x0, y0, _ = views.view_params("id", 2, 0)
+  np.testing.assert_allclose(views.augment_targets([[x0, y0]], "id", 2, 0), [[0, 0]], atol=1e-6)
+
+
+def test_feature_record_stores_raw_float16_and_float32_bytes():
+  record = records.ImageRecord("abc", "train", 1, np.zeros((SIZE, SIZE, 3), np.uint8), label=1)
+  feature_map = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
+  example = tf.train.Example.FromString(records.encode_feature_record(
+      record, feature_map, feature_map.mean(axis=(0, 1)), "both")).features.feature
+  assert example["view"].int64_list.value == [1] and example["label"].int64_list.value == [1]
+  stored = np.frombuffer(example["feature_map"].bytes_list.value[0], np.float16).reshape(2, 2, 3)
+  np.testing.assert_array_equal(stored, feature_map)
+  assert np.frombuffer(example["pooled"].bytes_list.value[0], np.float32).shape == (3,)
+  pooled_only = tf.train.Example.FromString(records.encode_feature_record(
+      record, feature_map, feature_map[0, 0], "pooled")).features.feature
+  assert "feature_map" not in pooled_only
+  with pytest.raises(ValueError, match="'bogus'"):
+    records.encode_feature_record(record, feature_map, feature_map[0, 0], "bogus")
+
+
+def test_health_flags_dead_and_overflowing_features():
+  good = health.summarize_health(health.batch_health(np.random.default_rng(0).normal(
+      size=(4, 2, 2, 8)).astype(np.float16)))
+  assert good["ok"] and good["nan_count"] == 0 and abs(good["mean"]) < 0.5
+  dead = health.summarize_health(health.batch_health(np.zeros((4, 2, 2, 8), np.float16)))
+  assert not dead["ok"] and dead["zero_fraction"] == 1.0
+  with np.errstate(over="ignore"):  # 1e6 overflows float16 storage: that is the point
+    broken = (np.ones((2, 1, 1, 4), np.float32) * 1e6).astype(np.float16)
+  acc = health.merge_health(health.batch_health(broken), health.empty_health())
+  assert health.summarize_health(acc)["inf_count"] == 8
+
+
+@pytest.mark.parametrize("mode, function", [
+    ("caffe", keras.applications.vgg16.preprocess_input),
+    ("tf", keras.applications.mobilenet_v2.preprocess_input)])
+def test_preprocess_layers_match_keras(mode, function):
+  images = np.random.default_rng(0).uniform(0, 255, (2, 5, 5, 3)).astype(np.float32)
+  x = images
+  for layer in backbones.preprocess_layers(mode):
+    x = layer(x)
+  np.testing.assert_allclose(np.asarray(x), function(images.copy()), atol=1e-4)
+
+
+def test_bad_flags_are_one_line_errors(capsys, tiny_image_dataset, tmp_path):
+  for args, needle in [(["--store", "bogus"], "'bogus'"), (["--backbones", "vgg17"], "'vgg17'"),
+                       (["--batch-size", "0"], "'0'"), (["--weights", "nope.h5"], "'nope.h5'")]:
+    code = headstart.main(["extract", "--images", str(tiny_image_dataset), "--out",
+                           str(tmp_path), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], (args, err)
+
+
+def test_features_package_does_io_through_gfile():
+  for path in (REPO_ROOT / "features").glob("*.py"):
+    text = path.read_text()
+    assert not re.search(r"(?<![\w.])open\(|os\.path", text), path
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbones
+
+
+@pytest.mark.parametrize("name, size, shape", [
+    ("vgg16", SIZE, (1, 1, 512)), ("vgg19", SIZE, (1, 1, 512)), ("resnet50", SIZE, (1, 1, 2048)),
+    ("inception_v3", 75, (1, 1, 2048)), ("mobilenet", SIZE, (1, 1, 1024)),
+    ("mobilenet_v2", SIZE, (1, 1, 1280)), ("efficientnet_b0", SIZE, (1, 1, 1280))])
+def test_every_registered_backbone_builds_its_last_conv_block(name, size, shape):
+  model = backbones.build_extractor(name, input_size=size)
+  assert tuple(model.output.shape[1:]) == shape
+  assert model.input.dtype == "float32" and tuple(model.input.shape[1:]) == (size, size, 3)
+
+
+def test_vgg16_at_300_gives_9x9x512_and_layer_picks_an_intermediate_one():
+  base = backbones.build_base("vgg16", 300)
+  assert tuple(base.output.shape[1:]) == (9, 9, 512)
+  model = backbones.build_extractor("vgg16", input_size=64, layer="block4_pool")
+  assert tuple(model.output.shape[1:]) == (4, 4, 512)
+  with pytest.raises(ValueError, match="'no_such_layer'"):
+    backbones.build_extractor("vgg16", input_size=64, layer="no_such_layer")
+
+
+def test_compiled_forward_with_xla_and_mixed_precision_on_cpu():
+  images = tf.constant(np.random.default_rng(0).integers(0, 255, (4, SIZE, SIZE, 3), np.uint8))
+  reference = None
+  for precision, jit in [("float32", False), ("float32", True), ("mixed_bfloat16", True),
+                         ("mixed_float16", False)]:
+    model = backbones.build_extractor("vgg16", input_size=SIZE, seed=0, precision=precision)
+    maps, pooled = forward.compile_forward(model, SIZE, jit_compile=jit)(images)
+    assert maps.dtype == tf.float16 and pooled.dtype == tf.float32 and maps.shape == (4, 1, 1, 512)
+    if reference is None:
+      reference = pooled.numpy()
+    error = np.linalg.norm(pooled.numpy() - reference) / np.linalg.norm(reference)
+    assert error < 0.05, (precision, jit, error)
+  assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+
+
+# ---------------------------------------------------------------------------------------------
+# The real job end to end
+
+
+def test_extract_writes_one_tfds_dataset_per_backbone(extracted, tiny_image_dataset):
+  datasets = _datasets(extracted)
+  assert set(datasets) == {"vgg16", "mobilenet_v2"}
+  image_manifest = dataset_io.read_manifest(str(tiny_image_dataset))
+  image_counts = {s: v["num_examples"] for s, v in image_manifest["splits"].items()}
+  for name, path in datasets.items():
+    manifest = dataset_io.read_manifest(str(path))
+    assert path.name == f"{name}-none-{manifest['cache_key'][:8]}"
+    assert manifest["kind"] == "features" and manifest["weights_kind"] == "none"
+    assert manifest["cache_key_fields"]["seed"] == 0 and manifest["input_size"] == SIZE
+    assert (path / manifest["backbone_weights_file"]).exists()
+    # Views only in train: 2 augmented copies per train image.
+    assert manifest["splits"]["train"]["num_examples"] == 3 * image_counts["train"]
+    for split in ("validation", "test"):
+      if split in image_counts:
+        assert manifest["splits"][split]["num_examples"] == image_counts[split]
+        assert {int(r["view"]) for r in _load(path, split)} == {0}
+    train = _load(path)
+    assert {int(r["view"]) for r in train} == {0, 1, 2}
+    assert train[0]["feature_map"].shape == tuple(manifest["feature_map_shape"])
+    assert train[0]["feature_map"].dtype == np.float16 and train[0]["pooled"].dtype == np.float32
+    assert manifest["health"]["nan_count"] == 0 and manifest["images_per_second"] > 0
+  assert dataset_io.read_manifest(str(datasets["vgg16"]))["feature_map_shape"] == [1, 1, 512]
+
+
+def test_saved_backbone_reproduces_the_stored_features(extracted, tiny_image_dataset):
+  path = _datasets(extracted)["vgg16"]
+  manifest = dataset_io.read_manifest(str(path))
+  model = backbones.load_backbone_for_features(str(path), manifest)
+  image_manifest = dataset_io.read_manifest(str(tiny_image_dataset))
+  shard = dataset_io.shard_paths(str(tiny_image_dataset), image_manifest, "test")[0]
+  parsed = [records.parse_image_example(r.numpy()) for r in tf.data.TFRecordDataset(shard)]
+  stored = {r["id"].decode(): r["pooled"] for r in _load(path, "test")}
+  images = np.stack([records.decode_image(p["image"], SIZE) for p in parsed]).astype(np.float32)
+  pooled = np.asarray(model(images, training=False)).mean(axis=(1, 2))
+  for p, vector in zip(parsed, pooled):
+    np.testing.assert_allclose(stored[p["id"]], vector, rtol=1e-3, atol=1e-4)
+
+
+def test_rerun_is_a_cache_hit_that_does_no_work(extracted, tiny_image_dataset, capsys):
+  before = {p: p.stat().st_mtime_ns for p in extracted.rglob("*") if p.is_file()
+            and p.name != "index.json"}
+  result = extract.run(["--images", str(tiny_image_dataset), "--out", str(extracted),
+                        "--backbones", "vgg16,mobilenet_v2", "--views", "2", *BASE_ARGS])
+  out = capsys.readouterr().out
+  assert result is None and out.count("cache hit: ") == 2
+  assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_changes_force_and_interruptions_recompute_only_what_is_missing(
+    extracted, tiny_image_dataset, tmp_path, capsys):
+  out = tmp_path / "features"
+  args = ["--images", str(tiny_image_dataset), "--out", str(out), *BASE_ARGS]
+  extract.run([*args, "--backbones", "mobilenet_v2,vgg16", "--store", "pooled"])
+  first = _datasets(out)
+  assert first["mobilenet_v2"].name not in {p.name for p in extracted.iterdir()}  # store differs
+  # Interrupted job: shards without a manifest are not a dataset; only that one is recomputed.
+  (first["vgg16"] / "manifest.json").unlink()
+  (first["vgg16"] / "features-train.tfrecord-00009-of-00010").write_bytes(b"stale")
+  capsys.readouterr()
+  extract.run([*args, "--backbones", "mobilenet_v2,vgg16", "--store", "pooled"])
+  log = capsys.readouterr().out
+  assert f"cache hit: {first['mobilenet_v2']}" in log and "extracting vgg16" in log
+  assert not (first["vgg16"] / "features-train.tfrecord-00009-of-00010").exists()
+  assert "feature_map" not in _load(first["vgg16"])[0]
+  # A different layer is a different dataset; --force recomputes the same key in place.
+  extract.run([*args, "--backbones", "vgg16", "--store", "pooled", "--layer", "block3_pool",
+               "--force"])
+  index = json.loads((out / "index.json").read_text())["datasets"]
+  assert len({entry["dir"] for entry in index}) == 3
+  layered = [e for e in index if e["dir"] not in {p.name for p in first.values()}][0]
+  assert dataset_io.read_manifest(str(out / layered["dir"]))["pooled_dim"] == 256
+
+
+def test_custom_keras_backbone_under_multi_processing(tiny_image_dataset, tiny_keras_model,
+                                                      tmp_path):
+  out = tmp_path / "features"
+  extract.run(["--images", str(tiny_image_dataset), "--out", str(out), "--backbones",
+               str(tiny_keras_model), "--input-size", str(SIZE),
+               "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+  (path,) = _datasets(out).values()
+  manifest = dataset_io.read_manifest(str(path))
+  assert path.name.startswith("tiny_net-file-") and manifest["weights_source"] == "model"
+  assert manifest["feature_map_shape"] == [8, 8, 8] and manifest["preprocess"] == "none"
+  assert sum(v["num_examples"] for v in manifest["splits"].values()) == 24
