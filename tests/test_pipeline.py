@@ -354,3 +354,25 @@ def test_stage_code_does_portable_io_only():
         if needle in text:
           offenders.append(f"{path.relative_to(REPO_ROOT)}: {needle.strip()}")
   assert offenders == []
+
+
+def test_verify_detects_corrupt_truncated_and_missing_shards(tmp_path, tiny_image_dataset, capsys):
+  import shutil
+
+  from pipeline import verify
+
+  copy = tmp_path / "copy"
+  shutil.copytree(tiny_image_dataset, copy)
+  assert verify.verify(str(copy))
+  shards = sorted(copy.glob("images-*.tfrecord-*"))
+  flipped = bytearray(shards[0].read_bytes())
+  flipped[len(flipped) // 2] ^= 0xFF
+  shards[0].write_bytes(bytes(flipped))                           # F9: corrupt bytes
+  shards[1].write_bytes(shards[1].read_bytes()[:-100])            # F10: truncated
+  shards[2].unlink()                                              # missing shard
+  assert not verify.verify(str(copy))
+  out = capsys.readouterr().out
+  assert out.count("FAIL") == 3 and "missing" in out and "sha256 mismatch" in out
+  (copy / "manifest.json").unlink()
+  with pytest.raises(dataset_io.DatasetError, match="not a complete headstart dataset"):
+    verify.verify(str(copy))
