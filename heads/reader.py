@@ -105,8 +105,8 @@ def check_cache_key(spec: DatasetSpec, expected: str, run_dir: str) -> None:
   if spec.cache_key != expected:
     raise dataset_io.DatasetError(
         f"features {spec.data_dir!r} have cache key {spec.cache_key[:12]!r} but run "
-        f"{run_dir!r} was trained on {expected[:12]!r}: re-extract with the run's backbone "
-        "settings or train a new head on these features")
+        f"{run_dir!r} was trained on features with key {expected[:12]!r}; use a new run "
+        "directory or the features the run was trained on")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,3 +113,56 @@ def finetune_main(argv: list[str]) -> int:
                              batch_size=args.batch_size)
   print(json.dumps(_summary(result)))
   return 0
+
+
+def compare_main(argv: list[str]) -> int:
+  """`headstart compare`: every head x every feature dataset x seeds -> leaderboard + report."""
+  from heads import compare
+
+  parser = argparse.ArgumentParser(prog="headstart compare")
+  parser.add_argument("--features", required=True,
+                      help="the --out folder of headstart extract (holds index.json)")
+  parser.add_argument("--heads", default="linear,mlp,conv", help=f"comma list of {zoo.HEADS}")
+  parser.add_argument("--backbones", help="only these backbones of the index (comma list)")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--out", required=True, help="compare directory")
+  parser.add_argument("--epochs", type=int)
+  parser.add_argument("--config", help="JSON or .py file with head/train settings for every cell")
+  parser.add_argument("--no-report", action="store_true", help="skip report.html")
+  args = parser.parse_args(argv)
+  config = config_lib.load_file(args.config) if args.config else None
+  result = compare.compare(
+      args.features, compare.parse_heads(args.heads), args.out, seeds=args.seeds,
+      backbones=[b.strip() for b in args.backbones.split(",") if b.strip()]
+      if args.backbones else None,
+      epochs=args.epochs, config=config, report=not args.no_report)
+  print(compare.markdown_table(result.rows))
+  print("\n".join(compare.ledger_lines(result.ledger)))
+  print(f"wrote {result.out_dir}/{compare.LEADERBOARD_CSV}"
+        + (f" and {result.report}" if result.report else ""))
+  return 0
+
+
+def report_main(argv: list[str]) -> int:
+  """`headstart report`: plots and RUN_DIR/report.html for one finished run."""
+  from heads import report
+
+  parser = argparse.ArgumentParser(prog="headstart report")
+  parser.add_argument("--run", required=True, help="run directory written by headstart train")
+  args = parser.parse_args(argv)
+  print(f"wrote {report.write_run_report(args.run)}")
+  return 0
+
+
+def reproduce_main(argv: list[str]) -> int:
+  """`headstart reproduce`: runs a config's stages and prints PASS/FAIL per expected cell."""
+  from heads import reproduce
+
+  parser = argparse.ArgumentParser(prog="headstart reproduce")
+  parser.add_argument("config", help="configs/<experiment>.py")
+  parser.add_argument("--tiny", action="store_true", help="the CI variant on data/sample")
+  parser.add_argument("--source", help="your copy of the experiment's data (full variant)")
+  parser.add_argument("--out", help="output folder (default runs/reproduce/<name>[-tiny])")
+  args = parser.parse_args(argv)
+  outcome = reproduce.reproduce(args.config, tiny=args.tiny, source=args.source, out=args.out)
+  return 0 if outcome.passed else 1

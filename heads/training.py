@@ -197,6 +197,85 @@ def evaluate_split(model: keras.Model, spec: reader.DatasetSpec, split: str, inp
   return result, arrays["id"], outputs
 
 
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+  """What `fit` did: epochs in the history, epochs run now, their wall times, resumed or not."""
+  epochs: int
+  epoch_seconds: tuple[float, ...]
+  train_seconds: float
+  resumed: bool
+
+
+def fit(model: keras.Model, train_batches: tf.data.Dataset,
+        val_batches: tf.data.Dataset | None, out_dir: str, *, epochs: int,
+        early_stopping: int = 0, class_weight: dict[int, float] | None = None,
+        callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int = 2) -> FitResult:
+  """`model.fit` with resume, best-on-validation checkpoint, history.csv and early stopping.
+
+  An unfinished fit in `out_dir` (its `backup/` exists) resumes from its last finished epoch;
+  the best weights (validation loss, else training loss) are loaded back into `model` at the end.
+  """
+  monitor = "val_loss" if val_batches is not None else "loss"
+  history_path = f"{out_dir}/{HISTORY_NAME}"
+  tf.io.gfile.makedirs(f"{out_dir}/checkpoints")
+  resumed = tf.io.gfile.exists(f"{out_dir}/{BACKUP_DIR}")
+  if not resumed and tf.io.gfile.exists(history_path):
+    tf.io.gfile.remove(history_path)   # a finished earlier run: start the history afresh
+  timer = EpochTimer()
+  run_callbacks = [
+      keras.callbacks.BackupAndRestore(f"{out_dir}/{BACKUP_DIR}"),
+      keras.callbacks.ModelCheckpoint(
+          f"{out_dir}/{BEST_WEIGHTS}", monitor=monitor, save_best_only=True,
+          save_weights_only=True,
+          # A resumed fit must not overwrite the best checkpoint with a worse epoch.
+          initial_value_threshold=_best_so_far(history_path, monitor) if resumed else None),
+      keras.callbacks.CSVLogger(history_path, append=True),
+      timer,
+  ]
+  if early_stopping:
+    run_callbacks.append(keras.callbacks.EarlyStopping(
+        monitor=monitor, patience=early_stopping, restore_best_weights=True))
+  started = time.perf_counter()
+  model.fit(train_batches, validation_data=val_batches, epochs=epochs, class_weight=class_weight,
+            callbacks=[*run_callbacks, *callbacks], verbose=verbose,
+            shuffle=False)   # the dataset shuffles itself
+  train_seconds = time.perf_counter() - started
+  epochs_done = _dedupe_history(history_path)
+  if tf.io.gfile.exists(f"{out_dir}/{BEST_WEIGHTS}"):
+    model.load_weights(f"{out_dir}/{BEST_WEIGHTS}")
+  return FitResult(epochs_done, tuple(timer.seconds), train_seconds, resumed)
+
+
+def throughput(fitted: FitResult, num_train: int) -> dict[str, Any]:
+  """Epoch counts, wall time and training examples per second for `metrics.json`."""
+  epochs_now = len(fitted.epoch_seconds)
+  later = sum(fitted.epoch_seconds[1:])
+  return {
+      "epochs": fitted.epochs, "epochs_this_session": epochs_now, "resumed": fitted.resumed,
+      "train_seconds": fitted.train_seconds,
+      "examples_per_second": (num_train * epochs_now / fitted.train_seconds
+                              if fitted.train_seconds else None),
+      # The first epoch fills the cache and traces the graph; later ones show the cached rate.
+      "examples_per_second_cached": (num_train * (epochs_now - 1) / later
+                                     if epochs_now > 1 and later else None),
+  }
+
+
+def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind: str,
+                       out_dir: str, *, batch_size: int,
+                       settings: Mapping[str, Any]) -> dict[str, Any]:
+  """Metrics of the validation and test splits present; writes `predictions_test.csv`."""
+  result = {}
+  for split in ("validation", "test"):
+    if split not in spec.splits:
+      continue
+    result[split], ids, outputs = evaluate_split(model, spec, split, input_kind,
+                                                 batch_size=batch_size, settings=settings)
+    if split == "test":
+      _write_predictions(f"{out_dir}/predictions_test.csv", ids, outputs, spec)
+  return result
+
+
 def train(features_dir: str, head: str, out_dir: str, config: Config = Config(), *,
           sweep_l2: bool = False, callbacks: Sequence[keras.callbacks.Callback] = (),
           verbose: int = 2) -> dict[str, Any]:
@@ -222,6 +301,12 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   if "train" not in spec.splits:
     raise dataset_io.DatasetError(f"dataset {spec.data_dir!r} has no train split (it has "
                                   f"{', '.join(spec.splits)}); nothing to train on")
+  previous = f"{out_dir}/{CONFIG_NAME}"
+  if tf.io.gfile.exists(previous):
+    with tf.io.gfile.GFile(previous, "r") as f:
+      # A run directory belongs to one feature set: resuming or overwriting it with other
+      # features would mix checkpoints and metrics of two different inputs.
+      reader.check_cache_key(spec, json.load(f).get("cache_key", ""), out_dir)
   notes = [f"no {split} split in the dataset: not evaluated"
            for split in ("validation", "test") if split not in spec.splits]
   has_validation = "validation" in spec.splits
@@ -247,7 +332,9 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
                 "dataset_kind": spec.kind, "task": spec.task, "class_names": list(spec.class_names),
                 "num_keypoints": spec.num_keypoints, "cache_key": spec.cache_key,
                 "backbone": spec.backbone, "weights_kind": spec.weights_kind,
-                "input_kind": kind, "image": settings, "sweep": sweep_l2}
+                "input_kind": kind, "image": settings, "sweep": sweep_l2,
+                "image_fingerprint": (spec.manifest.get("fingerprint") if spec.kind == "images"
+                                      else spec.manifest.get("image_fingerprint"))}
   dataset_io.write_json(f"{out_dir}/{CONFIG_NAME}", run_config)
 
   batch_size = config.train.batch_size
@@ -266,59 +353,23 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
 
   model = zoo.build_head(head, spec, config.head)
   compile_head(model, spec.task, _optimizer(config, steps_per_epoch))
-  monitor = "val_loss" if has_validation else "loss"
   if not has_validation:
     notes.append("best checkpoint and early stopping monitor the training loss")
-  history_path = f"{out_dir}/{HISTORY_NAME}"
-  resuming = tf.io.gfile.exists(f"{out_dir}/{BACKUP_DIR}")
-  if not resuming and tf.io.gfile.exists(history_path):
-    tf.io.gfile.remove(history_path)   # a finished earlier run: start the history afresh
-  timer = EpochTimer()
-  run_callbacks = [
-      keras.callbacks.BackupAndRestore(f"{out_dir}/{BACKUP_DIR}"),
-      keras.callbacks.ModelCheckpoint(
-          f"{out_dir}/{BEST_WEIGHTS}", monitor=monitor, save_best_only=True,
-          save_weights_only=True,
-          initial_value_threshold=_best_so_far(history_path, monitor) if resuming else None),
-      keras.callbacks.CSVLogger(history_path, append=True),
-      timer,
-  ]
-  if config.train.early_stopping:
-    run_callbacks.append(keras.callbacks.EarlyStopping(
-        monitor=monitor, patience=config.train.early_stopping, restore_best_weights=True))
-  started = time.perf_counter()
-  model.fit(train_batches, validation_data=val_batches, epochs=config.train.epochs,
-            class_weight=weights, callbacks=[*run_callbacks, *callbacks], verbose=verbose,
-            shuffle=False)   # the dataset shuffles itself
-  train_seconds = time.perf_counter() - started
-  epochs_done = _dedupe_history(history_path)
-  if tf.io.gfile.exists(f"{out_dir}/{BEST_WEIGHTS}"):
-    model.load_weights(f"{out_dir}/{BEST_WEIGHTS}")
+  fitted = fit(model, train_batches, val_batches, out_dir, epochs=config.train.epochs,
+               early_stopping=config.train.early_stopping, class_weight=weights,
+               callbacks=callbacks, verbose=verbose)
   model.save(f"{out_dir}/{HEAD_NAME}")
-
-  epochs_now = len(timer.seconds)
   result: dict[str, Any] = {
       "task": spec.task, "head": head, "backbone": spec.backbone,
       "weights_kind": spec.weights_kind, "cache_key": spec.cache_key,
       "features": spec.data_dir, "params": int(model.count_params()),
       "class_names": list(spec.class_names), "num_train_examples": num_train,
-      "epochs": epochs_done, "epochs_this_session": epochs_now,
-      "resumed": resuming, "train_seconds": train_seconds,
-      "examples_per_second": num_train * epochs_now / train_seconds if train_seconds else None,
-      # The first epoch fills the cache and traces the graph; later ones show the cached rate.
-      "examples_per_second_cached": (num_train * (epochs_now - 1) / sum(timer.seconds[1:])
-                                     if epochs_now > 1 and sum(timer.seconds[1:]) else None),
-      "batch_size": batch_size, "l2": config.head.l2,
+      **throughput(fitted, num_train), "batch_size": batch_size, "l2": config.head.l2,
   }
   if sweep_rows is not None:
     result["sweep"] = sweep_rows
-  for split in ("validation", "test"):
-    if split not in spec.splits:
-      continue
-    result[split], ids, outputs = evaluate_split(model, spec, split, kind, batch_size=batch_size,
-                                                 settings=settings)
-    if split == "test":
-      _write_predictions(f"{out_dir}/predictions_test.csv", ids, outputs, spec)
+  result.update(evaluate_and_write(model, spec, kind, out_dir, batch_size=batch_size,
+                                   settings=settings))
   try:
     export.export_model(model, spec, f"{out_dir}/{export.MODEL_NAME}", head=head)
     result["exported"] = export.MODEL_NAME

@@ -340,3 +340,15 @@ def test_train_cli_flags_override_config_file(multiclass_dir, tmp_path, capsys):
   saved = json.loads((out / "config.json").read_text())
   assert saved["train"]["epochs"] == 1 and saved["train"]["batch_size"] == 4
   assert json.loads(capsys.readouterr().out.splitlines()[0])["head"] == "mlp"
+
+
+def test_run_refuses_features_with_another_cache_key(binary_dir, tmp_path):
+  out = tmp_path / "run"
+  training.train(str(binary_dir), "linear", str(out), tiny(epochs=1), verbose=0)
+  other = write_feature_dataset(tmp_path / "other", cache_key="k2")
+  with pytest.raises(dataset_io.DatasetError, match=r"cache key 'k2'.*trained on features with "
+                     r"key 'k1'") as caught:
+    training.train(str(other), "linear", str(out), tiny(epochs=1), verbose=0)
+  assert "\n" not in str(caught.value)
+  with pytest.raises(ValueError, match="is not a finished headstart run"):
+    training.load_run(str(tmp_path / "nowhere"))

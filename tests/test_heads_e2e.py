@@ -1,0 +1,172 @@
+"""Stage 3 end to end on real stage-1/2 output: ingest -> extract -> train -> export -> predict.
+
+    .venv/bin/pytest tests/test_heads_e2e.py -q      # ~1.5 min on 2 cores
+
+One session-scoped fixture ingests 40 generated images at 64 px and extracts features with a
+tiny user backbone (`.keras` file, two convolutions: a 8x8x16 map), through the real entry
+points in process. (Random-init MobileNets give all-zero float16 maps at this size, so they would
+test nothing; `../shared/checks/heads.sh` covers a registered backbone.)
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from heads import config as config_lib
+from heads import finetune, predict, run, training
+
+IMAGE_SIZE = 64
+TINY_HEAD = config_lib.to_dict(config_lib.tiny())["head"]
+
+
+def _write_images(folder: pathlib.Path, count: int) -> pathlib.Path:
+  """Class 'disc' is a red disc, class 'square' a blue square, on noise; sizes vary."""
+  (folder / "img").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  rows = []
+  for index in range(count):
+    label = ("disc", "square")[index % 2]
+    height, width = 70 + index % 9, 80 + (index * 7) % 13
+    image = rng.integers(0, 70, (height, width, 3), dtype=np.uint8)
+    centre, radius = (width // 2, height // 2), height // 3
+    if label == "disc":
+      cv2.circle(image, centre, radius, (40, 40, 220), -1)
+    else:
+      cv2.rectangle(image, (centre[0] - radius, centre[1] - radius),
+                    (centre[0] + radius, centre[1] + radius), (220, 60, 30), -1)
+    name = f"img/{index:03d}{'.jpg' if index % 2 else '.png'}"
+    cv2.imwrite(str(folder / name), image)
+    rows.append((name, label))
+  manifest = folder / "manifest.csv"
+  with open(manifest, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["image_url", "label"])
+    writer.writerows(rows)
+  return manifest
+
+
+@pytest.fixture(scope="session")
+def stages(tmp_path_factory):
+  """(source manifest, image dataset, feature dataset) built by the real stage 1 and 2 jobs."""
+  from features import run as extract
+  from pipeline import run as ingest
+
+  root = tmp_path_factory.mktemp("heads_e2e")
+  manifest = _write_images(root / "src", 40)
+  images = root / "images"
+  ingest.run(["--source", str(manifest), "--out", str(images), "--image-size", str(IMAGE_SIZE),
+              "--splits", "train=60,val=20,test=20"])
+  backbone = root / "tiny_backbone.keras"
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
+  x = keras.layers.Rescaling(1 / 255)(inputs)
+  x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+  x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
+  x = keras.layers.MaxPooling2D(2)(x)
+  keras.Model(inputs, x).save(backbone)
+  extract.run(["--images", str(images), "--out", str(root / "features"),
+               "--backbones", str(backbone)])
+  index = json.loads((root / "features" / "index.json").read_text())
+  return manifest, images, root / "features" / index["datasets"][0]["dir"]
+
+
+@pytest.fixture(scope="session")
+def conv_run(stages, tmp_path_factory):
+  _, _, features = stages
+  config = tmp_path_factory.mktemp("cfg") / "tiny.json"
+  config.write_text(json.dumps({"head": TINY_HEAD, "train": {"batch_size": 8}}))
+  out = tmp_path_factory.mktemp("runs") / "conv"
+  assert run.train_main(["--features", str(features), "--head", "conv", "--out", str(out),
+                         "--epochs", "3", "--config", str(config), "--quiet"]) == 0
+  return out
+
+
+def test_train_writes_the_run_contract(conv_run, stages):
+  metrics = json.loads((conv_run / "metrics.json").read_text())
+  for key in ("task", "head", "backbone", "weights_kind", "cache_key", "params", "train_seconds",
+              "examples_per_second", "validation", "test"):
+    assert key in metrics, key
+  assert metrics["backbone"] == "tiny_backbone" and metrics["weights_kind"] == "file"
+  assert metrics["test"]["accuracy"] is not None
+  assert len(metrics["test"]["confusion_matrix"]) == 2
+  assert (conv_run / "model.keras").exists() and (conv_run / "head.keras").exists()
+  history = pd.read_csv(conv_run / "history.csv")
+  assert list(history["epoch"]) == [0, 1, 2]
+
+
+def test_exported_model_reproduces_test_predictions(conv_run, stages, tmp_path):
+  manifest, _, _ = stages
+  out = tmp_path / "pred.csv"
+  # The ingest manifest as --images: same ids as the dataset, so rows join with the test split.
+  summary = predict.predict_images(str(conv_run), str(manifest), str(out), batch_size=7)
+  assert summary == {"rows": 40, "predicted": 40, "errors": 0, "out": str(out)}
+  predicted = pd.read_csv(out).set_index("id")
+  expected = pd.read_csv(conv_run / "predictions_test.csv").set_index("id")
+  assert len(expected) > 0 and set(expected.index) <= set(predicted.index)
+  joined = expected.join(predicted, rsuffix="_new")
+  assert (joined["label"] == joined["label_new"]).mean() >= 0.99
+  for column in ("prob_disc", "prob_square"):
+    assert (joined[column] - joined[f"{column}_new"]).abs().max() <= 0.02
+
+
+def test_predict_on_a_folder_and_plain_keras_load(conv_run, stages, tmp_path):
+  manifest, _, _ = stages
+  (manifest.parent / "img" / "broken.jpg").write_bytes(b"not an image")
+  try:
+    assert run.predict_main(["--model", str(conv_run), "--images", str(manifest.parent / "img"),
+                             "--out", str(tmp_path / "p.csv")]) == 0
+  finally:
+    (manifest.parent / "img" / "broken.jpg").unlink()
+  rows = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
+  assert len(rows) == 41
+  assert set(rows.columns) >= {"id", "source", "error", "label", "prob_disc", "prob_square"}
+  broken = rows[rows["source"] == "broken.jpg"].iloc[0]
+  assert broken["error"] and broken["label"] == ""
+  model = keras.models.load_model(conv_run / "model.keras")
+  assert model.input_shape == (None, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert model.predict(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.float32),
+                       verbose=0).shape == (2, 1)
+
+
+@pytest.mark.parametrize("head", ["linear", "gap_dense"])
+def test_pooled_and_gap_heads_export_too(head, stages, tmp_path):
+  _, _, features = stages
+  result = training.train(str(features), head, str(tmp_path / head),
+                          config_lib.override(config_lib.tiny(), {"train": {"epochs": 1}}),
+                          verbose=0)
+  assert result["exported"] == "model.keras"
+  model = keras.models.load_model(tmp_path / head / "model.keras")
+  assert model.output_shape == (None, 1)
+
+
+def test_scratch_head_trains_on_the_image_dataset(stages, tmp_path):
+  _, images, features = stages
+  # --features may name the feature dataset: scratch follows it to its image dataset.
+  result = training.train(str(features), "scratch", str(tmp_path / "scratch"),
+                          config_lib.override(config_lib.tiny(), {"train": {"epochs": 1}}),
+                          verbose=0)
+  assert result["backbone"] == "none (from scratch)"
+  assert pathlib.Path(result["features"]) == images
+  assert (tmp_path / "scratch" / "model.keras").exists()
+
+
+def test_finetune_unfreezes_the_last_layers_and_predicts(conv_run, stages, tmp_path):
+  manifest, images, _ = stages
+  out = tmp_path / "ft"
+  result = finetune.finetune(str(conv_run), str(images), unfreeze=3, out_dir=str(out), epochs=1,
+                             verbose=0)
+  assert 0 < len(result["trainable_layers"]) <= 3
+  head_params = json.loads((conv_run / "metrics.json").read_text())["params"]
+  assert result["trainable_params"] > head_params       # backbone weights train too now
+  assert "accuracy" in result["test"]
+  summary = predict.predict_images(str(out), str(manifest), str(tmp_path / "p.csv"))
+  assert summary["predicted"] == 40
+  with pytest.raises(ValueError, match="--unfreeze"):
+    finetune.finetune(str(conv_run), str(images), unfreeze=0, out_dir=str(tmp_path / "x"))
