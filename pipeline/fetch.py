@@ -182,6 +182,10 @@ class Fetcher:
           "GET", path, headers=headers, redirect=False, preload_content=False,
           timeout=urllib3.Timeout(connect=min(self.config.connect_timeout, remaining),
                                   read=min(self.config.read_timeout, remaining)))
+    except urllib3.exceptions.NewConnectionError as error:
+      # Checked first: urllib3 2 makes it a subclass of ConnectTimeoutError.
+      raise FetchError("connection_error", sources.redact(f"cannot connect: {error}"),
+                       retryable=True) from None
     except urllib3.exceptions.TimeoutError as error:
       raise FetchError("timeout", f"timed out: {type(error).__name__}", retryable=True) from None
     except (urllib3.exceptions.HTTPError, OSError) as error:

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import gzip
 import http.server
 import io
 import json
@@ -200,6 +201,15 @@ def test_http_sources_retries_guard_and_dead_letters(tmp_path, http_server):
     handler.end_headers()
     handler.wfile.write(good)
 
+  def endless(handler):  # no Content-Length, never-ending body: stopped by the byte cap
+    handler.send_response(200)
+    handler.end_headers()
+    try:
+      while True:
+        handler.wfile.write(b"\x89PNG\r\n\x1a\n" + bytes(65536))
+    except (BrokenPipeError, ConnectionResetError):
+      pass
+
   meta_url = f"http://127.0.0.2:{metadata.server_address[1]}/latest/meta-data"
   http_server.routes = {
       "/good.png": (200, {"Content-Type": "image/png"}, good),
@@ -210,6 +220,10 @@ def test_http_sources_retries_guard_and_dead_letters(tmp_path, http_server):
       "/busy.png": (429, {}, b""),
       "/to-metadata.png": (302, {"Location": meta_url}, b""),
       "/drip.png": slow_drip(0.2, 100),
+      # 10 MB of zeros gzip-compressed to ~10 KB: the byte cap counts decoded bytes.
+      "/gzip-bomb.png": (200, {"Content-Encoding": "gzip"},
+                         gzip.compress(b"\x89PNG\r\n\x1a\n" + bytes(10 << 20))),
+      "/endless.png": endless,
   }
   rows = ["image_url,label", f"{http_server.url}/good.png,a", f"{http_server.url}/flaky.png,b",
           f"{http_server.url}/soft404.jpg,a", f"{http_server.url}/huge.png,a",
@@ -217,7 +231,9 @@ def test_http_sources_retries_guard_and_dead_letters(tmp_path, http_server):
           f"{http_server.url}/nothing.png,b", f"{http_server.url}/to-metadata.png,a",
           f"{http_server.url}/drip.png,a", f"{meta_url}/direct,b",
           "http://169.254.169.254/latest/meta-data,a", "http://[::1]/x.png,a",
-          "http://2130706434/x.png,a"]
+          "http://2130706434/x.png,a", "http://0xA9FEA9FE/x.png,a", "http://0177.0.0.2/x.png,a",
+          "http://[::ffff:169.254.169.254]/x.png,a", "http://10.0.0.5/x.png,a",
+          f"{http_server.url}/gzip-bomb.png,a", f"{http_server.url}/endless.png,b"]
   (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
   out = tmp_path / "out"
   summary = ingest.run(["--source", str(tmp_path / "m.csv"), "--out", str(out),
@@ -227,13 +243,14 @@ def test_http_sources_retries_guard_and_dead_letters(tmp_path, http_server):
   metadata.shutdown()
   by_source = {e["row"]["source"].rsplit("/", 1)[-1]: e["reason"] for e in _errors(out)}
   assert summary["written"] == 2 and len(flaky_calls) == 2  # one retry, exactly one output
-  assert by_source == {
+  assert summary["balanced"] and summary["input_rows"] == 19
+  assert {k: v for k, v in by_source.items() if k != "x.png"} == {
       "soft404.jpg": "not_an_image", "huge.png": "too_many_bytes", "forbidden.png": "http_403",
       "busy.png": "http_429", "nothing.png": "not_found", "to-metadata.png": "blocked_address",
       "drip.png": "timeout", "direct": "blocked_address", "meta-data": "blocked_address",
-      "x.png": "blocked_address"} or len(by_source) == 10
+      "gzip-bomb.png": "too_many_bytes", "endless.png": "too_many_bytes"}
   reasons = sorted(e["reason"] for e in _errors(out))
-  assert reasons.count("blocked_address") == 5
+  assert reasons.count("blocked_address") == 9  # every spelling of loopback/metadata/private
   assert metadata_hits == []
 
 
