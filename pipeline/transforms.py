@@ -67,14 +67,19 @@ class _DeadLetteringDoFn(beam.DoFn):
 
 
 class ParseCsvLineFn(_DeadLetteringDoFn):
-  """Manifest line (str) -> source row dict, or a dead letter."""
+  """Manifest line (bytes) -> source row dict, or a dead letter."""
 
   def __init__(self, spec: sources.CsvSpec):
     super().__init__()
     self._spec = spec
 
-  def process(self, line: str):
-    if not line.strip():
+  def process(self, raw: bytes):
+    if not raw.strip():
+      return
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+      yield self._dead("malformed_row", raw.decode("utf-8", "replace"), f"not UTF-8: {error}")
       return
     try:
       yield sources.parse_csv_line(line, self._spec)
@@ -208,8 +213,10 @@ class ReadCsvSource(beam.PTransform):
     self._spec = spec
 
   def expand(self, root):
-    lines = root | "ReadLines" >> beam.io.ReadFromText(self._spec.path, skip_header_lines=1,
-                                                       strip_trailing_newlines=True)
+    # Bytes, not str: a line that is not UTF-8 must become a dead letter, not crash the read.
+    lines = root | "ReadLines" >> beam.io.ReadFromText(
+        self._spec.path, skip_header_lines=1, strip_trailing_newlines=True,
+        coder=beam.coders.BytesCoder())
     parsed = lines | "ParseRows" >> beam.ParDo(ParseCsvLineFn(self._spec)).with_outputs(
         DEAD, main="rows")
     count = (lines | "KeepNonBlank" >> beam.Filter(lambda line: bool(line.strip()))

@@ -68,6 +68,8 @@ def test_bad_rows_are_dead_lettered_and_counts_balance(tmp_path):
             "img/tiny.png,a\nimg/0002.png,a\nimg/0003.jpg,a\n../outside.png,a\n"
             "ftp://host/x.jpg,a\n,a\nimg/0004.png,\ntoo,many,fields\n"
             "http://user:secret@example.invalid/x.jpg,a\n")
+  with manifest.open("ab") as f:
+    f.write(b"img/\xff\xfe.png,a\n")  # not UTF-8
   out = tmp_path / "out"
   summary = ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", "32",
                         "--max-error-fraction", "0.9", "--retries", "0", "--timeout", "2"])
@@ -75,8 +77,8 @@ def test_bad_rows_are_dead_lettered_and_counts_balance(tmp_path):
   assert reasons == sorted([
       "not_found", "not_an_image", "empty_file", "truncated", "too_small", "duplicate",
       "conflicting_label", "conflicting_label", "outside_root", "unsupported_scheme",
-      "missing_url", "missing_label", "malformed_row", "dns_error"])
-  assert summary["written"] == 9 and summary["input_rows"] == 23 and summary["balanced"]
+      "missing_url", "missing_label", "malformed_row", "malformed_row", "dns_error"])
+  assert summary["written"] == 9 and summary["input_rows"] == 24 and summary["balanced"]
   assert "secret" not in (out / "errors.jsonl").read_text()
   assert all({"stage", "reason", "row", "message"} <= set(e) for e in _errors(out))
   assert sum(len(r) for r in _load_all(out).values()) == 9
