@@ -120,7 +120,8 @@ def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | Non
       reader.read_split(spec, "train", input_kind="image"), batch_size=batch_size,
       shuffle_buffer=config.train.shuffle_buffer, seed=config.train.seed, num_examples=num_train)
   val_batches = (reader.make_for_eval(reader.read_split(spec, "validation", input_kind="image"),
-                                      batch_size=batch_size)
+                                      batch_size=batch_size,
+                                      num_examples=spec.num_examples("validation"))
                  if "validation" in spec.splits else None)
   fitted = training.fit(model, train_batches, val_batches, out_dir, epochs=epochs,
                         callbacks=callbacks, verbose=verbose)

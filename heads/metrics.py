@@ -84,7 +84,8 @@ def source_scale(height: np.ndarray, width: np.ndarray, image_size: int,
 
 def keypoints(targets: np.ndarray, predicted: np.ndarray, *, image_size: int | None,
               loss: float | None = None, height: np.ndarray | None = None,
-              width: np.ndarray | None = None, resize: str = "stretch") -> dict[str, Any]:
+              width: np.ndarray | None = None, resize: str = "stretch",
+              baseline: np.ndarray | None = None) -> dict[str, Any]:
   """MAE/RMSE of normalised keypoints, in stored-image pixels and (when known) source pixels.
 
   Args:
@@ -95,6 +96,8 @@ def keypoints(targets: np.ndarray, predicted: np.ndarray, *, image_size: int | N
     height: `[N]` original heights, or None when the image dataset is not available.
     width: `[N]` original widths.
     resize: the image dataset's resize mode (`stretch`, `pad`, `crop`).
+    baseline: `[2K]` mean training targets; adds `mae_px_mean_baseline`, the error of always
+      predicting the average face, so a head's error can be judged at a glance.
   """
   targets = np.asarray(targets, np.float64)
   predicted = np.asarray(predicted, np.float64).reshape(targets.shape)
@@ -108,6 +111,9 @@ def keypoints(targets: np.ndarray, predicted: np.ndarray, *, image_size: int | N
     result["mae_px"] = float(np.abs(pixels).mean())
     result["rmse_px"] = float(np.sqrt((pixels ** 2).mean()))
     result["pixels_of"] = f"stored image ({image_size}x{image_size})"
+    if baseline is not None:
+      result["mae_px_mean_baseline"] = float(
+          np.abs((np.asarray(baseline, np.float64)[None] - targets) * image_size).mean())
   if image_size and height is not None and width is not None and len(targets):
     scale_x, scale_y, _, _ = source_scale(height, width, image_size, resize)
     # Offsets cancel in a difference of two points; only the scale matters for the error.

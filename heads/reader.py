@@ -249,11 +249,13 @@ def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer:
   return dataset.batch(batch_size).prefetch(autotune)
 
 
-def make_for_eval(dataset: tf.data.Dataset, *, batch_size: int,
-                  cache: bool = True) -> tf.data.Dataset:
+def make_for_eval(dataset: tf.data.Dataset, *, batch_size: int, cache: bool = True,
+                  num_examples: int | None = None) -> tf.data.Dataset:
   """Per-example dicts -> `(x, y)` batches in record order."""
   autotune = tf.data.AUTOTUNE
   dataset = dataset.map(_to_pair, num_parallel_calls=autotune)
+  if num_examples is not None:
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
   if cache:
     dataset = dataset.cache()
   return dataset.batch(batch_size).prefetch(autotune)

@@ -272,7 +272,7 @@ def activation_maps(model, images: Sequence[np.ndarray], input_size: int,
 
   `model` takes float32 images in [0, 255]; a nested base model (the extractor's frozen
   application) is probed directly after the extractor's own preprocessing layers. For each layer
-  the channels with the largest mean activation over the shown images are drawn.
+  the channels whose activations vary most over the shown images are drawn.
   """
   import keras
   nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
@@ -304,7 +304,8 @@ def activation_maps(model, images: Sequence[np.ndarray], input_size: int,
     if row == 0:
       axes[row, 0].set_title("image", fontsize=7)
   for index, (layer, values) in enumerate(zip(picked, outputs)):
-    channels = np.argsort(-values.mean(axis=(0, 1, 2)))[:ACTIVATION_CHANNELS]
+    # The most varied channels: a channel stuck at 0 (or at ReLU6's 6) shows nothing.
+    channels = np.argsort(-values.std(axis=(0, 1, 2)))[:ACTIVATION_CHANNELS]
     for c_index, channel in enumerate(channels):
       column = 1 + index * ACTIVATION_CHANNELS + c_index
       for row in range(len(images)):

@@ -176,10 +176,12 @@ def _source_sizes(settings: Mapping[str, Any], split: str,
 
 
 def evaluate_split(model: keras.Model, spec: reader.DatasetSpec, split: str, input_kind: str,
-                   *, batch_size: int, settings: Mapping[str, Any]
+                   *, batch_size: int, settings: Mapping[str, Any],
+                   baseline: np.ndarray | None = None
                    ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
   """Metrics of one split plus its ids and raw outputs (for the predictions CSV)."""
-  records = reader.read_split(spec, split, input_kind=input_kind, with_id=True)
+  records = reader.read_split(spec, split, input_kind=input_kind, with_id=True).apply(
+      tf.data.experimental.assert_cardinality(reader.count_examples(spec, split)))
   arrays = reader.load_arrays(records.map(lambda r: {"id": r["id"], "y": r["y"]},
                                           num_parallel_calls=tf.data.AUTOTUNE), ("id", "y"))
   batches = records.map(lambda r: r["x"], num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
@@ -190,7 +192,7 @@ def evaluate_split(model: keras.Model, spec: reader.DatasetSpec, split: str, inp
     result = metrics.keypoints(arrays["y"], outputs, image_size=settings.get("image_size"),
                                loss=loss, height=None if sizes is None else sizes[0],
                                width=None if sizes is None else sizes[1],
-                               resize=settings.get("resize") or "stretch")
+                               resize=settings.get("resize") or "stretch", baseline=baseline)
   else:
     result = metrics.classification(arrays["y"], metrics.probabilities(outputs, spec.task),
                                     spec.class_names)
@@ -262,15 +264,21 @@ def throughput(fitted: FitResult, num_train: int) -> dict[str, Any]:
 
 
 def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind: str,
-                       out_dir: str, *, batch_size: int,
-                       settings: Mapping[str, Any]) -> dict[str, Any]:
+                       out_dir: str, *, batch_size: int, settings: Mapping[str, Any]
+                       ) -> dict[str, Any]:
   """Metrics of the validation and test splits present; writes `predictions_test.csv`."""
+  baseline = None
+  if spec.task == "keypoints":
+    train_targets = reader.read_split(spec, "train", input_kind=input_kind).map(
+        lambda record: {"y": record["y"]}, num_parallel_calls=tf.data.AUTOTUNE)
+    baseline = reader.load_arrays(train_targets, ("y",))["y"].mean(axis=0)
   result = {}
   for split in ("validation", "test"):
     if split not in spec.splits:
       continue
     result[split], ids, outputs = evaluate_split(model, spec, split, input_kind,
-                                                 batch_size=batch_size, settings=settings)
+                                                 batch_size=batch_size, settings=settings,
+                                                 baseline=baseline)
     if split == "test":
       _write_predictions(f"{out_dir}/predictions_test.csv", ids, outputs, spec)
   return result
@@ -342,8 +350,9 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   train_batches = reader.make_for_train(train_records, batch_size=batch_size,
                                         shuffle_buffer=config.train.shuffle_buffer,
                                         seed=config.train.seed, num_examples=num_train)
-  val_batches = reader.make_for_eval(reader.read_split(spec, "validation", input_kind=kind),
-                                     batch_size=batch_size) if has_validation else None
+  val_batches = reader.make_for_eval(
+      reader.read_split(spec, "validation", input_kind=kind), batch_size=batch_size,
+      num_examples=reader.count_examples(spec, "validation")) if has_validation else None
   steps_per_epoch = -(-num_train // batch_size)
 
   weights = None

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from heads import config as config_lib
-from heads import finetune, predict, run, training
+from heads import finetune, payoff, predict, run, training
 
 IMAGE_SIZE = 64
 TINY_HEAD = config_lib.to_dict(config_lib.tiny())["head"]
@@ -170,3 +170,11 @@ def test_finetune_unfreezes_the_last_layers_and_predicts(conv_run, stages, tmp_p
   assert summary["predicted"] == 40
   with pytest.raises(ValueError, match="--unfreeze"):
     finetune.finetune(str(conv_run), str(images), unfreeze=0, out_dir=str(tmp_path / "x"))
+
+
+def test_payoff_compares_cached_and_end_to_end_rates(stages):
+  _, _, features = stages
+  result = payoff.measure(str(features), "gap_dense", epochs=2, batch_size=8,
+                          config=config_lib.tiny())
+  assert result["cached"]["examples"] == result["end_to_end"]["examples"] > 0
+  assert result["ratio"] > 0

@@ -119,6 +119,19 @@ def test_parse_fn_eager_and_in_dataset_map_agree(binary_dir):
                              eager["feature_map"].numpy().mean(axis=(1, 2)), atol=1e-2)
 
 
+def test_decode_image_eager_and_in_dataset_map_agree():
+  import cv2
+
+  image = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+  encoded = cv2.imencode(".png", image)[1].tobytes()
+  eager = reader.decode_image(tf.constant(encoded), 8)
+  mapped = next(iter(tf.data.Dataset.from_tensors(encoded).map(
+      lambda data: reader.decode_image(data, 8), num_parallel_calls=tf.data.AUTOTUNE)))
+  assert eager.dtype == tf.float32 and tuple(mapped.shape) == (8, 8, 3)
+  np.testing.assert_array_equal(eager.numpy(), mapped.numpy())
+  np.testing.assert_array_equal(eager.numpy()[..., ::-1], image.astype(np.float32))  # BGR file
+
+
 def test_read_split_skips_views_unless_asked(binary_dir):
   spec = reader.load_spec(str(binary_dir))
   originals = list(reader.read_split(spec, "train", input_kind="pooled", with_id=True))
@@ -303,6 +316,8 @@ def test_keypoint_head_reports_pixel_error(keypoints_dir, tmp_path):
                           tiny(epochs=2), verbose=0)
   assert result["task"] == "keypoints"
   assert result["test"]["mae_px"] > 0 and result["test"]["rmse_px"] >= result["test"]["mae_px"]
+  assert result["test"]["mae_px_mean_baseline"] > 0
+  assert result["test"]["pixels_of"] == "stored image (16x16)"
   header = (tmp_path / "run" / "predictions_test.csv").read_text().splitlines()[0]
   assert header == "id,x0,y0,x1,y1,x2,y2"
 
