@@ -1,4 +1,4 @@
-"""`python -m features`: the same as `headstart extract` (stage 2).
+"""`python -m features`: the same as `headstart extract` (stage 2), one-line errors included.
 
     python -m features --images out/images --out out/features --backbones vgg16 --weights none
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from features import run
+import headstart
 
 if __name__ == "__main__":
-  sys.exit(run.main(sys.argv[1:]))
+  sys.exit(headstart.main(["extract", *sys.argv[1:]]))

@@ -200,6 +200,19 @@ def test_compiled_forward_with_xla_and_mixed_precision_on_cpu():
   assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
 
 
+def test_savedmodel_directory_works_as_a_backbone(tmp_path):
+  inputs = keras.Input((SIZE, SIZE, 3))
+  outputs = keras.layers.Conv2D(4, 3, strides=4, name="conv")(keras.layers.Rescaling(1 / 255)(inputs))
+  reference = keras.Model(inputs, outputs)
+  reference.export(str(tmp_path / "saved"), verbose=False)
+  model = backbones.build_extractor("saved", input_size=SIZE, model_path=str(tmp_path / "saved"))
+  images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3), np.uint8)
+  maps, pooled = forward.compile_forward(model, SIZE)(images)
+  assert maps.shape == (2, 8, 8, 4)
+  np.testing.assert_allclose(pooled.numpy(), np.asarray(reference(images.astype(np.float32)))
+                             .mean(axis=(1, 2)), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The real job end to end
 
