@@ -44,6 +44,7 @@ LEADERBOARD_MD = "leaderboard.md"
 LEADERBOARD_PNG = "leaderboard.png"
 LEDGER_NAME = "cost_ledger.json"
 RANDOM_INIT_LABEL = "none (random init)"
+SCRATCH_LABEL = "n/a (trained from scratch)"
 
 LEADERBOARD_COLUMNS = (
     "rank", "dataset", "backbone", "weights", "head", "task", "metric", "better", "seeds",
@@ -58,6 +59,8 @@ def weights_label(weights_kind: str) -> str:
   """How a weights kind appears wherever results are shown; random init is spelled out."""
   if weights_kind == "none":
     return RANDOM_INIT_LABEL
+  if weights_kind == "scratch":
+    return SCRATCH_LABEL
   return weights_kind or "unknown"
 
 
@@ -177,7 +180,7 @@ def plan_cells(entries: Sequence[FeatureEntry], heads: Sequence[str], *,
       cells.append(Cell(entry.dir_name, head, entry.path, entry.backbone, entry.weights_kind))
   if "scratch" in heads and (wanted is None or any(head == "scratch" for _, head in wanted)):
     # The from-scratch CNN reads pixels: train it once on the images the features came from.
-    cells.append(Cell(SCRATCH_DIR, "scratch", entries[0].path, "none (from scratch)", "none"))
+    cells.append(Cell(SCRATCH_DIR, "scratch", entries[0].path, "none (from scratch)", "scratch"))
   if not cells:
     raise ValueError(f"no head of {','.join(heads)!r} fits the feature datasets "
                      f"({'; '.join(notes)})")

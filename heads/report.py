@@ -372,7 +372,8 @@ def run_sections(run_dir: str, *, log: Callable[[str], None] = print) -> str:
   parts = [f"<h2>Run {html.escape(run_dir)}</h2>",
            f"<p>head <b>{html.escape(str(result.get('head')))}</b> on backbone "
            f"<b>{html.escape(str(result.get('backbone')))}</b>, weights "
-           f"{_weights_text(str(result.get('weights_kind')))}; {result.get('params')} head "
+           f"{_weights_text('scratch' if run_config.get('dataset_kind') == 'images' else str(result.get('weights_kind')))}; "
+           f"{result.get('params')} head "
            f"parameters, {result.get('epochs')} epochs, "
            f"{(result.get('train_seconds') or 0):.1f} s training.</p>"]
   rows = []
