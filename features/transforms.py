@@ -24,8 +24,28 @@ from features import views as views_lib
 from pipeline import dataset_io
 
 
+class ReadShardFn(beam.DoFn):
+  """Shard path -> (split, serialized image Example) for every record of the shard."""
+
+  def __init__(self):
+    super().__init__()
+    self._records = beam.metrics.Metrics.counter("extract", "image_records_read")
+
+  def process(self, path: str) -> Iterator[tuple[str, bytes]]:
+    import tensorflow as tf
+    split = records.split_of_shard(path)
+    for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      self._records.inc()
+      yield split, serialized
+
+
 class ReadImageRecords(beam.PTransform):
-  """Shard paths (from the image manifest, never a glob) -> (split, serialized image Example)."""
+  """Shard paths (from the image manifest, never a glob) -> (split, serialized image Example).
+
+  Shards, not records, are spread over workers: reading then fuses with decoding, inference and
+  writing, so records stream through instead of being materialised between stages (Beam's
+  ReadAllFromTFRecord reshuffles every record, which the local runner holds in memory).
+  """
 
   def __init__(self, shard_paths: Sequence[str]):
     super().__init__()
@@ -34,9 +54,8 @@ class ReadImageRecords(beam.PTransform):
   def expand(self, root):
     return (root
             | "ListShards" >> beam.Create(self._shard_paths)
-            | "ReadRecords" >> beam.io.ReadAllFromTFRecord(with_filename=True)
-            | "KeyBySplit" >> beam.MapTuple(
-                lambda file_name, record: (records.split_of_shard(file_name), record)))
+            | "SpreadShards" >> beam.Reshuffle()
+            | "ReadShards" >> beam.ParDo(ReadShardFn()))
 
 
 class DecodeImageFn(beam.DoFn):
