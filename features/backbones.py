@@ -84,7 +84,7 @@ BACKBONES: Mapping[str, BackboneSpec] = {spec.name: spec for spec in (
 
 
 def is_custom_model(entry: str) -> bool:
-  """True when a `--backbones` entry names a user's model file or SavedModel dir, not a registry name."""
+  """True when a `--backbones` entry is a user's model file or SavedModel dir (not a name)."""
   return entry.endswith(".keras") or "/" in entry or entry.endswith(".h5")
 
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 from features import backbones as backbones_lib
 from features import cache_key as cache_key_lib
 from features import health as health_lib
+from features import records
 from features import weights as weights_lib
 from pipeline import dataset_io
 
@@ -116,7 +117,6 @@ def plan(config: ExtractConfig) -> ExtractPlan:
   input_size = config.input_size or image_size
   if not input_size:
     raise ValueError(f"{config.images!r} records no image_size; pass --input-size")
-  from features import records  # imported here: TFDS-free, but pulls cv2 only when needed
   image_info = {
       "image_dataset": config.images,
       "image_size": image_size,
@@ -238,7 +238,6 @@ def _save_random_weights(base: Any, out_dir: str) -> weights_lib.WeightsChoice:
 def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
              job: FeatureJob) -> dict[str, Any]:
   """Writes one feature dataset's TFDS metadata and, last, its manifest; returns the manifest."""
-  from features import records
   grouped = dataset_io.group_shards(shards, job.out_dir)
   info = job.image_info
   features = records.feature_tfds_features(
@@ -285,7 +284,8 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
   }
   return dataset_io.finalize_dataset(
       job.out_dir, FEATURES_NAME, features, grouped, extra,
-      description=f"{job.backbone} features ({job.weights.kind} weights) of {info['image_dataset']}")
+      description=f"{job.backbone} features ({job.weights.kind} weights) of "
+                  f"{info['image_dataset']}")
 
 
 def write_index(out: str, jobs: Sequence[FeatureJob]) -> dict[str, Any]:

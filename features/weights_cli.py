@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
   for sub in (listing, staging):
     sub.add_argument("--input-size", type=int, default=224,
                      help="MobileNet weight files depend on it (default 224)")
-    sub.add_argument("--weights-dir", default=None, help="also look here (or $HEADSTART_WEIGHTS_DIR)")
+    sub.add_argument("--weights-dir", default=None,
+                     help="also look here (or $HEADSTART_WEIGHTS_DIR)")
   args = parser.parse_args(argv)
   if args.input_size <= 0:
     raise ValueError(f"--input-size {args.input_size!r} must be a positive integer")

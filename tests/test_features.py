@@ -1,4 +1,4 @@
-"""Stage 2 tests: the real `headstart extract` job on the tiny ingested dataset, plus its pure parts.
+"""Stage 2 tests: the real `headstart extract` job on the tiny ingested dataset, and its parts.
 
     .venv/bin/python -m pytest tests/test_features.py -q      # ~1.5 min on 2 cores
 
@@ -202,7 +202,8 @@ def test_compiled_forward_with_xla_and_mixed_precision_on_cpu():
 
 def test_savedmodel_directory_works_as_a_backbone(tmp_path):
   inputs = keras.Input((SIZE, SIZE, 3))
-  outputs = keras.layers.Conv2D(4, 3, strides=4, name="conv")(keras.layers.Rescaling(1 / 255)(inputs))
+  scaled = keras.layers.Rescaling(1 / 255)(inputs)
+  outputs = keras.layers.Conv2D(4, 3, strides=4, name="conv")(scaled)
   reference = keras.Model(inputs, outputs)
   reference.export(str(tmp_path / "saved"), verbose=False)
   model = backbones.build_extractor("saved", input_size=SIZE, model_path=str(tmp_path / "saved"))

@@ -58,6 +58,12 @@ def test_imagenet_resolution_order(offline, monkeypatch):
   (flag_dir / "mobilenet_1_0_224_tf_no_top.h5").write_bytes(b"from the flag")
   flagged = weights_lib.resolve("mobilenet", "imagenet", input_size=224, weights_dir=str(flag_dir))
   assert flagged.source == "dir" and flagged.path.startswith(str(flag_dir))
+  # --weights PATH: kind `file`, its own sha256; the same file goes into every worker.
+  own_file = staged / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+  own = weights_lib.resolve("mobilenet", str(own_file), input_size=224)
+  assert (own.kind, own.source, own.sha256) == ("file", "file", dataset_io.file_sha256(own.path))
+  with pytest.raises(ValueError, match="'missing.h5'"):
+    weights_lib.resolve("mobilenet", "missing.h5", input_size=224)
 
 
 def test_offline_imagenet_fails_in_one_sentence_naming_the_alternatives(
