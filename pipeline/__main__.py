@@ -3,4 +3,5 @@ import sys
 
 import headstart
 
-sys.exit(headstart.main(["ingest", *sys.argv[1:]]))
+if __name__ == "__main__":  # guarded: spawned decoder processes re-import the main module
+  sys.exit(headstart.main(["ingest", *sys.argv[1:]]))

@@ -14,6 +14,7 @@ vetted the same way.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import ipaddress
 import socket
 import time
@@ -213,3 +214,45 @@ class Fetcher:
       raise FetchError("connection_error", f"body interrupted: {type(error).__name__}",
                        retryable=True) from None
     return b"".join(chunks)
+
+
+class DownloadCache:
+  """Content-addressed store of fetched remote bytes, so a re-run fetches only new sources.
+
+  `refs/<source id>` holds the sha256 of the bytes that source returned; `blobs/<sha256>` holds
+  the bytes (identical content from many URLs is stored once). Entries are written to a
+  temporary name and renamed, so an interrupted job never leaves a half blob behind.
+  """
+
+  def __init__(self, root: str):
+    self._root = root.rstrip("/")
+
+  def get(self, source_id: str) -> bytes | None:
+    """The cached bytes of a source, or None (missing or failing its checksum)."""
+    ref = f"{self._root}/refs/{source_id}"
+    if not tf.io.gfile.exists(ref):
+      return None
+    with tf.io.gfile.GFile(ref, "r") as f:
+      digest = f.read().strip()
+    blob = f"{self._root}/blobs/{digest[:2]}/{digest}"
+    if not tf.io.gfile.exists(blob):
+      return None
+    with tf.io.gfile.GFile(blob, "rb") as f:
+      data = f.read()
+    return data if hashlib.sha256(data).hexdigest() == digest else None
+
+  def put(self, source_id: str, data: bytes) -> None:
+    """Stores the bytes a source returned."""
+    digest = hashlib.sha256(data).hexdigest()
+    blob = f"{self._root}/blobs/{digest[:2]}/{digest}"
+    if not tf.io.gfile.exists(blob):
+      self._write(blob, data)
+    self._write(f"{self._root}/refs/{source_id}", digest.encode())
+
+  @staticmethod
+  def _write(path: str, data: bytes) -> None:
+    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
+    tmp = f"{path}.tmp-{hashlib.sha256(data).hexdigest()[:8]}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+      f.write(data)
+    tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -22,6 +22,7 @@ Policy (documented in README "Image policy"):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 
 import cv2
@@ -50,6 +51,10 @@ class ImageError(ValueError):
   def __init__(self, reason: str, message: str):
     super().__init__(message)
     self.reason = reason
+
+  def __reduce__(self):
+    # Crosses the process boundary of the isolated decoder: rebuild with both arguments.
+    return type(self), (self.reason, str(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,3 +324,35 @@ def encode(rgb: np.ndarray, image_format: str) -> bytes:
   if not ok:
     raise ImageError("encode_failed", f"OpenCV could not encode a {rgb.shape} image")
   return buffer.tobytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """How ingest prepares every image (picklable; importing this module pulls in no TensorFlow,
+  so an isolated decoder subprocess starts fast)."""
+  size: int = 300
+  resize: str = "stretch"
+  image_format: str = "jpeg"
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  min_side: int = DEFAULT_MIN_SIDE
+  background: tuple[int, int, int] = (255, 255, 255)
+
+
+def prepare_record(row: dict, data: bytes, settings: DecodeSettings) -> dict:
+  """Fetched bytes + source row -> the row plus `image` (encoded), source size, content sha256
+  and, for keypoint rows, `targets` normalised to the stored image.
+
+  Raises:
+    ImageError: the bytes are not a usable image.
+  """
+  decoded = decode_and_resize(data, size=settings.size, resize=settings.resize,
+                              max_pixels=settings.max_pixels, min_side=settings.min_side,
+                              background=settings.background)
+  result = dict(row)
+  result.update(image=encode(decoded.rgb, settings.image_format),
+                width=decoded.source_width, height=decoded.source_height,
+                content_sha256=hashlib.sha256(data).hexdigest())
+  if row.get("targets") is not None:
+    points = np.asarray(row["targets"], np.float32).reshape(-1, 2)
+    result["targets"] = decoded.geometry.normalise(points).tolist()
+  return result

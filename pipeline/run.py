@@ -12,6 +12,7 @@ the README); local runs default to `--runner=FnApiRunner`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -74,11 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
                       help="total seconds allowed per download")
   parser.add_argument("--retries", type=int, default=fetch.FetchConfig.retries)
   parser.add_argument("--fetch-threads", type=_positive_int, default=16)
+  parser.add_argument("--download-cache", default=None,
+                      help="content-addressed cache of fetched remote bytes, so re-runs fetch "
+                      "only new sources (default: OUT/download_cache; 'none' disables it)")
+  parser.add_argument("--decode-timeout", type=float, default=30.0,
+                      help="seconds one image may take to decode in its isolated subprocess "
+                      "(a crash or hang costs that image only); 0 decodes in-process")
+  parser.add_argument("--decode-processes", type=_positive_int, default=2)
+  parser.add_argument("--decoder", default="pipeline.image_decode:prepare_record",
+                      help="module:function(row, bytes, DecodeSettings) -> record; a custom "
+                      "decoder (it must be importable by the workers)")
   parser.add_argument("--allow-root", action="append", default=[],
                       help="another folder local paths may point into")
   parser.add_argument("--allow-network", action="append", default=[],
                       help="CIDR allowed despite the address guard (e.g. 127.0.0.1/32 in tests)")
   return parser
+
+
+def _import_function(spec: str):
+  module_name, _, name = spec.partition(":")
+  try:
+    return getattr(importlib.import_module(module_name), name)
+  except (ImportError, AttributeError):
+    raise ValueError(f"--decoder {spec!r} is not an importable module:function") from None
 
 
 def _config(args: argparse.Namespace) -> transforms.IngestConfig:
@@ -89,6 +108,10 @@ def _config(args: argparse.Namespace) -> transforms.IngestConfig:
       fetch=fetch.FetchConfig(deadline=args.timeout, max_bytes=args.max_bytes,
                               retries=args.retries, allowed_networks=tuple(args.allow_network)),
       fetch_threads=args.fetch_threads,
+      decode_timeout=args.decode_timeout, decode_processes=args.decode_processes,
+      decoder=_import_function(args.decoder),
+      download_cache=None if args.download_cache == "none" else (
+          args.download_cache or f"{args.out.rstrip('/')}/download_cache"),
       classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None)
 
 

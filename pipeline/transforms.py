@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from pipeline import dataset_io, fetch, image_decode, sources, splits
+from pipeline import dataset_io, decoder_pool, fetch, image_decode, sources, splits
 
 DEAD = "dead"
 STATS = "stats"
@@ -41,6 +40,15 @@ class IngestConfig:
   fetch: fetch.FetchConfig = fetch.FetchConfig()
   fetch_threads: int = 16
   classes: tuple[str, ...] | None = None
+  download_cache: str | None = None
+  decode_timeout: float = 30.0  # 0 decodes in-process (no crash/hang isolation)
+  decode_processes: int = 2
+  decoder: Callable[[dict, bytes, image_decode.DecodeSettings], dict] = image_decode.prepare_record
+
+  @property
+  def decode_settings(self) -> image_decode.DecodeSettings:
+    return image_decode.DecodeSettings(self.image_size, self.resize, self.image_format,
+                                       self.max_pixels, self.min_side, self.background)
 
 
 def dead_letter(reason: str, row, message: str, stage: str = "ingest") -> str:
@@ -119,23 +127,12 @@ class KeepOnePerIdFn(_DeadLetteringDoFn):
 
 
 def prepare_image(row: dict, data: bytes, cfg: IngestConfig) -> dict:
-  """Decodes, validates and resizes fetched bytes; returns the row plus image fields.
+  """Decodes, validates and resizes fetched bytes in this process (see `image_decode`).
 
   Raises:
     image_decode.ImageError: the bytes are not a usable image.
   """
-  decoded = image_decode.decode_and_resize(
-      data, size=cfg.image_size, resize=cfg.resize, max_pixels=cfg.max_pixels,
-      min_side=cfg.min_side, background=cfg.background)
-  result = dict(row)
-  result.update(
-      image=image_decode.encode(decoded.rgb, cfg.image_format),
-      width=decoded.source_width, height=decoded.source_height,
-      content_sha256=hashlib.sha256(data).hexdigest())
-  if row.get("targets") is not None:
-    points = np.asarray(row["targets"], np.float32).reshape(-1, 2)
-    result["targets"] = decoded.geometry.normalise(points).tolist()
-  return result
+  return image_decode.prepare_record(row, data, cfg.decode_settings)
 
 
 class FetchDecodeBatchFn(_DeadLetteringDoFn):
@@ -150,16 +147,38 @@ class FetchDecodeBatchFn(_DeadLetteringDoFn):
 
   def setup(self):
     self._fetcher = fetch.Fetcher(self._cfg.fetch)
+    self._cache = (fetch.DownloadCache(self._cfg.download_cache) if self._cfg.download_cache
+                   else None)
+    self._cache_hits = Metrics.counter("ingest", "download_cache_hits")
+    self._decode = self._cfg.decoder
+    if self._cfg.decode_timeout > 0:
+      self._decode = decoder_pool.IsolatedDecoder(
+          self._cfg.decoder, processes=self._cfg.decode_processes,
+          timeout=self._cfg.decode_timeout)
     self._pool = concurrent.futures.ThreadPoolExecutor(self._cfg.fetch_threads)
     self._done = Metrics.counter("ingest", "images_written")
     self._count, self._started, self._last_log = 0, time.monotonic(), time.monotonic()
 
   def teardown(self):
     self._pool.shutdown(wait=False, cancel_futures=True)
+    if isinstance(self._decode, decoder_pool.IsolatedDecoder):
+      self._decode.close()
+
+  def _bytes_of(self, row: dict) -> bytes:
+    remote = "://" in row["location"]
+    if not (remote and self._cache):
+      return self._fetcher.fetch(row["location"])
+    data = self._cache.get(row["id"])
+    if data is not None:
+      self._cache_hits.inc()
+      return data
+    data = self._fetcher.fetch(row["location"])
+    self._cache.put(row["id"], data)
+    return data
 
   def _one(self, row: dict):
     try:
-      return prepare_image(row, self._fetcher.fetch(row["location"]), self._cfg)
+      return self._decode(row, self._bytes_of(row), self._cfg.decode_settings)
     except (fetch.FetchError, image_decode.ImageError) as error:
       return error
 

@@ -395,3 +395,43 @@ def test_verify_detects_corrupt_truncated_and_missing_shards(tmp_path, tiny_imag
   (copy / "manifest.json").unlink()
   with pytest.raises(dataset_io.DatasetError, match="not a complete headstart dataset"):
     verify.verify(str(copy))
+
+
+def test_rerun_on_grown_manifest_fetches_only_new_sources(tmp_path, http_server):
+  """F13: the content-addressed download cache; the result equals a clean run (as sets by id)."""
+  http_server.routes = {f"/{i}.png": (200, {}, _png(make_image((40, 40), i % 2, i)))
+                        for i in range(8)}
+  rows = [f"{http_server.url}/{i}.png,{'ab'[i % 2]}" for i in range(8)]
+  half, full = tmp_path / "half.csv", tmp_path / "full.csv"
+  half.write_text("image_url,label\n" + "\n".join(rows[:4]) + "\n")
+  full.write_text("image_url,label\n" + "\n".join(rows) + "\n")
+  common = ["--image-size", "32", "--allow-network", "127.0.0.1/32"]
+  ingest.run(["--source", str(half), "--out", str(tmp_path / "out"), *common])
+  first_hits = list(http_server.hits)
+  http_server.hits.clear()
+  ingest.run(["--source", str(full), "--out", str(tmp_path / "out"), *common])
+  assert sorted(first_hits) == sorted(f"/{i}.png" for i in range(4))
+  assert sorted(http_server.hits) == sorted(f"/{i}.png" for i in range(4, 8))
+  ingest.run(["--source", str(full), "--out", str(tmp_path / "clean"), *common,
+              "--download-cache", "none"])
+
+  def content(out):
+    return {(r["id"], r["content_sha256"], r["label"])
+            for rs in _load_all(out).values() for r in rs}
+
+  assert content(tmp_path / "out") == content(tmp_path / "clean") and len(content(tmp_path / "out")) == 8
+
+
+def test_decoder_crash_and_hang_cost_one_dead_letter_each(tmp_path):
+  """F4/F5: a decoder that aborts or never returns is isolated in a subprocess."""
+  manifest = write_image_set(tmp_path / "src", 6, 40)
+  (tmp_path / "src" / "img" / "crash.png").write_bytes(b"CRASH")
+  (tmp_path / "src" / "img" / "hang.png").write_bytes(b"HANG")
+  with manifest.open("a") as f:
+    f.write("img/crash.png,a\nimg/hang.png,b\n")
+  out = tmp_path / "out"
+  summary = ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", "32",
+                        "--decoder", "tests.decoders:crash_or_hang", "--decode-timeout", "3",
+                        "--max-error-fraction", "0.5"])
+  assert summary["written"] == 6 and summary["balanced"]
+  assert summary["by_reason"] == {"decoder_crash": 1, "decode_timeout": 1}
