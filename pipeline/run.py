@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "decoder (it must be importable by the workers)")
   parser.add_argument("--allow-root", action="append", default=[],
                       help="another folder local paths may point into")
+  parser.add_argument("--allow-bucket", action="append", default=[],
+                      help="another gs:// bucket sources may be read from (besides the "
+                      "manifest's own)")
   parser.add_argument("--allow-network", action="append", default=[],
                       help="CIDR allowed despite the address guard (e.g. 127.0.0.1/32 in tests)")
   return parser
@@ -213,7 +216,8 @@ def run(argv: list[str] | None = None) -> dict:
     spec = sources.inspect_csv(
         args.source, url_column=args.url_column, label_column=args.label_column,
         group_column=args.group_column, split_column=args.split_column,
-        target_columns=args.target_columns, allow_roots=args.allow_root)
+        target_columns=args.target_columns, allow_roots=args.allow_root,
+        allow_buckets=args.allow_bucket)
   else:
     folder_rows = list(sources.list_folder_tree(args.source))
   settings = {"image_size": args.image_size, "resize": args.resize, "format": args.format,

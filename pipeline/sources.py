@@ -55,11 +55,15 @@ def _is_under(path: str, root: str) -> bool:
   return path == root or path.startswith(root + "/")
 
 
-def resolve_location(source: str, base_dir: str, allow_roots: Sequence[str] = ()) -> tuple[str, str]:
+def resolve_location(source: str, base_dir: str, allow_roots: Sequence[str] = (),
+                     allow_buckets: Sequence[str] = ()) -> tuple[str, str]:
   """Resolves a manifest entry to (location to fetch, canonical source for the id).
 
+  gs:// sources must be in the manifest's own bucket or in `allow_buckets`: workers run with
+  cloud credentials that may read far more than the user meant to ingest.
+
   Raises:
-    RowError: `unsupported_scheme` or `outside_root`.
+    RowError: `unsupported_scheme`, `outside_root`, `bucket_not_allowed` or `bad_url`.
   """
   parsed = urllib.parse.urlsplit(source)
   scheme = parsed.scheme.lower()
@@ -68,6 +72,10 @@ def resolve_location(source: str, base_dir: str, allow_roots: Sequence[str] = ()
       raise RowError("bad_url", f"URL {redact(source)!r} has no host")
     return source, source
   if scheme == "gs":
+    own = (urllib.parse.urlsplit(base_dir).netloc,) if base_dir.startswith("gs://") else ()
+    if parsed.netloc not in (*own, *allow_buckets):
+      raise RowError("bucket_not_allowed", f"bucket {parsed.netloc!r} is not the manifest's "
+                     "bucket nor named by --allow-bucket")
     return source, source
   if scheme == "file":
     source = urllib.parse.unquote(parsed.path)
@@ -106,6 +114,7 @@ class CsvSpec:
   split_index: int | None
   target_indices: tuple[int, ...]
   allow_roots: tuple[str, ...] = ()
+  allow_buckets: tuple[str, ...] = ()
 
 
 def _column(header: Sequence[str], name: str | None, flag: str) -> int | None:
@@ -134,8 +143,8 @@ def _target_indices(header: Sequence[str], spec: str | None, used: set[int]) -> 
 
 def inspect_csv(path: str, *, url_column: str = "image_url", label_column: str | None = "label",
                 group_column: str | None = None, split_column: str | None = None,
-                target_columns: str | None = None,
-                allow_roots: Sequence[str] = ()) -> CsvSpec:
+                target_columns: str | None = None, allow_roots: Sequence[str] = (),
+                allow_buckets: Sequence[str] = ()) -> CsvSpec:
   """Reads and checks a manifest's header (and that it has rows) before any work starts.
 
   With `target_columns` set and the default label column absent, the manifest is a keypoint
@@ -163,7 +172,8 @@ def inspect_csv(path: str, *, url_column: str = "image_url", label_column: str |
   used = {i for i in (url_index, label_index, group_index, split_index) if i is not None}
   base_dir = posixpath.dirname(path) or "."
   return CsvSpec(path, base_dir, header, url_index, label_index, group_index, split_index,
-                 _target_indices(header, target_columns, used), tuple(allow_roots))
+                 _target_indices(header, target_columns, used), tuple(allow_roots),
+                 tuple(allow_buckets))
 
 
 def _parse_targets(fields: Sequence[str], indices: Sequence[int]) -> list[float] | None:
@@ -204,7 +214,8 @@ def parse_csv_line(line: str, spec: CsvSpec) -> dict:
     except ValueError as error:
       raise RowError("bad_split", str(error)) from None
   targets = _parse_targets(fields, spec.target_indices)
-  location, canonical = resolve_location(source, spec.base_dir, spec.allow_roots)
+  location, canonical = resolve_location(source, spec.base_dir, spec.allow_roots,
+                                         spec.allow_buckets)
   special = {spec.url_index, spec.label_index, spec.group_index, spec.split_index,
              *spec.target_indices}
   return {

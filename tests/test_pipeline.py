@@ -435,3 +435,13 @@ def test_decoder_crash_and_hang_cost_one_dead_letter_each(tmp_path):
                         "--max-error-fraction", "0.5"])
   assert summary["written"] == 6 and summary["balanced"]
   assert summary["by_reason"] == {"decoder_crash": 1, "decode_timeout": 1}
+
+
+def test_gs_sources_only_from_allowed_buckets():
+  spec = sources.CsvSpec("gs://mine/m.csv", "gs://mine", ("image_url", "label"), 0, 1, None, None,
+                         (), (), ("shared-images",))
+  assert sources.parse_csv_line("gs://mine/a.jpg,x", spec)["location"] == "gs://mine/a.jpg"
+  assert sources.parse_csv_line("gs://shared-images/b.jpg,x", spec)["source"].endswith("b.jpg")
+  with pytest.raises(sources.RowError) as error:
+    sources.parse_csv_line("gs://someone-else/secret.jpg,x", spec)
+  assert error.value.reason == "bucket_not_allowed"
