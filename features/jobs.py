@@ -47,6 +47,7 @@ class ExtractConfig:
   seed: int = 0
   precision: str = "float32"
   jit_compile: bool = False
+  max_error_fraction: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,7 @@ class FeatureJob:
   map_shape: tuple[int, ...] = ()
   pooled_dim: int = 0
   start_time: float = 0.0
+  max_error_fraction: float = 0.5
 
   @property
   def dir_name(self) -> str:
@@ -80,9 +82,9 @@ class FeatureJob:
 
 @dataclasses.dataclass(frozen=True)
 class ExtractPlan:
-  """The image dataset's shards and the jobs of one call."""
+  """The image dataset's shards (path, record count) and the jobs of one call."""
   config: ExtractConfig
-  shards: tuple[str, ...]
+  shards: tuple[tuple[str, int], ...]
   jobs: tuple[FeatureJob, ...]
 
 
@@ -164,9 +166,13 @@ def plan(config: ExtractConfig) -> ExtractPlan:
         precision=config.precision, seed=config.seed, store=config.store, views=config.views,
         image_info=image_info, model_path=model_path,
         weights_dir=weights_lib.weights_dir_from(config.weights_dir),
-        hit=not config.force and _is_complete(out_dir, key)))
-  shards = tuple(path for split in image_manifest["splits"]
-                 for path in dataset_io.shard_paths(config.images, image_manifest, split))
+        hit=not config.force and _is_complete(out_dir, key),
+        max_error_fraction=config.max_error_fraction))
+  shards = tuple(
+      (path, int(entry["num_examples"]))
+      for split in image_manifest["splits"]
+      for path, entry in zip(dataset_io.shard_paths(config.images, image_manifest, split),
+                             image_manifest["splits"][split]["shards"]))
   return ExtractPlan(config, shards, tuple(jobs))
 
 
@@ -235,9 +241,26 @@ def _save_random_weights(base: Any, out_dir: str) -> weights_lib.WeightsChoice:
                                    weights_lib.file_sha256(target))
 
 
+def write_errors(out_dir: str, dead_letters: Sequence[Mapping[str, Any]]) -> None:
+  """Writes `errors.jsonl` (one JSON object a line, sorted so re-runs are identical)."""
+  lines = sorted(json.dumps(entry, sort_keys=True) for entry in dead_letters)
+  with tf.io.gfile.GFile(f"{out_dir}/{dataset_io.ERRORS_NAME}", "w") as f:
+    f.write("".join(f"{line}\n" for line in lines))
+
+
 def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
-             job: FeatureJob) -> dict[str, Any]:
-  """Writes one feature dataset's TFDS metadata and, last, its manifest; returns the manifest."""
+             job: FeatureJob, *, dead_letters: Sequence[Mapping[str, Any]] = (),
+             input_records: int | None = None) -> dict[str, Any] | None:
+  """Writes one feature dataset's `errors.jsonl`, TFDS metadata and, last, its manifest.
+
+  Returns:
+    The manifest, or None when more than `max_error_fraction` of the image records were
+    dead-lettered: then no manifest is written and the driver reports the failure.
+  """
+  write_errors(job.out_dir, dead_letters)
+  dead = len(dead_letters)
+  if input_records and dead / input_records > job.max_error_fraction:
+    return None
   grouped = dataset_io.group_shards(shards, job.out_dir)
   info = job.image_info
   features = records.feature_tfds_features(
@@ -246,6 +269,16 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
   seconds = max(time.time() - job.start_time, 1e-9)
   examples = sum(s["num_examples"] for entries in grouped.values() for s in entries)
   forward_seconds = health.get("forward_seconds", 0.0)
+  by_reason: dict[str, int] = {}
+  for entry in dead_letters:
+    by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + 1
+  # Each usable image gives one view-0 record, plus `views` more in train.
+  images_written = sum(
+      sum(s["num_examples"] for s in entries) // (1 + job.views if split == "train" else 1)
+      for split, entries in grouped.items())
+  counts = {"input_records": input_records, "written": images_written, "dead_lettered": dead,
+            "by_reason": by_reason, "examples": examples,
+            "balanced": input_records is None or images_written + dead == input_records}
   extra = {
       "kind": FEATURES_NAME,
       "backbone": job.backbone,
@@ -275,6 +308,7 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
       "num_keypoints": info["num_keypoints"],
       "fingerprint": shards_fingerprint(grouped),
       "health": health_lib.summarize_health(health),
+      "counts": counts,
       "extraction_seconds": round(seconds, 3),
       "images_per_second": round(examples / seconds, 3),
       "forward_seconds": round(forward_seconds, 3),
@@ -327,6 +361,10 @@ def summary_lines(job: FeatureJob, manifest: Mapping[str, Any]) -> list[str]:
       f"end to end, forward {manifest['forward_images_per_second'] or 0:.2f} images/s; health: "
       f"mean {health['mean'] or 0:.4g}, std {health['std'] or 0:.4g}, zeros "
       f"{(health['zero_fraction'] or 0):.1%}, NaN {health['nan_count']}, Inf {health['inf_count']}"]
+  counts = manifest.get("counts", {})
+  if counts.get("dead_lettered"):
+    lines.append(f"  {counts['dead_lettered']} of {counts['input_records']} image records "
+                 f"dead-lettered ({counts['by_reason']}); see {job.out_dir}/errors.jsonl")
   if not health["ok"]:
     lines.append(f"WARNING: {job.backbone} features look broken: {'; '.join(health['warnings'])}")
   return lines

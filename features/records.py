@@ -19,6 +19,14 @@ from pipeline import dataset_io
 STORE_CHOICES = ("both", "maps", "pooled")
 
 
+class RecordError(ValueError):
+  """One image record stage 2 cannot use; `reason` is its `errors.jsonl` reason code."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+
 @dataclasses.dataclass
 class ImageRecord:
   """One decoded image (or augmented view) on its way to the backbones."""
@@ -43,12 +51,17 @@ def parse_image_example(serialized: bytes) -> dict[str, Any]:
     `id` (str), `image` (encoded bytes), `label` (int or None), `targets` ((K, 2) float32 or None).
 
   Raises:
-    ValueError: the record has no `id` or `image`.
+    RecordError: not an Example, or no `id` / `image` (reason `schema_mismatch`).
   """
   import tensorflow as tf
-  feature = tf.train.Example.FromString(serialized).features.feature
+  from google.protobuf.message import DecodeError
+  try:
+    feature = tf.train.Example.FromString(serialized).features.feature
+  except DecodeError as error:
+    raise RecordError("schema_mismatch", f"record is not a tf.train.Example: {error}") from error
   if "id" not in feature or "image" not in feature:
-    raise ValueError(f"image record lacks 'id' or 'image' (keys: {sorted(feature)!r})")
+    raise RecordError("schema_mismatch",
+                      f"image record lacks 'id' or 'image' (keys: {sorted(feature)!r})")
   label = feature["label"].int64_list.value if "label" in feature else []
   targets = feature["targets"].float_list.value if "targets" in feature else []
   return {
@@ -59,21 +72,30 @@ def parse_image_example(serialized: bytes) -> dict[str, Any]:
   }
 
 
-def decode_image(data: bytes, input_size: int) -> np.ndarray:
+def decode_image(data: bytes, input_size: int, image_size: int | None = None) -> np.ndarray:
   """Encoded JPEG/PNG -> uint8 RGB (input_size, input_size, 3).
 
   Stored images are already square at the dataset's image size; a different input size is
   reached with INTER_AREA when shrinking (no aliasing) and INTER_LINEAR when growing.
 
+  Args:
+    data: the stored image bytes.
+    input_size: square side the backbone sees.
+    image_size: the dataset's stored side; an image of another size is a broken record.
+
   Raises:
-    ValueError: the bytes are not a decodable image.
+    RecordError: undecodable bytes (`undecodable`) or a stored size that contradicts the
+      dataset (`schema_mismatch`).
   """
   import cv2
   image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
   if image is None:
-    raise ValueError(f"stored image of {len(data)} bytes cannot be decoded")
+    raise RecordError("undecodable", f"stored image of {len(data)} bytes cannot be decoded")
   image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
   height, width = image.shape[:2]
+  if image_size and (height, width) != (image_size, image_size):
+    raise RecordError("schema_mismatch", f"stored image is {width}x{height}, the dataset says "
+                      f"{image_size}x{image_size}")
   if (height, width) != (input_size, input_size):
     shrinking = input_size < min(height, width)
     image = cv2.resize(image, (input_size, input_size),

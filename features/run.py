@@ -41,6 +41,16 @@ def _non_negative_int(text: str) -> int:
   return value
 
 
+def _fraction(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not 0.0 <= value <= 1.0:
+    raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+  return value
+
+
 class _Parser(argparse.ArgumentParser):
   # A bad flag value becomes a ValueError: `headstart` prints it as one line, no usage dump.
   def error(self, message: str):
@@ -74,13 +84,16 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
   parser.add_argument("--precision", choices=backbones_lib.PRECISIONS, default="float32",
                       help="compute precision of the backbones (mixed_* for GPUs)")
   parser.add_argument("--jit-compile", action="store_true", help="compile the forward with XLA")
+  parser.add_argument("--max-error-fraction", type=_fraction, default=0.5,
+                      help="fail when more image records than this are unusable (dead-lettered)")
   known, beam_args = parser.parse_known_args(argv)
   config = jobs_lib.ExtractConfig(
       images=known.images.rstrip("/"), out=known.out.rstrip("/"),
       backbones=tuple(backbones_lib.parse_backbones(known.backbones)), layer=known.layer,
       input_size=known.input_size, weights=known.weights, weights_dir=known.weights_dir,
       batch_size=known.batch_size, store=known.store, views=known.views, force=known.force,
-      seed=known.seed, precision=known.precision, jit_compile=known.jit_compile)
+      seed=known.seed, precision=known.precision, jit_compile=known.jit_compile,
+      max_error_fraction=known.max_error_fraction)
   if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
     # Beam 2.77's default DirectRunner first tries to download the Prism binary (fails offline).
     beam_args = ["--runner=FnApiRunner", *beam_args]
@@ -94,7 +107,9 @@ def build_pipeline(root: Any, plan: Any) -> list[Any]:
   batches in one worker pass.
   """
   from features import transforms
+  from pipeline import dataset_io
   config = plan.config
+  image_size = dataset_io.read_manifest(config.images).get("image_size")
   image_records = root | "ReadImages" >> transforms.ReadImageRecords(plan.shards)
   by_size: dict[int, list[Any]] = {}
   for job in plan.jobs:
@@ -103,7 +118,7 @@ def build_pipeline(root: Any, plan: Any) -> list[Any]:
   for size, jobs in by_size.items():
     outputs += image_records | f"Extract[{size}px]" >> transforms.ExtractFeatures(
         jobs, batch_size=config.batch_size, views=config.views, seed=config.seed,
-        jit_compile=config.jit_compile)
+        jit_compile=config.jit_compile, image_size=image_size)
   return outputs
 
 
@@ -126,6 +141,7 @@ def run(argv: list[str] | None = None) -> Any:
       print(f"cache hit: {job.out_dir}")
   hits = [job for job in plan.jobs if job.hit]
   missing = [job for job in plan.jobs if not job.hit]
+  failed = []
   result = None
   if missing:
     import apache_beam as beam
@@ -141,10 +157,16 @@ def run(argv: list[str] | None = None) -> Any:
     build_pipeline(pipeline, dataclasses.replace(plan, jobs=tuple(missing)))
     result = pipeline.run()
     result.wait_until_finish()
+    failed = [job for job in missing if not dataset_io.has_manifest(job.out_dir)]
     for job in missing:
-      for line in jobs_lib.summary_lines(job, dataset_io.read_manifest(job.out_dir)):
-        print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
+      if job not in failed:
+        for line in jobs_lib.summary_lines(job, dataset_io.read_manifest(job.out_dir)):
+          print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
   jobs_lib.write_index(config.out, [*missing, *hits])
+  if failed:
+    raise ValueError(f"more than {config.max_error_fraction:g} of the image records were "
+                     f"unusable, so {failed[0].out_dir!r} was not published; see its "
+                     "errors.jsonl")
   return result
 
 

@@ -24,56 +24,90 @@ from features import views as views_lib
 from pipeline import dataset_io
 
 
+DEAD_LETTERS = "dead_letters"
+
+
 class ReadShardFn(beam.DoFn):
-  """Shard path -> (split, serialized image Example) for every record of the shard."""
+  """(shard path, record count from the manifest) -> (shard file name, serialized image Example).
+
+  A damaged shard is an infrastructure problem, not a data one: it fails the job, naming the
+  file (and, for a CRC error, the offset), instead of silently dropping records.
+  """
 
   def __init__(self):
     super().__init__()
     self._records = beam.metrics.Metrics.counter("extract", "image_records_read")
 
-  def process(self, path: str) -> Iterator[tuple[str, bytes]]:
+  def process(self, shard: tuple[str, int]) -> Iterator[tuple[str, bytes]]:
     import tensorflow as tf
-    split = records.split_of_shard(path)
-    for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
-      self._records.inc()
-      yield split, serialized
+    path, expected = shard
+    name = path.rsplit("/", 1)[-1]
+    count = 0
+    try:
+      for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        count += 1
+        self._records.inc()
+        yield name, serialized
+    except tf.errors.DataLossError as error:
+      raise ValueError(f"image shard {path!r} is corrupt after {count} records ({error.message}); "
+                       "run `headstart verify` on the image dataset or re-run ingest") from None
+    if count != expected:
+      raise ValueError(f"image shard {path!r} holds {count} records but its manifest says "
+                       f"{expected}; the image dataset changed or is damaged (headstart verify)")
 
 
 class ReadImageRecords(beam.PTransform):
-  """Shard paths (from the image manifest, never a glob) -> (split, serialized image Example).
+  """(shard path, record count) from the image manifest (never a glob) -> (shard file name,
+  serialized image Example).
 
   Shards, not records, are spread over workers: reading then fuses with decoding, inference and
   writing, so records stream through instead of being materialised between stages (Beam's
   ReadAllFromTFRecord reshuffles every record, which the local runner holds in memory).
   """
 
-  def __init__(self, shard_paths: Sequence[str]):
+  def __init__(self, shards: Sequence[tuple[str, int]]):
     super().__init__()
-    self._shard_paths = list(shard_paths)
+    self._shards = [tuple(shard) for shard in shards]
 
   def expand(self, root):
     return (root
-            | "ListShards" >> beam.Create(self._shard_paths)
+            | "ListShards" >> beam.Create(self._shards)
             | "SpreadShards" >> beam.Reshuffle()
             | "ReadShards" >> beam.ParDo(ReadShardFn()))
 
 
-class DecodeImageFn(beam.DoFn):
-  """(split, serialized image Example) -> ImageRecord at the input size, plus augmented views
-  1..K of train images."""
+def dead_letter(reason: str, row: Mapping[str, Any], message: str) -> dict[str, Any]:
+  """One `errors.jsonl` entry of stage 2."""
+  return {"stage": "extract", "reason": reason, "row": dict(row), "message": message}
 
-  def __init__(self, input_size: int, views: int, seed: int):
+
+class DecodeImageFn(beam.DoFn):
+  """(shard file name, serialized image Example) -> ImageRecord at the input size, plus
+  augmented views 1..K of train images; unusable records -> `dead_letters` (never raised)."""
+
+  def __init__(self, input_size: int, views: int, seed: int, image_size: int | None = None):
     super().__init__()
     self._input_size = input_size
+    self._image_size = image_size
     self._views = views
     self._seed = seed
     self._decoded = beam.metrics.Metrics.counter("extract", "images_decoded")
     self._augmented = beam.metrics.Metrics.counter("extract", "views_augmented")
+    self._dead = beam.metrics.Metrics.counter("extract", "records_dead_lettered")
 
-  def process(self, element: tuple[str, bytes]) -> Iterator[records.ImageRecord]:
-    split, serialized = element
-    fields = records.parse_image_example(serialized)
-    image = records.decode_image(fields["image"], self._input_size)
+  def process(self, element: tuple[str, bytes]) -> Iterator[Any]:
+    shard, serialized = element
+    split = records.split_of_shard(shard)
+    record_id = None
+    try:
+      fields = records.parse_image_example(serialized)
+      record_id = fields["id"]
+      image = records.decode_image(fields["image"], self._input_size, self._image_size)
+    except records.RecordError as error:
+      self._dead.inc()
+      yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(
+          error.reason, {"shard": shard, "split": split, "id": record_id}, str(error)))
+      return
     self._decoded.inc()
     yield records.ImageRecord(fields["id"], split, 0, image, fields["label"], fields["targets"])
     # Augmented views exist only for train (readers skip view > 0 elsewhere).
@@ -165,37 +199,42 @@ class MergeHealthFn(beam.CombineFn):
 
 
 def _finalize(shards: list[dict[str, Any]], health: Mapping[str, float],
+              dead_letters: list[dict[str, Any]], input_records: int,
               job: jobs_lib.FeatureJob) -> str:
-  jobs_lib.finalize(shards, health, job)
+  jobs_lib.finalize(shards, health, job, dead_letters=dead_letters, input_records=input_records)
   return job.out_dir
 
 
 class WriteFeatureDataset(beam.PTransform):
-  """((split, serialized feature Example), partial health sums) -> the dataset directory, once
-  its shards, TFDS metadata and (last) manifest are written."""
+  """((split, serialized feature Example), partial health sums, dead letters, input record
+  count) -> the dataset directory, once its shards, `errors.jsonl`, TFDS metadata and (last)
+  manifest are written."""
 
   def __init__(self, job: jobs_lib.FeatureJob):
     super().__init__()
     self._job = job
 
   def expand(self, pcolls):
-    features, health = pcolls
+    features, health, dead_letters, input_count = pcolls
     shards = features | "WriteSplits" >> dataset_io.WriteSplits(self._job.out_dir,
                                                                 jobs_lib.FEATURES_NAME)
     merged = health | "MergeHealth" >> beam.CombineGlobally(MergeHealthFn())
     return (shards
             | "CollectShards" >> beam.combiners.ToList()
-            | "WriteManifest" >> beam.Map(_finalize, health=beam.pvalue.AsSingleton(merged),
-                                          job=self._job))
+            | "WriteManifest" >> beam.Map(
+                _finalize, health=beam.pvalue.AsSingleton(merged),
+                dead_letters=beam.pvalue.AsSingleton(dead_letters),
+                input_records=beam.pvalue.AsSingleton(input_count), job=self._job))
 
 
 class ExtractFeatures(beam.PTransform):
   """(split, serialized image Example) -> one written feature dataset per job of one input size."""
 
   def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], *, batch_size: int, views: int,
-               seed: int, jit_compile: bool):
+               seed: int, jit_compile: bool, image_size: int | None = None):
     super().__init__()
     self._jobs = list(jobs)
+    self._image_size = image_size
     self._batch_size = batch_size
     self._views = views
     self._seed = seed
@@ -204,13 +243,17 @@ class ExtractFeatures(beam.PTransform):
   def expand(self, image_records):
     input_size = self._jobs[0].input_size
     tags = [job.tag for job in self._jobs]
+    decoded = image_records | "DecodeImages" >> beam.ParDo(DecodeImageFn(
+        input_size, self._views, self._seed, self._image_size)).with_outputs(
+            DEAD_LETTERS, main="images")
+    dead_letters = decoded[DEAD_LETTERS] | "CollectDeadLetters" >> beam.combiners.ToList()
+    input_count = image_records | "CountRecords" >> beam.combiners.Count.Globally()
     outputs = (
-        image_records
-        | "DecodeImages" >> beam.ParDo(DecodeImageFn(input_size, self._views, self._seed))
+        decoded["images"]
         | "BatchImages" >> beam.BatchElements(min_batch_size=self._batch_size,
                                               max_batch_size=self._batch_size)
         | "RunBackbones" >> beam.ParDo(RunBackbonesFn(
             self._jobs, batch_size=self._batch_size, jit_compile=self._jit_compile,
             shared_handle=shared.Shared())).with_outputs(*tags, *[f"health_{t}" for t in tags]))
-    return [(outputs[job.tag], outputs[f"health_{job.tag}"])
+    return [(outputs[job.tag], outputs[f"health_{job.tag}"], dead_letters, input_count)
             | f"WriteFeatures[{job.dir_name}]" >> WriteFeatureDataset(job) for job in self._jobs]

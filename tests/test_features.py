@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import shutil
 
+import cv2
 import keras
 import numpy as np
 import pytest
@@ -303,3 +305,62 @@ def test_custom_keras_backbone_under_multi_processing(tiny_image_dataset, tiny_k
   assert path.name.startswith("tiny_net-file-") and manifest["weights_source"] == "model"
   assert manifest["feature_map_shape"] == [8, 8, 8] and manifest["preprocess"] == "none"
   assert sum(v["num_examples"] for v in manifest["splits"].values()) == 24
+
+
+def _tampered_copy(source: pathlib.Path, target: pathlib.Path, extra: list[bytes]) -> pathlib.Path:
+  """A copy of an image dataset whose first train shard gets `extra` records (manifest updated)."""
+  shutil.copytree(source, target)
+  manifest = json.loads((target / "manifest.json").read_text())
+  entry = manifest["splits"]["train"]["shards"][0]
+  path = target / entry["file"]
+  kept = [r.numpy() for r in tf.data.TFRecordDataset(str(path))]
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for record in kept + extra:
+      writer.write(record)
+  entry.update(num_examples=len(kept) + len(extra), sha256=dataset_io.file_sha256(str(path)))
+  (target / "manifest.json").write_text(json.dumps(manifest))
+  return target
+
+
+def test_unusable_image_records_are_dead_lettered_not_raised(
+    tiny_image_dataset, tiny_keras_model, tmp_path):
+  small = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
+  bad = [dataset_io.to_example({"id": "not-an-image", "image": b"GIF89a nonsense", "label": 0}),
+         dataset_io.to_example({"id": "wrong-size", "image": small, "label": 1}),
+         b"\x00 not an Example at all"]
+  images = _tampered_copy(tiny_image_dataset, tmp_path / "images", bad)
+  args = ["--images", str(images), "--backbones", str(tiny_keras_model), "--input-size", str(SIZE)]
+  # Above --max-error-fraction nothing is published, and the error says where to look.
+  with pytest.raises(ValueError, match="errors.jsonl"):
+    extract.run([*args, "--out", str(tmp_path / "strict"), "--max-error-fraction", "0.01"])
+  assert not list((tmp_path / "strict").glob("*/manifest.json"))
+  extract.run([*args, "--out", str(tmp_path / "features")])
+  (path,) = _datasets(tmp_path / "features").values()
+  counts = dataset_io.read_manifest(str(path))["counts"]
+  assert counts["input_records"] == 27 and counts["written"] == 24 and counts["balanced"]
+  assert counts["by_reason"] == {"undecodable": 1, "schema_mismatch": 2}
+  errors = [json.loads(line) for line in (path / "errors.jsonl").read_text().splitlines()]
+  assert {e["row"]["id"] for e in errors} == {"not-an-image", "wrong-size", None}
+  assert all(e["stage"] == "extract" and e["message"] for e in errors)
+
+
+def test_damaged_image_shards_fail_loudly_naming_the_file(tiny_image_dataset, tiny_keras_model,
+                                                          tmp_path):
+  images = _tampered_copy(tiny_image_dataset, tmp_path / "images", [])
+  manifest = dataset_io.read_manifest(str(images))
+  shard = images / manifest["splits"]["train"]["shards"][0]["file"]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF  # a flipped byte mid-file: the record's CRC no longer matches
+  shard.write_bytes(bytes(data))
+  args = ["--images", str(images), "--backbones", str(tiny_keras_model), "--input-size",
+          str(SIZE), "--out", str(tmp_path / "features")]
+  with pytest.raises(ValueError, match=re.escape(shard.name) + ".*corrupt"):
+    extract.run(args)
+  # Cut at a record boundary: CRCs pass, the count from the manifest catches it.
+  records_kept = [r.numpy() for r in tf.data.TFRecordDataset(
+      str(tiny_image_dataset / shard.name))][:-1]
+  with tf.io.TFRecordWriter(str(shard)) as writer:
+    for record in records_kept:
+      writer.write(record)
+  with pytest.raises(ValueError, match=re.escape(shard.name) + ".*manifest says"):
+    extract.run(args)
