@@ -107,8 +107,12 @@ class DecodeImageFn(beam.DoFn):
       self._dead.inc()
       yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(
           error.reason, {"shard": shard, "split": split, "id": record_id}, str(error)))
-      return
-    self._decoded.inc()
+    else:
+      self._decoded.inc()
+      yield from self._with_views(fields, split, image)
+
+  def _with_views(self, fields: Mapping[str, Any], split: str,
+                  image: np.ndarray) -> Iterator[records.ImageRecord]:
     yield records.ImageRecord(fields["id"], split, 0, image, fields["label"], fields["targets"])
     # Augmented views exist only for train (readers skip view > 0 elsewhere).
     for view in range(1, self._views + 1 if split == "train" else 1):
