@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import pathlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -120,7 +121,7 @@ def plan(config: ExtractConfig) -> ExtractPlan:
   if not input_size:
     raise ValueError(f"{config.images!r} records no image_size; pass --input-size")
   image_info = {
-      "image_dataset": config.images,
+      "image_dataset": _absolute(config.images),
       "image_size": image_size,
       "image_format": image_manifest.get("format"),
       "resize": image_manifest.get("resize", "stretch"),
@@ -174,6 +175,13 @@ def plan(config: ExtractConfig) -> ExtractPlan:
       for path, entry in zip(dataset_io.shard_paths(config.images, image_manifest, split),
                              image_manifest["splits"][split]["shards"]))
   return ExtractPlan(config, shards, tuple(jobs))
+
+
+def _absolute(path: str) -> str:
+  # Readers of the manifest (reports, finetune) may run from another working directory.
+  if "://" in path:
+    return path
+  return str(pathlib.Path(path).resolve())
 
 
 def _is_complete(out_dir: str, key: str) -> bool:
