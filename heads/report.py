@@ -10,13 +10,13 @@ predicted points) for keypoint runs, and activation maps of the frozen backbone 
 from three depths) for a few test images. Images are joined to predictions by `id` from the
 image dataset the features name (`image_dataset` in the feature manifest).
 
-Every figure is embedded as a PNG data URI, so the one HTML file can be mailed or copied anywhere
-and shows without network access (no CDN, no scripts). `headstart compare` writes one such page
-at the top of its `--out`: the leaderboard, the cost ledger and the best cell's run report.
+Figures are PNG files in `report_files/` next to the page, referenced by relative path, so the
+page shows offline and keeps working when the folder is copied (no CDN, no scripts).
+`headstart compare` writes one such page at the top of its `--out`: the leaderboard, the cost
+ledger and the best cell's run report.
 """
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -34,6 +34,7 @@ import tensorflow as tf  # noqa: E402
 from pipeline import dataset_io  # noqa: E402
 
 REPORT_NAME = "report.html"
+ASSETS_DIR = "report_files"
 MAX_MISCLASSIFIED = 16
 MAX_KEYPOINT_IMAGES = 8
 ACTIVATION_IMAGES = 3
@@ -119,21 +120,31 @@ def load_split_images(image_dir: str, split: str = "test") -> dict[str, dict[str
 # Figures (each returns a PNG data URI)
 
 
-def figure_uri(figure) -> str:
-  """Renders a matplotlib figure to a `data:image/png;base64,...` URI and closes it."""
+def figure_png(figure) -> bytes:
+  """Renders a matplotlib figure to PNG bytes and closes it."""
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
   plt.close(figure)
-  return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+  return buffer.getvalue()
 
 
-def file_uri(path: str) -> str:
-  """A PNG file as a data URI."""
-  with tf.io.gfile.GFile(path, "rb") as f:
-    return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+class Assets:
+  """Writes a page's figures to `<page folder>/report_files/` and returns their relative paths."""
+
+  def __init__(self, page_dir: str, prefix: str = ""):
+    self.page_dir = page_dir.rstrip("/")
+    self.prefix = prefix
+    tf.io.gfile.makedirs(f"{self.page_dir}/{ASSETS_DIR}")
+
+  def add(self, name: str, png: bytes) -> str:
+    """Stores one PNG; returns the `src` to use in the page."""
+    relative = f"{ASSETS_DIR}/{self.prefix}{name}.png"
+    with tf.io.gfile.GFile(f"{self.page_dir}/{relative}", "wb") as f:
+      f.write(png)
+    return relative
 
 
-def learning_curves(history: Sequence[Mapping[str, str]], task: str) -> str | None:
+def learning_curves(history: Sequence[Mapping[str, str]], task: str) -> bytes | None:
   """Loss and metric per epoch, train vs validation; None without history."""
   if not history:
     return None
@@ -156,10 +167,10 @@ def learning_curves(history: Sequence[Mapping[str, str]], task: str) -> str | No
     axis.legend()
     axis.grid(alpha=0.3)
   figure.suptitle("learning curves")
-  return figure_uri(figure)
+  return figure_png(figure)
 
 
-def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> str:
+def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[str]) -> bytes:
   """Test confusion matrix: rows true class, columns predicted, counts annotated."""
   matrix = np.asarray(confusion)
   size = max(3.0, 0.55 * len(class_names) + 1.5)
@@ -174,16 +185,16 @@ def confusion_figure(confusion: Sequence[Sequence[int]], class_names: Sequence[s
               color="white" if value > matrix.max() / 2 else "black")
   figure.colorbar(image, ax=axis, fraction=0.046)
   axis.set_title("test confusion matrix")
-  return figure_uri(figure)
+  return figure_png(figure)
 
 
 def misclassified(predictions: Sequence[Mapping[str, str]], examples: Mapping[str, Any],
                   class_names: Sequence[str], *, limit: int = MAX_MISCLASSIFIED
-                  ) -> tuple[str | None, int, int]:
+                  ) -> tuple[bytes | None, int, int]:
   """Grid of wrong test predictions, most confident first.
 
   Returns:
-    `(data URI or None when nothing is wrong or no image joins, wrong count, joined count)`.
+    `(PNG or None when nothing is wrong or no image joins, wrong count, joined count)`.
   """
   wrong = []
   joined = 0
@@ -210,11 +221,11 @@ def misclassified(predictions: Sequence[Mapping[str, str]], examples: Mapping[st
     axis.set_title(f"true {true}\npred {predicted} {confidence:.2f}", fontsize=7)
   figure.suptitle(f"misclassified test images ({len(wrong)} of {joined}; "
                   f"showing {len(shown)}, most confident first)", fontsize=9)
-  return figure_uri(figure), len(wrong), joined
+  return figure_png(figure), len(wrong), joined
 
 
 def keypoint_overlays(predictions: Sequence[Mapping[str, str]], examples: Mapping[str, Any],
-                      num_keypoints: int, *, limit: int = MAX_KEYPOINT_IMAGES) -> str | None:
+                      num_keypoints: int, *, limit: int = MAX_KEYPOINT_IMAGES) -> bytes | None:
   """Test images with true (green circles) and predicted (red crosses) keypoints."""
   pairs = []
   for row in predictions:
@@ -243,7 +254,7 @@ def keypoint_overlays(predictions: Sequence[Mapping[str, str]], examples: Mappin
                  marker="x", linewidths=1.2, label="predicted")
   axes.flat[0].legend(fontsize=7, loc="lower left")
   figure.suptitle("test keypoints: true (green circles) vs predicted (red crosses)", fontsize=9)
-  return figure_uri(figure)
+  return figure_png(figure)
 
 
 def _probe_layers(base) -> list[Any]:
@@ -267,7 +278,7 @@ def _probe_layers(base) -> list[Any]:
 
 
 def activation_maps(model, images: Sequence[np.ndarray], input_size: int,
-                    title: str) -> str | None:
+                    title: str) -> bytes | None:
   """A few channels from three depths of `model` (an extractor or a scratch CNN) per image.
 
   `model` takes float32 images in [0, 255]; a nested base model (the extractor's frozen
@@ -314,11 +325,11 @@ def activation_maps(model, images: Sequence[np.ndarray], input_size: int,
           axes[row, column].set_title(f"{layer.name}\n#{channel} "
                                       f"{values.shape[1]}x{values.shape[2]}", fontsize=6)
   figure.suptitle(title, fontsize=9)
-  return figure_uri(figure)
+  return figure_png(figure)
 
 
 def _activation_section(run_dir: str, run_config: Mapping[str, Any],
-                        images: Sequence[np.ndarray]) -> tuple[str | None, str]:
+                        images: Sequence[np.ndarray]) -> tuple[bytes | None, str]:
   """Activation maps of the run's backbone, or (None, why not)."""
   import keras
   if not images:
@@ -345,8 +356,8 @@ def _activation_section(run_dir: str, run_config: Mapping[str, Any],
 # HTML
 
 
-def _img(uri: str, alt: str) -> str:
-  return f'<img src="{uri}" alt="{html.escape(alt)}">'
+def _img(src: str, alt: str) -> str:
+  return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}">'
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -363,8 +374,14 @@ def _weights_text(weights_kind: str) -> str:
   return f"<span{css}>{html.escape(label)}</span>"
 
 
-def run_sections(run_dir: str, *, log: Callable[[str], None] = print) -> str:
-  """The HTML body of one run's report (headings, metrics table, figures, notes)."""
+def run_sections(run_dir: str, assets: Assets, *, log: Callable[[str], None] = print) -> str:
+  """The HTML body of one run's report (headings, metrics table, figures, notes).
+
+  Args:
+    run_dir: a finished run.
+    assets: where the figures go (their paths are relative to the page).
+    log: progress lines.
+  """
   run_dir = run_dir.rstrip("/")
   run_config, result = load_run(run_dir)
   task = result.get("task", run_config.get("task"))
@@ -390,11 +407,12 @@ def run_sections(run_dir: str, *, log: Callable[[str], None] = print) -> str:
 
   curves = learning_curves(_read_csv(f"{run_dir}/history.csv"), task)
   if curves:
-    parts += ["<h3>Learning curves</h3>", _img(curves, "learning curves")]
+    parts += ["<h3>Learning curves</h3>", _img(assets.add("learning_curves", curves), "learning curves")]
   confusion = (result.get("test") or {}).get("confusion_matrix")
   if confusion and class_names:
-    parts += ["<h3>Confusion matrix (test)</h3>", _img(confusion_figure(confusion, class_names),
-                                                       "confusion matrix")]
+    parts += ["<h3>Confusion matrix (test)</h3>", _img(
+        assets.add("confusion_matrix", confusion_figure(confusion, class_names)),
+        "confusion matrix")]
 
   predictions = _read_csv(f"{run_dir}/predictions_test.csv")
   image_dir = image_dataset_dir(run_config)
@@ -410,18 +428,18 @@ def run_sections(run_dir: str, *, log: Callable[[str], None] = print) -> str:
     if task == "keypoints":
       overlay = keypoint_overlays(predictions, examples, int(run_config.get("num_keypoints") or 0))
       if overlay:
-        parts += ["<h3>Keypoints (test)</h3>", _img(overlay, "keypoint overlays")]
+        parts += ["<h3>Keypoints (test)</h3>", _img(assets.add("keypoints", overlay), "keypoint overlays")]
     else:
       grid, wrong, joined = misclassified(predictions, examples, class_names)
       parts.append("<h3>Misclassified test images</h3>")
-      parts.append(_img(grid, "misclassified test images") if grid else
+      parts.append(_img(assets.add("misclassified", grid), "misclassified test images") if grid else
                    f"<p>No misclassified image among the {joined} test images joined by id.</p>")
   shown = [examples[row["id"]]["image"] for row in predictions[:ACTIVATION_IMAGES]
            if row["id"] in examples]
   log(f"report {run_dir}: activation maps")
   activations, why = _activation_section(run_dir, run_config, shown)
   if activations:
-    parts += ["<h3>Backbone activation maps</h3>", _img(activations, "activation maps")]
+    parts += ["<h3>Backbone activation maps</h3>", _img(assets.add("activation_maps", activations), "activation maps")]
   elif why:
     notes.append(why)
   if notes:
@@ -443,7 +461,7 @@ def write_run_report(run_dir: str, *, log: Callable[[str], None] = print) -> str
     ValueError: not a finished run.
   """
   run_dir = run_dir.rstrip("/")
-  body = run_sections(run_dir, log=log)
+  body = run_sections(run_dir, Assets(run_dir), log=log)
   path = f"{run_dir}/{REPORT_NAME}"
   with tf.io.gfile.GFile(path, "w") as f:
     f.write(_page("headstart report", body))
@@ -472,7 +490,7 @@ def write_compare_report(out_dir: str, rows: Sequence[Mapping[str, Any]],
            "trained: those rows show what the architecture alone gives.</p>",
            _table(["#", "backbone", "dataset", "weights", "head", "metric", "test", "validation",
                    "seeds", "params", "train s", "examples/s"], table_rows),
-           _img(file_uri(f"{out_dir}/{compare.LEADERBOARD_PNG}"), "leaderboard chart"),
+           _img(compare.LEADERBOARD_PNG, "leaderboard chart"),
            "<h2>Cost ledger</h2>",
            "<pre>" + html.escape("\n".join(compare.ledger_lines(ledger))) + "</pre>",
            f"<p class='note'>{html.escape(ledger.get('method', ''))}</p>"]
@@ -484,7 +502,7 @@ def write_compare_report(out_dir: str, rows: Sequence[Mapping[str, Any]],
                  f"({html.escape(best['weights'])}) / {html.escape(best['head'])}, seed "
                  f"{best['seed']}</h2><p class='note'>Chosen by validation "
                  f"{html.escape(best['metric'])}.</p>")
-    parts.append(run_sections(best["run_dir"], log=log))
+    parts.append(run_sections(best["run_dir"], Assets(out_dir, prefix="best_"), log=log))
   path = f"{out_dir}/{REPORT_NAME}"
   with tf.io.gfile.GFile(path, "w") as f:
     f.write(_page("headstart compare", "\n".join(parts)))
