@@ -52,6 +52,17 @@ def _write_images(folder: pathlib.Path, count: int) -> pathlib.Path:
   return manifest
 
 
+def _tiny_backbone(input_size: int) -> keras.Model:
+  """A user backbone: two strided convolutions and a pool (a 8x8x16 map at 64 px)."""
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((input_size, input_size, 3))
+  x = keras.layers.Rescaling(1 / 255)(inputs)
+  x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
+  x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
+  x = keras.layers.MaxPooling2D(2)(x)
+  return keras.Model(inputs, x)
+
+
 @pytest.fixture(scope="session")
 def stages(tmp_path_factory):
   """(source manifest, image dataset, feature dataset) built by the real stage 1 and 2 jobs."""
@@ -64,13 +75,7 @@ def stages(tmp_path_factory):
   ingest.run(["--source", str(manifest), "--out", str(images), "--image-size", str(IMAGE_SIZE),
               "--splits", "train=60,val=20,test=20"])
   backbone = root / "tiny_backbone.keras"
-  keras.utils.set_random_seed(0)
-  inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
-  x = keras.layers.Rescaling(1 / 255)(inputs)
-  x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu")(x)
-  x = keras.layers.Conv2D(16, 3, strides=2, padding="same", activation="relu")(x)
-  x = keras.layers.MaxPooling2D(2)(x)
-  keras.Model(inputs, x).save(backbone)
+  _tiny_backbone(IMAGE_SIZE).save(backbone)
   extract.run(["--images", str(images), "--out", str(root / "features"),
                "--backbones", str(backbone)])
   index = json.loads((root / "features" / "index.json").read_text())
@@ -101,19 +106,43 @@ def test_train_writes_the_run_contract(conv_run, stages):
   assert list(history["epoch"]) == [0, 1, 2]
 
 
-def test_exported_model_reproduces_test_predictions(conv_run, stages, tmp_path):
-  manifest, _, _ = stages
-  out = tmp_path / "pred.csv"
+def _assert_reproduces_test_predictions(run_dir: pathlib.Path, manifest: pathlib.Path,
+                                        out: pathlib.Path) -> None:
   # The ingest manifest as --images: same ids as the dataset, so rows join with the test split.
-  summary = predict.predict_images(str(conv_run), str(manifest), str(out), batch_size=7)
+  summary = predict.predict_images(str(run_dir), str(manifest), str(out), batch_size=7)
   assert summary == {"rows": 40, "predicted": 40, "errors": 0, "out": str(out)}
   predicted = pd.read_csv(out).set_index("id")
-  expected = pd.read_csv(conv_run / "predictions_test.csv").set_index("id")
+  expected = pd.read_csv(run_dir / "predictions_test.csv").set_index("id")
   assert len(expected) > 0 and set(expected.index) <= set(predicted.index)
-  joined = expected.join(predicted, rsuffix="_new")
+  joined = expected.merge(predicted, left_index=True, right_index=True, suffixes=("", "_new"))
   assert (joined["label"] == joined["label_new"]).mean() >= 0.99
   for column in ("prob_disc", "prob_square"):
     assert (joined[column] - joined[f"{column}_new"]).abs().max() <= 0.02
+
+
+def test_exported_model_reproduces_test_predictions(conv_run, stages, tmp_path):
+  manifest, _, _ = stages
+  _assert_reproduces_test_predictions(conv_run, manifest, tmp_path / "pred.csv")
+
+
+def test_export_resizes_like_extraction_when_input_size_differs(stages, tmp_path):
+  """Features extracted at 48 px from 64 px images: the model's resize must match OpenCV's."""
+  from features import run as extract
+
+  manifest, images, _ = stages
+  backbone = tmp_path / "tiny48.keras"
+  _tiny_backbone(48).save(backbone)
+  extract.run(["--images", str(images), "--out", str(tmp_path / "features"),
+               "--backbones", str(backbone), "--input-size", "48"])
+  index = json.loads((tmp_path / "features" / "index.json").read_text())
+  features = tmp_path / "features" / index["datasets"][0]["dir"]
+  run_dir = tmp_path / "run"
+  training.train(str(features), "linear", str(run_dir),
+                 config_lib.override(config_lib.tiny(), {"train": {"epochs": 2}}), verbose=0)
+  _assert_reproduces_test_predictions(run_dir, manifest, tmp_path / "pred.csv")
+  model = keras.models.load_model(run_dir / "model.keras")
+  assert model.input_shape == (None, IMAGE_SIZE, IMAGE_SIZE, 3)
+  assert model.get_layer("resize_rows").output.shape[1] == 48
 
 
 def test_predict_on_a_folder_and_plain_keras_load(conv_run, stages, tmp_path):
