@@ -207,3 +207,30 @@ def test_payoff_compares_cached_and_end_to_end_rates(stages):
                           config=config_lib.tiny())
   assert result["cached"]["examples"] == result["end_to_end"]["examples"] > 0
   assert result["ratio"] > 0
+
+
+def test_keypoint_head_on_the_sample_faces_reports_source_pixels(tmp_path):
+  """Real keypoint ingest (the shipped synthetic faces): errors in stored and source pixels."""
+  from features import run as extract
+  from pipeline import run as ingest
+
+  source = pathlib.Path(__file__).resolve().parent.parent / "data" / "sample" / "keypoints.csv"
+  images = tmp_path / "images"
+  ingest.run(["--source", str(source), "--out", str(images), "--image-size", str(IMAGE_SIZE),
+              "--target-columns", "all", "--splits", "train=70,val=15,test=15"])
+  backbone = tmp_path / "tiny.keras"
+  _tiny_backbone(IMAGE_SIZE).save(backbone)
+  extract.run(["--images", str(images), "--out", str(tmp_path / "features"),
+               "--backbones", str(backbone)])
+  index = json.loads((tmp_path / "features" / "index.json").read_text())
+  features = tmp_path / "features" / index["datasets"][0]["dir"]
+  result = training.train(str(features), "keypoints", str(tmp_path / "run"),
+                          config_lib.override(config_lib.tiny(), {"train": {"epochs": 2}}),
+                          verbose=0)
+  test = result["test"]
+  assert result["task"] == "keypoints"
+  assert test["mae_px"] > 0 and test["mae_px_source"] > 0 and test["mae_px_mean_baseline"] > 0
+  header = (tmp_path / "run" / "predictions_test.csv").read_text().splitlines()[0]
+  assert header.startswith("id,x0,y0,x1,y1")
+  summary = predict.predict_images(str(tmp_path / "run"), str(source), str(tmp_path / "p.csv"))
+  assert summary["predicted"] == 48

@@ -387,3 +387,20 @@ def test_export_resize_matches_opencv_uint8(size_in, size_out, method, max_misma
   got = model.predict(image[None].astype(np.float32), verbose=0)[0]
   difference = np.abs(got - expected.astype(np.float32))
   assert difference.max() <= 1.0 and (difference > 0).mean() <= max_mismatch
+
+
+def test_views_flag_trains_on_augmented_views_too(binary_dir, tmp_path):
+  plain = training.train(str(binary_dir), "linear", str(tmp_path / "a"), tiny(epochs=1),
+                         verbose=0)
+  with_views = training.train(str(binary_dir), "linear", str(tmp_path / "b"),
+                              tiny(epochs=1, views=True), verbose=0)
+  assert plain["num_train_examples"] == 24 and with_views["num_train_examples"] == 48
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+  import headstart
+
+  code = headstart.main(["train", "--features", str(tmp_path), "--head", "linear",
+                         "--out", str(tmp_path / "run")])
+  error = capsys.readouterr().err.strip()
+  assert code == 2 and "\n" not in error and "no manifest.json" in error
