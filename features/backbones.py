@@ -19,6 +19,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # Channel means of Keras' "caffe" mode, in BGR order (keras.applications.imagenet_utils).
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 _KERAS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/"
+CALIBRATION_IMAGES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +173,8 @@ def build_base(backbone: str, input_size: int, *, weights_file: str | None = Non
     input_size: square input side in pixels.
     weights_file: local weights file loaded into the model (`.weights.h5` or Keras' legacy
       `.h5`); None leaves the random initialisation.
-    seed: seeds the random initialisation (`--weights none`), so a rebuild is identical.
+    seed: seeds the random initialisation (`--weights none`), so a rebuild is identical; the
+      BatchNorm statistics are then calibrated (see `calibrate_batchnorm`).
     precision: Keras dtype policy the layers are built with.
 
   Raises:
@@ -192,8 +194,37 @@ def build_base(backbone: str, input_size: int, *, weights_file: str | None = Non
         include_top=False, weights=None, input_shape=(input_size, input_size, 3))
     if weights_file:
       base.load_weights(weights_file)
+    elif seed is not None:
+      calibrate_batchnorm(base, spec.preprocess, input_size, seed)
   base.trainable = False
   return base
+
+
+def calibrate_batchnorm(base: Any, preprocess: str, input_size: int, seed: int) -> None:
+  """Sets every BatchNorm's moving mean/variance from one pass over seeded noise images.
+
+  Freshly initialised BatchNorm (mean 0, variance 1) lets activations shrink layer after layer:
+  random MobileNetV2 ends at ~1e-12, which float16 maps store as all zeros. One training-mode
+  pass with momentum 0 over uniform-noise images (no data involved, same seed -> same numbers)
+  gives O(1) activations, so random weights are a usable baseline. Models without BatchNorm
+  (VGG) are unchanged.
+  """
+  import keras
+  import numpy as np
+  norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+  if not norms:
+    return
+  images = np.random.default_rng(seed).uniform(
+      0, 255, (CALIBRATION_IMAGES, input_size, input_size, 3)).astype(np.float32)
+  for layer in preprocess_layers(preprocess):
+    images = layer(images)
+  momenta = [layer.momentum for layer in norms]
+  for layer in norms:
+    layer.momentum = 0.0
+  base.trainable = True  # frozen BatchNorm ignores training=True in Keras 3
+  base(images, training=True)
+  for layer, momentum in zip(norms, momenta):
+    layer.momentum = momentum
 
 
 def load_user_model(path: str, precision: str = "float32") -> Any:

@@ -9,6 +9,7 @@ per-image `predict`.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -134,13 +135,25 @@ class _LoadedBackbones:
 
     from features import forward as forward_lib
     self.forwards = {}
-    for job in jobs:
-      function = forward_lib.load_forward(job, jit_compile=jit_compile)
-      # Trace (and XLA-compile, at the one padded batch shape) now, so per-batch timings and
-      # the first bundle do not carry the one-off compilation.
-      warmup = batch_size if jit_compile else 1
-      function(tf.zeros((warmup, job.input_size, job.input_size, 3), tf.uint8))
-      self.forwards[job.tag] = function
+    # One tf.function per backbone, each traced once: TF's "N calls triggered retracing"
+    # warning counts these as retraces of one function, so it is muted while warming up.
+    retracing_filter = _DropRetracingWarnings()
+    tf.get_logger().addFilter(retracing_filter)
+    try:
+      for job in jobs:
+        function = forward_lib.load_forward(job, jit_compile=jit_compile)
+        # Trace (and XLA-compile, at the one padded batch shape) now, so per-batch timings and
+        # the first bundle do not carry the one-off compilation.
+        warmup = batch_size if jit_compile else 1
+        function(tf.zeros((warmup, job.input_size, job.input_size, 3), tf.uint8))
+        self.forwards[job.tag] = function
+    finally:
+      tf.get_logger().removeFilter(retracing_filter)
+
+
+class _DropRetracingWarnings(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "triggered tf.function retracing" not in record.getMessage()
 
 
 class RunBackbonesFn(beam.DoFn):
