@@ -21,11 +21,12 @@ were extracted from), once, as the no-transfer baseline; its row's backbone is
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -366,12 +367,12 @@ def ledger_lines(ledger: Mapping[str, Any]) -> list[str]:
   for b in ledger["backbones"]:
     rate = b["forward_images_per_second"]
     lines.append(f"- extraction {b['dataset']} ({b['backbone']}, {b['weights']}): "
-                 f"{_fmt(b['extraction_seconds'], 1)} s once for {b['images']} images "
-                 f"(forward {_fmt(rate, 1)} images/s)")
-  lines.append(f"- heads: {totals['runs']} runs, {_fmt(totals['head_seconds'], 1)} s")
-  lines.append(f"- cached total: {_fmt(totals['cached_seconds'], 1)} s; backbone in every epoch: "
-               f"{_fmt(totals['backbone_every_epoch_seconds'], 1)} s; speed-up "
-               f"{_fmt(totals['speedup'], 1)}x")
+                 f"{fmt(b['extraction_seconds'], 1)} s once for {b['images']} images "
+                 f"(forward {fmt(rate, 1)} images/s)")
+  lines.append(f"- heads: {totals['runs']} runs, {fmt(totals['head_seconds'], 1)} s")
+  lines.append(f"- cached total: {fmt(totals['cached_seconds'], 1)} s; backbone in every epoch: "
+               f"{fmt(totals['backbone_every_epoch_seconds'], 1)} s; speed-up "
+               f"{fmt(totals['speedup'], 1)}x")
   return lines
 
 
@@ -379,7 +380,8 @@ def ledger_lines(ledger: Mapping[str, Any]) -> list[str]:
 # Output files
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def fmt(value: Any, digits: int = 3) -> str:
+  """A number for tables: fixed digits, `-` for missing."""
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "-"
   if isinstance(value, float):
@@ -388,7 +390,6 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-  import csv
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
   writer.writeheader()
@@ -397,7 +398,8 @@ def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
   return buffer.getvalue()
 
 
-def _score_text(mean: float | None, std: float | None) -> str:
+def score_text(mean: float | None, std: float | None) -> str:
+  """`mean ± std`, or just the mean when one seed leaves the std undefined."""
   if mean is None:
     return "-"
   return f"{mean:.3f} ± {std:.3f}" if std is not None else f"{mean:.3f}"
@@ -412,10 +414,10 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     metric = row["metric"] + (" (lower is better)" if row["better"] == "lower" else "")
     lines.append("| " + " | ".join([
         str(row["rank"]), f"{row['backbone']} ({row['dataset']})", row["weights"], row["head"],
-        metric, _score_text(row["test_mean"], row["test_std"]),
-        _score_text(row["val_mean"], row["val_std"]), str(row["seeds"]),
+        metric, score_text(row["test_mean"], row["test_std"]),
+        score_text(row["val_mean"], row["val_std"]), str(row["seeds"]),
         f"{row['params']:,}" if row["params"] is not None else "-",
-        _fmt(row["train_seconds_mean"], 1), _fmt(row["examples_per_second_mean"], 0)]) + " |")
+        fmt(row["train_seconds_mean"], 1), fmt(row["examples_per_second_mean"], 0)]) + " |")
   return "\n".join(lines)
 
 
@@ -450,6 +452,24 @@ def plot_leaderboard(rows: Sequence[Mapping[str, Any]], path: str) -> None:
     f.write(buffer.getvalue())
 
 
+def _check_same_settings(run_dir: str, run_config: config_lib.Config) -> None:
+  """Refuses to reuse a finished cell trained with other hyperparameters (say, other epochs).
+
+  Raises:
+    ValueError: the stored `config.json` differs from what this grid would train.
+  """
+  stored = _read_json(f"{run_dir}/config.json")
+  # A JSON round trip turns tuples into lists, as they are stored.
+  wanted = json.loads(json.dumps(config_lib.to_dict(run_config)))
+  for section in ("train", "head"):
+    if stored.get(section) != wanted[section]:
+      changed = sorted(key for key in wanted[section]
+                       if stored.get(section, {}).get(key) != wanted[section][key])
+      raise ValueError(f"{run_dir!r} was trained with other {section} settings "
+                       f"({', '.join(changed)}); use a new --out for a grid with different "
+                       "settings")
+
+
 @dataclasses.dataclass(frozen=True)
 class CompareResult:
   """What `compare` wrote; rows are the leaderboard, seed_rows the per-seed runs."""
@@ -466,7 +486,7 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
             backbones: Sequence[str] | None = None, epochs: int | None = None,
             config: config_lib.Config | None = None,
             pairs: Iterable[tuple[str, str]] | None = None, report: bool = True,
-            verbose: int = 0, log=print) -> CompareResult:
+            verbose: int = 0, log: Callable[[str], None] = print) -> CompareResult:
   """Trains the grid (skipping finished seeds) and writes leaderboards, ledger and report.
 
   Args:
@@ -505,12 +525,13 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
   for index, (cell, seed) in enumerate(((c, s) for c in cells for s in range(seeds)), start=1):
     run_dir = cell_dir(out_dir, cell, seed)
     metrics_path = f"{run_dir}/{training.METRICS_NAME}"
+    run_config = config_lib.override(base, {"train": {"seed": seed}})
     if tf.io.gfile.exists(metrics_path):
+      _check_same_settings(run_dir, run_config)
       log(f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}: finished earlier, skipped")
       result = _read_json(metrics_path)
     else:
       log(f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}: training")
-      run_config = config_lib.override(base, {"train": {"seed": seed}})
       result = training.train(cell.data_dir, cell.head, run_dir, run_config, verbose=verbose)
     seed_rows.append(seed_row(cell, seed, run_dir, result))
   rows = aggregate(seed_rows)

@@ -82,7 +82,7 @@ def prepare_image(data: bytes, settings: dict[str, Any]) -> np.ndarray:
   Raises:
     pipeline.image_decode.ImageError: the bytes are not a usable image.
   """
-  background = tuple(settings.get("background") or settings.get("pad_color") or (255, 255, 255))
+  background = tuple(settings.get("background") or (255, 255, 255))
   decoded = image_decode.decode_and_resize(
       data, size=int(settings["image_size"]), resize=settings.get("resize") or "stretch",
       background=background)

@@ -386,10 +386,12 @@ def run_sections(run_dir: str, assets: Assets, *, log: Callable[[str], None] = p
   run_config, result = load_run(run_dir)
   task = result.get("task", run_config.get("task"))
   class_names = result.get("class_names") or run_config.get("class_names") or []
+  weights = ("scratch" if run_config.get("dataset_kind") == "images"
+             else str(result.get("weights_kind")))
   parts = [f"<h2>Run {html.escape(run_dir)}</h2>",
            f"<p>head <b>{html.escape(str(result.get('head')))}</b> on backbone "
            f"<b>{html.escape(str(result.get('backbone')))}</b>, weights "
-           f"{_weights_text('scratch' if run_config.get('dataset_kind') == 'images' else str(result.get('weights_kind')))}; "
+           f"{_weights_text(weights)}; "
            f"{result.get('params')} head "
            f"parameters, {result.get('epochs')} epochs, "
            f"{(result.get('train_seconds') or 0):.1f} s training.</p>"]
@@ -407,7 +409,8 @@ def run_sections(run_dir: str, assets: Assets, *, log: Callable[[str], None] = p
 
   curves = learning_curves(_read_csv(f"{run_dir}/history.csv"), task)
   if curves:
-    parts += ["<h3>Learning curves</h3>", _img(assets.add("learning_curves", curves), "learning curves")]
+    parts += ["<h3>Learning curves</h3>",
+              _img(assets.add("learning_curves", curves), "learning curves")]
   confusion = (result.get("test") or {}).get("confusion_matrix")
   if confusion and class_names:
     parts += ["<h3>Confusion matrix (test)</h3>", _img(
@@ -428,7 +431,8 @@ def run_sections(run_dir: str, assets: Assets, *, log: Callable[[str], None] = p
     if task == "keypoints":
       overlay = keypoint_overlays(predictions, examples, int(run_config.get("num_keypoints") or 0))
       if overlay:
-        parts += ["<h3>Keypoints (test)</h3>", _img(assets.add("keypoints", overlay), "keypoint overlays")]
+        parts += ["<h3>Keypoints (test)</h3>",
+                  _img(assets.add("keypoints", overlay), "keypoint overlays")]
     else:
       grid, wrong, joined = misclassified(predictions, examples, class_names)
       parts.append("<h3>Misclassified test images</h3>")
@@ -439,7 +443,8 @@ def run_sections(run_dir: str, assets: Assets, *, log: Callable[[str], None] = p
   log(f"report {run_dir}: activation maps")
   activations, why = _activation_section(run_dir, run_config, shown)
   if activations:
-    parts += ["<h3>Backbone activation maps</h3>", _img(assets.add("activation_maps", activations), "activation maps")]
+    parts += ["<h3>Backbone activation maps</h3>",
+              _img(assets.add("activation_maps", activations), "activation maps")]
   elif why:
     notes.append(why)
   if notes:
@@ -480,10 +485,10 @@ def write_compare_report(out_dir: str, rows: Sequence[Mapping[str, Any]],
   from heads import compare
   out_dir = out_dir.rstrip("/")
   table_rows = [[r["rank"], r["backbone"], r["dataset"], r["weights"], r["head"], r["metric"],
-                 compare._score_text(r["test_mean"], r["test_std"]),
-                 compare._score_text(r["val_mean"], r["val_std"]), r["seeds"], r["params"],
-                 compare._fmt(r["train_seconds_mean"], 1),
-                 compare._fmt(r["examples_per_second_mean"], 0)] for r in rows]
+                 compare.score_text(r["test_mean"], r["test_std"]),
+                 compare.score_text(r["val_mean"], r["val_std"]), r["seeds"], r["params"],
+                 compare.fmt(r["train_seconds_mean"], 1),
+                 compare.fmt(r["examples_per_second_mean"], 0)] for r in rows]
   parts = ["<h2>Leaderboard</h2>",
            "<p class='note'>One row per (feature dataset, head); mean ± sample std over seeds. "
            "Weights <span class='random'>none (random init)</span> mean the backbone was never "

@@ -72,7 +72,8 @@ def _evenly_spaced(rows: list[list[str]], count: int) -> list[list[str]]:
   return [rows[(index * len(rows)) // count] for index in range(count)]
 
 
-def prepare_sample(sample: Mapping[str, Any], repo_root: pathlib.Path, out: str) -> tuple[str, list[str]]:
+def prepare_sample(sample: Mapping[str, Any], repo_root: pathlib.Path,
+                   out: str) -> tuple[str, list[str]]:
   """Writes the tiny variant's source (a CSV subset or a split tree) under `out/source`.
 
   Returns:
@@ -130,10 +131,13 @@ class Check:
 
   def line(self) -> str:
     value = "-" if self.measured is None else f"{self.measured:.4f}"
-    return f"{'PASS' if self.passed else 'FAIL'}  {self.description}: {value} (expected {self.expected})"
+    """`PASS  <cell> <split> <metric>: <measured> (expected ...)`."""
+    verdict = "PASS" if self.passed else "FAIL"
+    return f"{verdict}  {self.description}: {value} (expected {self.expected})"
 
 
-def find_cell(rows: Sequence[Mapping[str, Any]], spec: Mapping[str, Any]) -> Mapping[str, Any] | None:
+def find_cell(rows: Sequence[Mapping[str, Any]],
+              spec: Mapping[str, Any]) -> Mapping[str, Any] | None:
   """The leaderboard row matching `backbone`, `head` and (optionally) `weights` of `spec`."""
   for row in rows:
     if row["head"] != spec["head"]:

@@ -91,7 +91,8 @@ def image_settings(spec: reader.DatasetSpec) -> dict[str, Any]:
       "image_size": manifest.get("image_size"),
       "resize": manifest.get("resize", "stretch"),
       "format": manifest.get("format"),
-      "pad_color": manifest.get("pad_color"),
+      # Ingest records the pad colour as `background`; CONTRACTS.md calls it `pad_color`.
+      "background": manifest.get("background") or manifest.get("pad_color"),
   }
 
 
@@ -301,6 +302,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   Raises:
     ValueError: bad head/dataset combination, no train split, missing manifest.
   """
+  started = time.perf_counter()
   out_dir = out_dir.rstrip("/")
   kind = zoo.input_kind(head)
   if sweep_l2 and head != "linear":
@@ -386,6 +388,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     notes.append(f"model.keras not exported: {error}")
     logging.warning("model.keras not exported: %s", error)
   result["notes"] = notes
+  result["wall_seconds"] = time.perf_counter() - started   # sweep, fit, evaluation and export
   dataset_io.write_json(f"{out_dir}/{METRICS_NAME}", result)
   return result
 

@@ -351,9 +351,11 @@ def test_train_cli_flags_override_config_file(multiclass_dir, tmp_path, capsys):
                               "head": config_lib.to_dict(config_lib.tiny())["head"]}))
   out = tmp_path / "run"
   assert run.train_main(["--features", str(multiclass_dir), "--head", "mlp", "--out", str(out),
-                         "--config", str(path), "--epochs", "1", "--quiet"]) == 0
+                         "--config", str(path), "--epochs", "1", "--class-weights", "balanced",
+                         "--quiet"]) == 0
   saved = json.loads((out / "config.json").read_text())
   assert saved["train"]["epochs"] == 1 and saved["train"]["batch_size"] == 4
+  assert saved["train"]["class_weight"] == "balanced"
   assert json.loads(capsys.readouterr().out.splitlines()[0])["head"] == "mlp"
 
 
