@@ -96,10 +96,11 @@ def image_settings(spec: reader.DatasetSpec) -> dict[str, Any]:
   }
 
 
-def _optimizer(config: Config, steps_per_epoch: int, learning_rate: float | None = None):
+def _optimizer(config: Config, steps_per_epoch: int):
   train = config.train
-  rate = learning_rate or train.learning_rate
+  rate = train.learning_rate
   if train.lr_decay:
+    # Decays by lr_decay_rate once per epoch (Keras counts optimizer steps).
     rate = keras.optimizers.schedules.ExponentialDecay(
         rate, decay_steps=max(steps_per_epoch, 1), decay_rate=train.lr_decay_rate)
   return {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
@@ -285,6 +286,36 @@ def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind:
   return result
 
 
+def _pick_l2(spec: reader.DatasetSpec, kind: str, train_records: tf.data.Dataset,
+             config: Config) -> tuple[Config, list[dict[str, Any]]]:
+  """Runs the L2 sweep on in-memory features; returns the config with the chosen strength."""
+  if "validation" not in spec.splits:
+    raise ValueError("--sweep needs a validation split to pick the L2 strength; "
+                     f"{spec.data_dir!r} has none")
+  train_arrays = reader.load_arrays(train_records)
+  val_arrays = reader.load_arrays(reader.read_split(spec, "validation", input_kind=kind))
+  best_l2, rows = sweep.sweep_l2(
+      train_arrays["x"], train_arrays["y"], val_arrays["x"], val_arrays["y"], task=spec.task,
+      num_outputs=spec.num_outputs, grid=config.train.sweep_grid,
+      steps=config.train.sweep_steps, seed=config.train.seed)
+  return dataclasses.replace(config, head=dataclasses.replace(config.head, l2=best_l2)), rows
+
+
+def _check_run_dir(out_dir: str, spec: reader.DatasetSpec, head: str) -> None:
+  """Refuses to resume or overwrite a run directory with other features or another head."""
+  previous = f"{out_dir}/{CONFIG_NAME}"
+  if not tf.io.gfile.exists(previous):
+    return
+  with tf.io.gfile.GFile(previous, "r") as f:
+    saved = json.load(f)
+  # A run directory belongs to one feature set: resuming or overwriting it with other features
+  # would mix checkpoints and metrics of two different inputs.
+  reader.check_cache_key(spec, saved.get("cache_key", ""), out_dir)
+  if tf.io.gfile.exists(f"{out_dir}/{BACKUP_DIR}") and saved.get("head_name") != head:
+    raise ValueError(f"run {out_dir!r} holds an unfinished {saved.get('head_name')!r} head; "
+                     f"resume it with --head {saved.get('head_name')} or use a new --out")
+
+
 def train(features_dir: str, head: str, out_dir: str, config: Config = Config(), *,
           sweep_l2: bool = False, callbacks: Sequence[keras.callbacks.Callback] = (),
           verbose: int = 2) -> dict[str, Any]:
@@ -311,12 +342,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   if "train" not in spec.splits:
     raise dataset_io.DatasetError(f"dataset {spec.data_dir!r} has no train split (it has "
                                   f"{', '.join(spec.splits)}); nothing to train on")
-  previous = f"{out_dir}/{CONFIG_NAME}"
-  if tf.io.gfile.exists(previous):
-    with tf.io.gfile.GFile(previous, "r") as f:
-      # A run directory belongs to one feature set: resuming or overwriting it with other
-      # features would mix checkpoints and metrics of two different inputs.
-      reader.check_cache_key(spec, json.load(f).get("cache_key", ""), out_dir)
+  _check_run_dir(out_dir, spec, head)
   notes = [f"no {split} split in the dataset: not evaluated"
            for split in ("validation", "test") if split not in spec.splits]
   has_validation = "validation" in spec.splits
@@ -327,16 +353,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
 
   sweep_rows = None
   if sweep_l2:
-    if not has_validation:
-      raise ValueError("--sweep needs a validation split to pick the L2 strength; "
-                       f"{spec.data_dir!r} has none")
-    train_arrays = reader.load_arrays(train_records)
-    val_arrays = reader.load_arrays(reader.read_split(spec, "validation", input_kind=kind))
-    best_l2, sweep_rows = sweep.sweep_l2(
-        train_arrays["x"], train_arrays["y"], val_arrays["x"], val_arrays["y"], task=spec.task,
-        num_outputs=spec.num_outputs, grid=config.train.sweep_grid,
-        steps=config.train.sweep_steps, seed=config.train.seed)
-    config = dataclasses.replace(config, head=dataclasses.replace(config.head, l2=best_l2))
+    config, sweep_rows = _pick_l2(spec, kind, train_records, config)
 
   run_config = {**to_dict(config), "head_name": head, "features": spec.data_dir,
                 "dataset_kind": spec.kind, "task": spec.task, "class_names": list(spec.class_names),

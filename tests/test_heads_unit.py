@@ -302,6 +302,8 @@ def test_interrupted_run_resumes_from_its_last_epoch(multiclass_dir, tmp_path):
     training.train(str(multiclass_dir), "linear", str(out), config, verbose=0,
                    callbacks=[_Interrupt(after_epoch=2)])
   assert (out / "backup").exists()
+  with pytest.raises(ValueError, match="unfinished 'linear' head"):
+    training.train(str(multiclass_dir), "mlp", str(out), config, verbose=0)
   result = training.train(str(multiclass_dir), "linear", str(out), config, verbose=0)
   assert result["resumed"] is True
   assert result["epochs_this_session"] < 4
