@@ -1,6 +1,6 @@
 """17 celebrities from a train/val folder tree: a from-scratch CNN vs frozen backbones.
 
-    headstart reproduce configs/celebrity17.py --source DATA/celebrities   # root/{train,val}/<name>/
+    headstart reproduce configs/celebrity17.py --source DATA/celebrities   # {train,val}/<name>/
     headstart reproduce configs/celebrity17.py --tiny      # CI, data/sample emoji tree, ~20 s
 
 Published: a Keras face-recognition tutorial (figures as summarised in the project's issue 6; the

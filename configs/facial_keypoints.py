@@ -1,7 +1,7 @@
 """68 facial keypoints at 224 px: frozen VGG16 7x7x512 maps -> 136 outputs, MAE loss.
 
     headstart reproduce configs/facial_keypoints.py --source DATA/keypoints/manifest.csv
-    headstart reproduce configs/facial_keypoints.py --tiny    # CI, data/sample synthetic faces, ~20 s
+    headstart reproduce configs/facial_keypoints.py --tiny    # CI, data/sample faces, ~20 s
 
 Published: V Kishore Ayyadevara, "Neural Networks with Keras Cookbook" (Packt, 2019), chapter
 "Transfer Learning", section "Detecting the key points within image of a face": 224x224 face

@@ -428,7 +428,8 @@ def plot_leaderboard(rows: Sequence[Mapping[str, Any]], path: str) -> None:
   import matplotlib.pyplot as plt
 
   shown = [row for row in rows if row["test_mean"] is not None] or list(rows)
-  labels = [f"{r['backbone']} [{r['weights']}] / {r['head']}" for r in shown]
+  labels = ["from-scratch CNN (no backbone)" if r["head"] == "scratch"
+            else f"{r['backbone']} [{r['weights']}] / {r['head']}" for r in shown]
   means = [r["test_mean"] or 0.0 for r in shown]
   stds = [r["test_std"] or 0.0 for r in shown]
   figure, axes = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.4))
@@ -442,8 +443,8 @@ def plot_leaderboard(rows: Sequence[Mapping[str, Any]], path: str) -> None:
   metric = shown[0]["metric"] if shown else "metric"
   axes.set_xlabel(f"test {metric} (mean ± std over seeds)"
                   + ("; lower is better" if shown and shown[0]["better"] == "lower" else ""))
-  axes.set_title("headstart compare: orange hatched = not ImageNet weights (random init / "
-                 "scratch / file)", fontsize=8)
+  axes.set_title("blue: ImageNet weights; orange hatched: random init, scratch or file",
+                 fontsize=8)
   figure.tight_layout()
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", dpi=110)

@@ -443,7 +443,7 @@ def run_sections(run_dir: str, assets: Assets, *, log: Callable[[str], None] = p
   log(f"report {run_dir}: activation maps")
   activations, why = _activation_section(run_dir, run_config, shown)
   if activations:
-    parts += ["<h3>Backbone activation maps</h3>",
+    parts += ["<h3>Activation maps</h3>",
               _img(assets.add("activation_maps", activations), "activation maps")]
   elif why:
     notes.append(why)

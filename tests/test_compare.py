@@ -164,7 +164,7 @@ def test_exactly_one_self_contained_report(grid):
     assert (out / source).read_bytes()[:4] == b"\x89PNG"
   assert "http://" not in text and "https://" not in text
   for heading in ("Leaderboard", "Cost ledger", "Learning curves", "Confusion matrix",
-                  "Backbone activation maps"):
+                  "Activation maps"):
     assert heading in text
   assert "none (random init)" in text
 
@@ -179,6 +179,13 @@ def test_rerun_skips_finished_cells_and_prints_leaderboard(grid, feature_dir, ca
   assert printed.count("finished earlier, skipped") == 14
   assert "| # | backbone |" in printed and "speed-up" in printed
   assert (out / "leaderboard_seeds.csv").read_text() == before
+
+
+def test_rerun_with_other_settings_is_refused(grid, feature_dir):
+  out, _, _ = grid
+  with pytest.raises(ValueError, match="other train settings \\(epochs\\)"):
+    compare.compare(str(feature_dir), ["linear"], str(out), seeds=1, epochs=3,
+                    config=config_lib.tiny(), report=False, log=lambda line: None)
 
 
 def test_report_on_one_run(grid):
