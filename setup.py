@@ -35,7 +35,6 @@ setuptools.setup(
                                                "heads", "heads.*"]),
     py_modules=["headstart"],
     package_data={"features": ["weights/*.h5", "weights/*.md"]},
-    include_package_data=True,
     install_requires=REQUIRED_PACKAGES,
     extras_require={
         "gcp": ["apache-beam[gcp,tfrecord]==2.77.0"],
