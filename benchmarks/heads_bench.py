@@ -1,0 +1,157 @@
+"""R5 (caching pay-off) and R6 (head input efficiency).
+
+    python -m benchmarks --quick        # R5/R6 lines
+
+R5: one epoch of the same head trained end to end through the frozen backbone (images read by
+`heads.reader`, backbone rebuilt by `features.backbones.load_backbone_for_features`) over one
+epoch trained from the cached features (`heads.reader` -> `make_for_train`). Both are timed on
+their second epoch (the first traces the graph and fills the cache); the end-to-end epoch runs
+on a subset of the train split and is compared per example.
+R6: head-training examples/s through the real tf.data pipeline over the same features
+preloaded as in-memory arrays (`model.fit(x, y)`), from the second epoch on.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+
+from benchmarks import measure
+
+R5_HEADS = ("gap_dense", "conv")
+
+
+class _EpochSeconds:
+  """Keras callback factory: wall seconds per epoch (keras imported lazily)."""
+
+  @staticmethod
+  def make():
+    import keras
+
+    class EpochSeconds(keras.callbacks.Callback):
+      def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+      def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+      def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+    return EpochSeconds()
+
+
+def _compiled_head(head: str, spec: Any, *, backbone: Any = None) -> Any:
+  """The zoo head (default config) compiled like `headstart train`; optionally after a backbone."""
+  import keras
+
+  from heads import config as config_lib
+  from heads import training, zoo
+  keras.utils.set_random_seed(0)
+  model = zoo.build_head(head, spec, config_lib.HeadConfig())
+  if backbone is not None:
+    inputs = keras.Input(backbone.input_shape[1:], name="image")
+    model = keras.Model(inputs, model(backbone(inputs, training=False)), name=f"e2e_{head}")
+  training.compile_head(model, spec.task, keras.optimizers.Adam(1e-3))
+  return model
+
+
+def _fit_epoch_seconds(model: Any, dataset: Any, epochs: int, **fit_args) -> list[float]:
+  timer = _EpochSeconds.make()
+  fit_args.setdefault("shuffle", False)  # tf.data inputs shuffle themselves
+  model.fit(dataset, epochs=epochs, verbose=0, callbacks=[timer], **fit_args)
+  return timer.seconds
+
+
+def reader_train_dataset(spec: Any, input_kind: str, batch_size: int, limit: int | None = None
+                         ) -> tuple[Any, int]:
+  """The real `headstart train` input: read_split -> (take) -> make_for_train; and its size."""
+  from heads import reader
+  records = reader.read_split(spec, "train", input_kind=input_kind)
+  count = reader.count_examples(spec, "train")
+  if limit is not None and limit < count:
+    records, count = records.take(limit), limit
+  return reader.make_for_train(records, batch_size=batch_size, shuffle_buffer=10_000, seed=0,
+                               num_examples=count), count
+
+
+def cached_epoch_seconds_per_example(feature_dir: str, head: str, batch_size: int,
+                                     epochs: int) -> tuple[float, list[float], int]:
+  """Median seconds per example of epochs 2.. training `head` from the cached features."""
+  if epochs < 2:
+    raise ValueError(f"epochs must be >= 2 (the first epoch fills the cache), got {epochs!r}")
+  from heads import reader
+  spec = reader.load_spec(feature_dir)
+  dataset, count = reader_train_dataset(spec, "map", batch_size)
+  seconds = _fit_epoch_seconds(_compiled_head(head, spec), dataset, epochs)
+  return statistics.median(seconds[1:]) / count, seconds, count
+
+
+def end_to_end_seconds_per_example(feature_dir: str, head: str, batch_size: int,
+                                   images: int) -> tuple[float, list[float], int]:
+  """Seconds per example of the second epoch training `head` through the frozen backbone."""
+  from features import backbones
+  from heads import reader
+  spec = reader.load_spec(feature_dir)
+  backbone = backbones.load_backbone_for_features(feature_dir, spec.manifest)
+  backbone.trainable = False
+  image_spec = reader.load_spec(spec.manifest["image_dataset"])
+  dataset, count = reader_train_dataset(image_spec, "image", batch_size, limit=images)
+  seconds = _fit_epoch_seconds(_compiled_head(head, spec, backbone=backbone), dataset, 2)
+  return seconds[1] / count, seconds, count
+
+
+def r5(feature_dir: str, *, batch_size: int, e2e_images: int, cached_epochs: int,
+       input_size: int, quick: bool) -> measure.Ratio:
+  """R5 judged on `gap_dense`; `conv` reported in details."""
+  per_head = {}
+  for head in R5_HEADS:
+    e2e, e2e_epochs, e2e_count = end_to_end_seconds_per_example(feature_dir, head, batch_size,
+                                                                e2e_images)
+    cached, cached_epochs_s, cached_count = cached_epoch_seconds_per_example(
+        feature_dir, head, batch_size, cached_epochs)
+    per_head[head] = {"end_to_end_examples_per_second": 1 / e2e,
+                      "cached_examples_per_second": 1 / cached, "ratio": e2e / cached,
+                      "end_to_end_epoch_seconds": e2e_epochs, "end_to_end_examples": e2e_count,
+                      "cached_epoch_seconds": cached_epochs_s, "cached_examples": cached_count}
+  gap = per_head["gap_dense"]
+  return measure.Ratio(
+      "R5", "caching pay-off (VGG16, gap_dense)", gap["ratio"],
+      measure.Figure(f"cached-feature epoch (VGG16@{input_size} maps)",
+                     gap["cached_examples_per_second"], "ex/s"),
+      measure.Figure("end-to-end epoch through frozen VGG16", gap["end_to_end_examples_per_second"],
+                     "ex/s"),
+      200.0, ">=", details=per_head,
+      notes=("ratio of epoch times per example (second epochs); "
+             + (f"--quick uses {input_size}px input (full run: 300px)" if quick else
+                f"{input_size}px input")))
+
+
+def r6(feature_dir: str, *, head: str, batch_size: int, epochs: int) -> measure.Ratio:
+  """R6: reader pipeline vs preloaded arrays, same head, epochs 2.. (epoch 1 in details)."""
+  if epochs < 2:
+    raise ValueError(f"epochs must be >= 2, got {epochs!r}")
+  from heads import reader, zoo
+  spec = reader.load_spec(feature_dir)
+  kind = zoo.input_kind(head)
+  dataset, count = reader_train_dataset(spec, kind, batch_size)
+  real = _fit_epoch_seconds(_compiled_head(head, spec), dataset, epochs)
+  arrays = reader.load_arrays(reader.read_split(spec, "train", input_kind=kind))
+  memory = _fit_epoch_seconds(_compiled_head(head, spec), arrays["x"], epochs, y=arrays["y"],
+                              batch_size=batch_size, shuffle=True)
+  real_rate = count / statistics.median(real[1:])
+  memory_rate = len(arrays["x"]) / statistics.median(memory[1:])
+  return measure.Ratio(
+      "R6", f"head input efficiency ({head})", real_rate / memory_rate,
+      measure.Figure("heads.reader pipeline", real_rate, "ex/s"),
+      measure.Figure("preloaded in-memory arrays", memory_rate, "ex/s"),
+      0.95, ">=",
+      details={"examples": count, "epoch_seconds_reader": real, "epoch_seconds_memory": memory,
+               "epoch1_ratio": (count / real[0]) / (len(arrays["x"]) / memory[0]),
+               "feature_map_shape": list(spec.feature_map_shape or ())},
+      notes=f"median of epochs 2..{epochs}, batch {batch_size}")
+
+

@@ -1,0 +1,213 @@
+"""The benchmark run: every ratio R1-R7 plus peak RSS, one line each, and a JSON record.
+
+    python -m benchmarks --quick --json out/bench.json     # < 5 min on 2 cores
+    python -m benchmarks --json out/bench_full.json        # full sizes (VGG16@300, 5000 images)
+
+Order matters only for reuse: the ingest memory runs produce the image datasets the extract
+memory runs read, and those produce the feature datasets R6 and R7 use; the VGG16 extract runs
+of R1 produce the datasets R5 uses.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+from typing import Any
+
+# TensorFlow's C++ start-up notes would interleave with the ratio lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from benchmarks import extract_bench, heads_bench, images, ingest_bench, measure, storage_bench  # noqa: E402
+
+# Peak RSS counts as flat when the larger dataset grows it by at most this fraction.
+FLAT_RSS_TOLERANCE = 0.10
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteConfig:
+  """Sizes of one run; `quick()` fits 5 minutes on 2 cores, `full()` uses the reference sizes."""
+  quick: bool
+  source_sizes: tuple[tuple[int, int], ...]
+  ingest_size: int
+  memory_sizes: tuple[int, int]
+  ingest_runs: tuple[ingest_bench.IngestRun, ...]
+  mobilenet_size: int
+  vgg_size: int
+  vgg_source_size: tuple[int, int]
+  vgg_counts: tuple[int, int]
+  batch_size: int
+  naive_count: int
+  bare_seconds: float
+  e2e_images: int
+  cached_epochs: int
+  r6_epochs: int
+
+  @classmethod
+  def quick_config(cls) -> SuiteConfig:
+    memory = (200, 1000)
+    return cls(
+        quick=True, source_sizes=((1024, 768), (2048, 1536)), ingest_size=300,
+        memory_sizes=memory,
+        # multi_processing costs ~25 s of worker start-up per run here: full run only.
+        ingest_runs=(ingest_bench.IngestRun("multi_threading", 2, memory),),
+        mobilenet_size=96, vgg_size=96, vgg_source_size=(320, 240), vgg_counts=(64, 256),
+        batch_size=64, naive_count=24, bare_seconds=2.0, e2e_images=64, cached_epochs=5,
+        r6_epochs=10)
+
+  @classmethod
+  def full_config(cls) -> SuiteConfig:
+    memory = (500, 5000)
+    other = (496, 2000)
+    return cls(
+        quick=False, source_sizes=((1024, 768), (2048, 1536)), ingest_size=300,
+        memory_sizes=memory,
+        ingest_runs=(ingest_bench.IngestRun("multi_threading", 2, memory),
+                     ingest_bench.IngestRun("multi_threading", 1, other),
+                     ingest_bench.IngestRun("multi_processing", 1, other),
+                     ingest_bench.IngestRun("multi_processing", 2, other)),
+        mobilenet_size=224, vgg_size=300, vgg_source_size=(640, 480), vgg_counts=(64, 192),
+        batch_size=32, naive_count=40, bare_seconds=6.0, e2e_images=64, cached_epochs=5,
+        r6_epochs=10)
+
+
+def _progress(message: str) -> None:
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _memory_entry(stage: str, by_size: dict[int, dict[str, Any]]) -> dict[str, Any]:
+  """Peak RSS at two dataset sizes; flat is judged on the whole process tree's summed RSS."""
+  (small, low), (large, high) = sorted(by_size.items())
+  growth = high["tree_rss_mb"] - low["tree_rss_mb"]
+  return {"stage": stage,
+          "tree_rss_mb": {str(small): low["tree_rss_mb"], str(large): high["tree_rss_mb"]},
+          "main_process_rss_mb": {str(small): low["max_rss_mb"], str(large): high["max_rss_mb"]},
+          "processes": {str(small): low["processes"], str(large): high["processes"]},
+          "growth_mb": growth, "growth_mb_per_1000_images": growth / (large - small) * 1000,
+          "flat": growth <= FLAT_RSS_TOLERANCE * low["tree_rss_mb"]}
+
+
+def _memory_line(entry: dict[str, Any]) -> str:
+  sizes = ", ".join(f"{n} images {mb:.0f} MB" for n, mb in entry["tree_rss_mb"].items())
+  main = ", ".join(f"{mb:.0f}" for mb in entry["main_process_rss_mb"].values())
+  verdict = "flat" if entry["flat"] else "NOT flat"
+  return (f"MEM {entry['stage']} peak RSS (process tree): {sizes} "
+          f"({entry['growth_mb_per_1000_images']:+.1f} MB per 1000 images; main process {main} "
+          f"MB) {verdict} (tolerance +{FLAT_RSS_TOLERANCE:.0%})")
+
+
+def _ingest_small_dataset(source_dir: pathlib.Path, jpegs: list[bytes], count: int,
+                          out: pathlib.Path, size: int) -> pathlib.Path:
+  from pipeline import run as ingest
+  manifest = images.write_corpus(source_dir, jpegs, count)
+  with measure.quiet():
+    ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", str(size)])
+  return out
+
+
+def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
+  """Measures everything under `work`; returns the JSON-ready result."""
+  started = time.perf_counter()
+  result: dict[str, Any] = {"mode": "quick" if config.quick else "full",
+                            "machine": measure.machine()}
+  _progress("generating photo-like JPEGs")
+  jpegs = images.distinct_jpegs(config.source_sizes)
+  sizes = sorted({s for run in config.ingest_runs for s in run.sizes})
+  manifests = {n: images.write_corpus(work / "corpus", jpegs, n) for n in sizes}
+
+  _progress("R3/R4: ingest child runs " + ", ".join(
+      f"{r.mode}x{r.workers}@{r.sizes}" for r in config.ingest_runs))
+  runs = ingest_bench.measure_runs(config.ingest_runs, manifests, work, config.ingest_size)
+  r3, r4 = ingest_bench.ratios(runs, jpegs, config.ingest_size, config.source_sizes,
+                               config.quick)
+  memory_run = runs[0]
+  memory = [_memory_entry(f"ingest ({memory_run['mode']}, {memory_run['workers']} workers)",
+                          memory_run["by_size"])]
+
+  _progress(f"R2/memory: extract MobileNetV2@{config.mobilenet_size} child runs")
+  image_dirs = {n: memory_run["by_size"][n]["out"] for n in config.memory_sizes}
+  mobile = extract_bench.child_extract(image_dirs, work, "mobilenet_v2", config.mobilenet_size,
+                                       config.batch_size)
+  memory.append(_memory_entry("extract (MobileNetV2)",
+                              mobile["by_size"]))
+  model = extract_bench.build_model("mobilenet_v2", config.mobilenet_size)
+  bare_wall, bare_cpu = extract_bench.bare_forward_rate(model, config.mobilenet_size,
+                                                        config.batch_size, config.bare_seconds)
+  mobile.update(
+      input_size=config.mobilenet_size, batch_size=config.batch_size, bare_rate=bare_wall,
+      bare_images_per_cpu_second=bare_cpu,
+      naive_rate=extract_bench.naive_predict_rate(model, config.mobilenet_size,
+                                                  config.naive_count))
+  del model
+
+  _progress(f"R1: extract VGG16@{config.vgg_size} in process at {config.vgg_counts} images")
+  vgg_jpegs = images.distinct_jpegs([config.vgg_source_size])
+  vgg_images = {n: _ingest_small_dataset(work / "vgg_corpus", vgg_jpegs, n,
+                                         work / f"vgg_images_{n}", config.vgg_size)
+                for n in config.vgg_counts}
+  vgg = extract_bench.extract_vs_bare_in_process(vgg_images, work, "vgg16", config.vgg_size,
+                                                 config.batch_size, config.bare_seconds)
+  r1 = extract_bench.r1(vgg, mobile, config.quick)
+  r2 = extract_bench.r2(mobile, config.quick)
+
+  _progress("R5: end-to-end vs cached head epochs")
+  vgg_features = vgg["feature_dirs"][max(config.vgg_counts)]
+  r5 = heads_bench.r5(vgg_features, batch_size=config.batch_size, e2e_images=config.e2e_images,
+                      cached_epochs=config.cached_epochs, input_size=config.vgg_size,
+                      quick=config.quick)
+
+  _progress("R6: reader pipeline vs in-memory arrays")
+  mobile_features = mobile["by_size"][max(config.memory_sizes)]["feature_dir"]
+  r6 = heads_bench.r6(mobile_features, head="gap_dense", batch_size=config.batch_size,
+                      epochs=config.r6_epochs)
+
+  _progress("R7: storage")
+  r7 = storage_bench.r7(work, [vgg_features, mobile_features])
+
+  for ratio in (r1, r2, r3, r4, r5, r6, r7):
+    result[ratio.key] = ratio.to_dict()
+  result["memory"] = memory
+  result["seconds"] = time.perf_counter() - started
+  result["lines"] = [r.line() for r in (r1, r2, r3, r4, r5, r6, r7)] + [
+      _memory_line(m) for m in memory]
+  return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The `python -m benchmarks` flags."""
+  parser = argparse.ArgumentParser(prog="python -m benchmarks",
+                                   description="headstart ratio benchmarks R1-R7 and peak RSS")
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes (< 5 min on 2 cores); the full run takes ~30 min")
+  parser.add_argument("--json", default=None, help="write the results here as JSON")
+  parser.add_argument("--work-dir", default=None,
+                      help="keep generated images and datasets here (default: a temp dir)")
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the suite, prints one line per ratio and memory check; returns 0 (1 if any misses)."""
+  args = build_parser().parse_args(argv)
+  config = SuiteConfig.quick_config() if args.quick else SuiteConfig.full_config()
+  if args.work_dir:
+    work = pathlib.Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    result = run(config, work)
+  else:
+    with tempfile.TemporaryDirectory(prefix="headstart-bench-") as tmp:
+      result = run(config, pathlib.Path(tmp))
+  info = result["machine"]
+  print(f"headstart benchmarks ({result['mode']}) on {info['cpu_model']}, {info['cores']} cores, "
+        f"load average at start {info['load_average'][0]:.2f}, {result['seconds']:.0f}s")
+  for line in result["lines"]:
+    print(line)
+  if args.json:
+    path = pathlib.Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    print(f"results: {path}")
+  return 0

@@ -1,0 +1,46 @@
+"""Smoke test of the benchmark harness on tiny inputs (structure only, no timing assertions).
+
+    .venv/bin/python -m pytest tests/test_benchmarks.py
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import images, measure, storage_bench
+
+RATIO_KEYS = {"name", "value", "target", "comparison", "meets_target", "numerator",
+              "denominator", "details", "notes", "reason"}
+
+
+def test_r7_on_tiny_records_has_the_json_structure(tmp_path):
+  ratio = storage_bench.r7(tmp_path, count=4, map_shape=(2, 2, 8))
+  record = json.loads(json.dumps(ratio.to_dict()))
+  assert set(record) == RATIO_KEYS
+  assert record["comparison"] == "<=" and record["target"] == 1.01
+  assert record["denominator"]["value"] == 2 * 2 * 8 * 2 + 8 * 4
+  assert record["numerator"]["value"] > record["denominator"]["value"]
+  assert isinstance(record["meets_target"], bool)
+  assert ratio.line().startswith("R7 ")
+
+
+def test_ratio_verdicts_and_bad_arguments():
+  figure = measure.Figure("a", 2.0, "x/s")
+  assert measure.Ratio("R1", "n", 0.97, figure, figure, 0.95).meets_target
+  assert not measure.Ratio("R4", "n", 1.2, figure, figure, 1.0, "<=").meets_target
+  assert not measure.Ratio("R2", "n", None, figure, figure, 8.0).meets_target
+  with pytest.raises(ValueError, match="'=='"):
+    measure.Ratio("R1", "n", 1.0, figure, figure, 1.0, "==")
+  with pytest.raises(ValueError, match="'bogus'"):
+    storage_bench.raw_tensor_bytes((1, 1, 1), 1, "bogus")
+
+
+def test_corpus_is_photo_like_and_hard_linked(tmp_path):
+  jpegs = images.distinct_jpegs([(64, 48)], per_size=2)
+  manifest = images.write_corpus(tmp_path, jpegs, 5)
+  rows = manifest.read_text().splitlines()
+  assert rows[0] == "image_url,label" and len(rows) == 6
+  assert (tmp_path / "img" / "00004.jpg").read_bytes() == jpegs[0]
+  with pytest.raises(ValueError, match="8x8"):
+    images.photo_like(8, 8, 0)
