@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -29,17 +28,17 @@ from pipeline import image_decode, sources
 _URL_COLUMN = "image_url"
 
 
-def _list_folder(folder: str) -> Iterator[tuple[str, str]]:
+def _list_folder(folder: str) -> Iterator[tuple[str, str, str]]:
   folder = folder.rstrip("/")
   for directory, _, files in sorted(tf.io.gfile.walk(folder)):
     relative_dir = directory[len(folder):].strip("/")
     for name in sorted(files):
       if name.lower().endswith(sources.IMAGE_EXTENSIONS):
         relative = f"{relative_dir}/{name}" if relative_dir else name
-        yield f"{folder}/{relative}", relative
+        yield f"{folder}/{relative}", relative, ""
 
 
-def _list_csv(path: str) -> Iterator[tuple[str, str]]:
+def _list_csv(path: str) -> Iterator[tuple[str, str, str]]:
   base_dir = path.rsplit("/", 1)[0] if "/" in path else "."
   with tf.io.gfile.GFile(path, "r") as f:
     rows = list(csv.reader(f))
@@ -52,19 +51,20 @@ def _list_csv(path: str) -> Iterator[tuple[str, str]]:
       continue
     source = row[column].strip()
     if urllib.parse.urlsplit(source).scheme in ("http", "https"):
-      yield "", source           # remote: reported as an error row, predict does not fetch
+      # The id matches ingest's (the URL as written); predict reads local or gs:// files only.
+      yield "", source, "remote_not_fetched"
       continue
     try:
+      # Absolute paths are the user's own files here, so any root is allowed.
       location, canonical = sources.resolve_location(source, base_dir, allow_roots=("/",))
-    except ValueError as error:
-      yield "", source
-      logging.warning("skipping %r: %s", source, error)
+    except sources.RowError as error:
+      yield "", source, error.reason
       continue
-    yield location, canonical
+    yield location, canonical, ""
 
 
-def list_images(images: str) -> list[tuple[str, str]]:
-  """`(location, canonical source)` pairs of a folder (recursive) or a CSV of image paths.
+def list_images(images: str) -> list[tuple[str, str, str]]:
+  """`(location, canonical source, error reason)` of a folder (recursive) or a CSV of paths.
 
   Raises:
     ValueError: the path is neither a folder nor a CSV file.
@@ -135,20 +135,21 @@ def predict_images(run_dir: str, images: str, out_path: str, *,
       pending.clear()
       pending_rows.clear()
 
-  for location, canonical in listed:
+  for location, canonical, reason in listed:
     ids.append(sources.source_id(canonical))
     sources_written.append(canonical)
     outputs.append(None)
+    errors.append(reason)
+    if reason:
+      continue
     try:
-      if not location:
-        raise image_decode.ImageError("remote_not_fetched",
-                                      "predict reads local or gs:// paths only")
       with tf.io.gfile.GFile(location, "rb") as f:
         pending.append(prepare_image(f.read(), settings))
       pending_rows.append(len(ids) - 1)
-      errors.append("")
-    except (image_decode.ImageError, tf.errors.OpError) as error:
-      errors.append(getattr(error, "reason", type(error).__name__))
+    except image_decode.ImageError as error:
+      errors[-1] = error.reason
+    except tf.errors.OpError as error:     # missing or unreadable file
+      errors[-1] = type(error).__name__
     if len(pending) == batch_size:
       flush()
   flush()

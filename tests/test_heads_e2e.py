@@ -234,3 +234,19 @@ def test_keypoint_head_on_the_sample_faces_reports_source_pixels(tmp_path):
   assert header.startswith("id,x0,y0,x1,y1")
   summary = predict.predict_images(str(tmp_path / "run"), str(source), str(tmp_path / "p.csv"))
   assert summary["predicted"] == 48
+
+
+def test_predict_csv_rows_that_cannot_be_read_become_error_rows(conv_run, stages, tmp_path):
+  manifest, _, _ = stages
+  csv_path = manifest.parent / "mixed.csv"
+  csv_path.write_text("image_url\nimg/000.png\nhttps://example.com/a.jpg\nimg/missing.png\n"
+                      "../../outside.png\n")
+  try:
+    summary = predict.predict_images(str(conv_run), str(csv_path), str(tmp_path / "p.csv"))
+  finally:
+    csv_path.unlink()
+  assert summary["predicted"] == 1 and summary["errors"] == 3
+  rows = pd.read_csv(tmp_path / "p.csv", keep_default_na=False).set_index("source")
+  assert rows.loc["https://example.com/a.jpg", "error"] == "remote_not_fetched"
+  assert rows.loc["img/missing.png", "error"] == "NotFoundError"
+  assert rows.loc["img/000.png", "label"] in ("disc", "square")
