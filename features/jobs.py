@@ -10,7 +10,6 @@ directory removed, random weights saved, output shape probed) and sent to the pi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import pathlib
 import time
@@ -93,17 +92,8 @@ def _image_fingerprint(manifest: Mapping[str, Any]) -> str:
   # Older image manifests may lack `fingerprint`; recompute it the same way from shard hashes.
   if manifest.get("fingerprint"):
     return manifest["fingerprint"]
-  return shards_fingerprint(manifest["splits"])
-
-
-def shards_fingerprint(splits: Mapping[str, Any]) -> str:
-  """sha256 over every shard's sha256 in split and shard order (as the image stage computes it)."""
-  digest = hashlib.sha256()
-  for split in sorted(splits):
-    entries = splits[split]["shards"] if isinstance(splits[split], Mapping) else splits[split]
-    for shard in entries:
-      digest.update(f"{split}:{shard['sha256']}\n".encode())
-  return digest.hexdigest()
+  return dataset_io.fingerprint(
+      {split: entry["shards"] for split, entry in manifest["splits"].items()})
 
 
 def plan(config: ExtractConfig) -> ExtractPlan:
@@ -314,7 +304,7 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
       "task": info["task"],
       "class_names": info["class_names"],
       "num_keypoints": info["num_keypoints"],
-      "fingerprint": shards_fingerprint(grouped),
+      "fingerprint": dataset_io.fingerprint(grouped),
       "health": health_lib.summarize_health(health),
       "counts": counts,
       "extraction_seconds": round(seconds, 3),
