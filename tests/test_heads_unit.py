@@ -185,6 +185,20 @@ def test_every_head_output_shape_and_loss(head, task, binary_dir, multiclass_dir
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_scratch_head_reads_stored_images():
+  spec = reader.DatasetSpec(
+      data_dir="mem://images", kind="images", task="multiclass", class_names=("a", "b", "c"),
+      num_keypoints=0, feature_map_shape=None, pooled_dim=None, image_size=16, cache_key="fp",
+      backbone="none (from scratch)", weights_kind="none", splits=("train",), manifest={})
+  model = zoo.build_head("scratch", spec, config_lib.tiny().head)
+  training.compile_head(model, spec.task, keras.optimizers.Adam(1e-3))
+  images = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype(np.float32)
+  assert model.predict(images, verbose=0).shape == (2, 3)
+  assert np.isfinite(model.evaluate(images, np.array([0, 2]), verbose=0, return_dict=True)["loss"])
+  with pytest.raises(ValueError, match="feature map"):
+    zoo.build_head("conv", spec)
+
+
 def test_conv_head_skips_pooling_on_1x1_maps(tmp_path):
   spec = reader.load_spec(str(write_feature_dataset(
       tmp_path, map_shape=(1, 1, 4), counts={"train": 4})))
