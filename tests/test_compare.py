@@ -169,12 +169,14 @@ def test_exactly_one_self_contained_report(grid):
   assert "none (random init)" in text
 
 
-def test_rerun_skips_finished_cells_and_prints_leaderboard(grid, feature_dir, capsys):
+def test_rerun_skips_finished_cells_and_prints_leaderboard(grid, feature_dir, tmp_path, capsys):
   out, result, _ = grid
   before = (out / "leaderboard_seeds.csv").read_text()
+  config_file = tmp_path / "tiny.json"
+  config_file.write_text(json.dumps(config_lib.to_dict(config_lib.tiny())))
   assert run.compare_main(["--features", str(feature_dir), "--heads", ",".join(HEADS),
                            "--seeds", "2", "--epochs", "2", "--out", str(out),
-                           "--no-report"]) == 0
+                           "--config", str(config_file), "--no-report"]) == 0
   printed = capsys.readouterr().out
   assert printed.count("finished earlier, skipped") == 14
   assert "| # | backbone |" in printed and "speed-up" in printed
