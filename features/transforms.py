@@ -10,6 +10,7 @@ per-image `predict`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -50,8 +51,11 @@ class ReadShardFn(beam.DoFn):
         self._records.inc()
         yield name, serialized
     except tf.errors.DataLossError as error:
-      raise ValueError(f"image shard {path!r} is corrupt after {count} records ({error.message}); "
-                       "run `headstart verify` on the image dataset or re-run ingest") from None
+      # TF's message wraps "corrupted record at <offset>" in op-internal noise; keep the offset.
+      found = re.search(r"corrupted record at \d+|truncated record at \d+", error.message)
+      raise ValueError(f"image shard {path!r} is corrupt after {count} records "
+                       f"({found.group(0) if found else error.message}); run `headstart verify` "
+                       "on the image dataset or re-run ingest") from None
     if count != expected:
       raise ValueError(f"image shard {path!r} holds {count} records but its manifest says "
                        f"{expected}; the image dataset changed or is damaged (headstart verify)")
