@@ -364,3 +364,29 @@ def test_damaged_image_shards_fail_loudly_naming_the_file(tiny_image_dataset, ti
       writer.write(record)
   with pytest.raises(ValueError, match=re.escape(shard.name) + ".*manifest says"):
     extract.run(args)
+
+
+def test_keypoint_targets_follow_the_augmented_pixels(tmp_path, tiny_keras_model):
+  from pipeline import run as ingest
+  folder = tmp_path / "src"
+  (folder / "img").mkdir(parents=True)
+  rows = ["image_url,a_x,a_y,b_x,b_y"]
+  for i in range(6):
+    cv2.imwrite(str(folder / "img" / f"{i}.png"), np.full((40, 40, 3), 30 * i, np.uint8))
+    rows.append(f"img/{i}.png,{4 + i},{10},{30},{20 + i}")
+  (folder / "points.csv").write_text("\n".join(rows) + "\n")
+  images = tmp_path / "images"
+  ingest.run(["--source", str(folder / "points.csv"), "--out", str(images), "--image-size", "40",
+              "--target-columns", "all", "--splits", "train=100"])
+  extract.run(["--images", str(images), "--out", str(tmp_path / "features"), "--backbones",
+               str(tiny_keras_model), "--input-size", str(SIZE), "--views", "1"])
+  (path,) = _datasets(tmp_path / "features").values()
+  by_view: dict[int, dict[str, np.ndarray]] = {}
+  for record in _load(path):
+    by_view.setdefault(int(record["view"]), {})[record["id"].decode()] = record["targets"]
+  assert len(by_view[0]) == len(by_view[1]) == 6
+  for record_id, targets in by_view[0].items():
+    assert targets.shape == (2, 2)
+    # Two points have no known left/right permutation: x mirrored, order kept.
+    np.testing.assert_allclose(by_view[1][record_id][:, 0], 1 - targets[:, 0], atol=1e-6)
+    np.testing.assert_allclose(by_view[1][record_id][:, 1], targets[:, 1], atol=1e-6)
