@@ -231,7 +231,8 @@ def localize(choice: WeightsChoice, *, backbone: str, input_size: int,
     path = found[1] if found else download_imagenet(spec, input_size)
   else:
     raise ValueError(f"weights file {choice.path!r} is not readable on this machine")
-  if choice.sha256 and path != choice.path and file_sha256(path) != choice.sha256:
+  # Verified even at the driver's own path: another machine may hold other bytes there.
+  if choice.sha256 and file_sha256(path) != choice.sha256:
     raise ValueError(f"weights {path!r} on this worker differ from the driver's "
                      f"(sha256 {choice.sha256[:12]}...); stage the same file with --weights-dir")
   return local_copy(path)
