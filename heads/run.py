@@ -68,7 +68,8 @@ def train_main(argv: list[str]) -> int:
 
 
 def _summary(result: dict) -> dict:
-  keys = ("head", "backbone", "weights_kind", "params", "epochs", "examples_per_second")
+  keys = ("head", "backbone", "weights_kind", "params", "epochs", "examples_per_second",
+          "examples_per_second_cached")
   summary = {key: result.get(key) for key in keys}
   for split in ("validation", "test"):
     block = result.get(split) or {}
