@@ -17,7 +17,9 @@ Data you supply: a CSV in the public facial-keypoints layout `image,x0,y0,...,x6
 (pixel coordinates of the source image), ingested at 224 px with `--target-columns all`.
 
 Tiny variant: 40 of the 48 synthetic faces of data/sample/keypoints.csv (7 points) at 96 px;
-MobileNet v1 with the shipped ImageNet weights vs the same MobileNet at random init.
+MobileNet v1 with the shipped ImageNet weights vs the same MobileNet at random init. On these
+drawings random features do as well as ImageNet ones (see `expect`), so the tiny variant checks
+the pipeline and the error level, not the published ImageNet advantage.
 """
 from __future__ import annotations
 
@@ -60,12 +62,14 @@ def get_config(tiny: bool = False) -> dict[str, Any]:
           "config": {"head": {"conv2_filters": 32, "dense_units": 64, "dropout": 0.1},
                      "train": {"batch_size": 8, "shuffle_buffer": 64}},
       },
-      # Measured here (seed 0), 8 test faces of ~96-128 px: ImageNet 16.8 px MAE, random init
-      # 48.8 px (its head sees all-zero features and only moves its bias).
+      # Measured here (seed 0), 10 test faces of 96-128 px: ImageNet 16.8 px MAE, random init
+      # 15.3 px. On 25 synthetic training faces, random (BatchNorm-calibrated) conv features
+      # localise the drawn shapes as well as ImageNet ones, so the tiny variant does NOT show
+      # the full experiment's ImageNet advantage; it checks both errors instead.
       "expect": [
           {"backbone": "mobilenet", "weights": "imagenet", "head": "keypoints", "split": "test",
+           "value": 16.8, "tolerance": 5.0},
+          {"backbone": "mobilenet", "weights": "none", "head": "keypoints", "split": "test",
            "at_most": 25.0},
-          {"backbone": "mobilenet", "weights": "imagenet", "head": "keypoints", "split": "test",
-           "beats": {"weights": "none"}, "margin": 10.0},
       ],
   }
