@@ -169,7 +169,9 @@ def _source_sizes(settings: Mapping[str, Any], split: str,
     return None
   parse = reader.make_parse_fn(image_spec, ("id", "height", "width"))
   sizes = {}
-  for batch in tf.data.TFRecordDataset(files).batch(1024).map(parse).as_numpy_iterator():
+  batches = tf.data.TFRecordDataset(files).batch(1024).map(
+      parse, num_parallel_calls=tf.data.AUTOTUNE)
+  for batch in batches.as_numpy_iterator():
     sizes.update(zip(batch["id"], zip(batch["height"], batch["width"])))
   if not all(i in sizes for i in ids):
     return None
@@ -376,7 +378,8 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
 
   weights = None
   if config.train.class_weight == "balanced" and spec.task != "keypoints":
-    labels = reader.load_arrays(train_records.map(lambda r: {"y": r["y"]}), ("y",))["y"]
+    labels = reader.load_arrays(train_records.map(
+        lambda r: {"y": r["y"]}, num_parallel_calls=tf.data.AUTOTUNE), ("y",))["y"]
     weights = class_weights(labels, max(len(spec.class_names), 2))
 
   model = zoo.build_head(head, spec, config.head)
