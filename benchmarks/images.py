@@ -43,8 +43,11 @@ def photo_like(width: int, height: int, seed: int) -> np.ndarray:
       cv2.rectangle(image, (x - radius, y - radius // 2), (x + radius, y + radius // 2), colour,
                     -1, cv2.LINE_AA)
   image = cv2.GaussianBlur(image, (0, 0), 1.5)
-  noise = rng.normal(0.0, 6.0, image.shape).astype(np.float32)
-  return np.clip(image.astype(np.float32) + noise, 0, 255).astype(np.uint8)
+  # Sensor-like noise; cv2.randn is several times faster than NumPy on 3-Mpx images.
+  cv2.setRNGSeed(seed)
+  noise = np.empty(image.shape, np.int16)
+  cv2.randn(noise, (0, 0, 0), (6, 6, 6))  # per channel (a scalar would only hit channel 0)
+  return cv2.add(image.astype(np.int16), noise, dtype=cv2.CV_16S).clip(0, 255).astype(np.uint8)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:

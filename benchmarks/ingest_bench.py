@@ -40,6 +40,12 @@ class IngestRun:
   mode: str          # Beam direct_running_mode
   workers: int       # direct_num_workers
   sizes: tuple[int, int]
+  extra_args: tuple[str, ...] = ()   # further ingest flags (e.g. --decode-timeout 0)
+
+  @property
+  def label(self) -> str:
+    return f"{self.mode}, {self.workers} workers" + (
+        f", {' '.join(self.extra_args)}" if self.extra_args else "")
 
 
 def _reduced_flag(data: bytes, size: int) -> int:
@@ -122,9 +128,9 @@ def measure_runs(runs: Sequence[IngestRun], manifests: dict[int, pathlib.Path],
   for run in runs:
     by_size = {}
     for count in run.sizes:
-      out = out_root / f"images_{run.mode}_{run.workers}_{count}"
-      child = measure.run_child("ingest", ingest_args(manifests[count], out, size, run.mode,
-                                                      run.workers))
+      out = out_root / f"images_{run.mode}_{run.workers}_{len(run.extra_args)}_{count}"
+      child = measure.run_child("ingest", [*ingest_args(manifests[count], out, size, run.mode,
+                                                        run.workers), *run.extra_args])
       by_size[count] = {"wall_seconds": child.wall_seconds, "cpu_seconds": child.cpu_seconds,
                         "max_rss_mb": child.max_rss_mb, "tree_rss_mb": child.tree_rss_mb,
                         "processes": child.processes, "out": str(out)}
@@ -133,7 +139,8 @@ def measure_runs(runs: Sequence[IngestRun], manifests: dict[int, pathlib.Path],
     wall = by_size[large]["wall_seconds"] - by_size[small]["wall_seconds"]
     cpu = by_size[large]["cpu_seconds"] - by_size[small]["cpu_seconds"]
     results.append({
-        "mode": run.mode, "workers": run.workers, "by_size": by_size,
+        "mode": run.mode, "workers": run.workers, "label": run.label,
+        "default_flags": not run.extra_args, "by_size": by_size,
         "cpu_seconds_per_image": cpu / extra if cpu > 0 else None,
         "images_per_second": extra / wall if wall > 0 else None,
         "fixed_wall_seconds": by_size[small]["wall_seconds"] - (
@@ -160,11 +167,12 @@ def ratios(runs: list[dict[str, Any]], jpegs: Sequence[bytes], size: int,
         "bytes": int(np.mean([len(d) for d in subset])),
     }
   lib_cpu, _ = library_seconds(jpegs, size)
-  measured = [r for r in runs if r["cpu_seconds_per_image"]]
+  # Judged on the shipped defaults; variants (e.g. in-process decoding) are details.
+  measured = [r for r in runs if r["cpu_seconds_per_image"] and r["default_flags"]]
   best = min(measured, key=lambda r: r["cpu_seconds_per_image"]) if measured else None
   cores = measure.machine()["cores"] or 1
   runs_table = [{
-      "mode": r["mode"], "workers": r["workers"],
+      "mode": r["mode"], "workers": r["workers"], "label": r["label"],
       "cpu_ms_per_image": None if not r["cpu_seconds_per_image"] else
       1e3 * r["cpu_seconds_per_image"],
       "images_per_second_wall": r["images_per_second"],
@@ -177,11 +185,12 @@ def ratios(runs: list[dict[str, Any]], jpegs: Sequence[bytes], size: int,
       "processes": {str(k): v["processes"] for k, v in r["by_size"].items()}} for r in runs]
   by_mode = {}
   for r in runs:
-    by_mode.setdefault(r["mode"], {})[r["workers"]] = r["images_per_second"]
+    if r["default_flags"]:
+      by_mode.setdefault(r["mode"], {})[r["workers"]] = r["images_per_second"]
   scaling = {mode: {str(n): (rates[n] / rates[1] if 1 in rates and rates[1] and rates[n]
                              else None) for n in rates} for mode, rates in by_mode.items()}
   ingest_cpu = best["cpu_seconds_per_image"] if best else float("nan")
-  label = f"ingest ({best['mode']}, {best['workers']} workers)" if best else "ingest"
+  label = f"ingest ({best['label']})" if best else "ingest"
   sizes_text = ", ".join(f"{w}x{h}" for w, h in source_sizes)
   r3 = measure.Ratio(
       "R3", "ingest overhead per core",

@@ -81,7 +81,7 @@ class Ratio:
 
   def line(self) -> str:
     """One printable line: key, value vs target, verdict and both absolute figures."""
-    value = "n/a" if self.value is None else f"{self.value:.3g}"
+    value = "n/a" if self.value is None else f"{self.value:.4g}"
     verdict = "MEETS" if self.meets_target else "MISSES"
     text = (f"{self.key} {self.name}: {value} (target {self.comparison} {self.target:g}) "
             f"{verdict} | {self.numerator.label} {self.numerator.value:.4g} "

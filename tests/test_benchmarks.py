@@ -44,3 +44,14 @@ def test_corpus_is_photo_like_and_hard_linked(tmp_path):
   assert (tmp_path / "img" / "00004.jpg").read_bytes() == jpegs[0]
   with pytest.raises(ValueError, match="8x8"):
     images.photo_like(8, 8, 0)
+
+
+def test_markdown_table_lists_every_ratio_and_memory_check(tmp_path):
+  from benchmarks import suite
+  record = storage_bench.r7(tmp_path, count=2, map_shape=(1, 1, 4)).to_dict()
+  memory = suite._memory_entry("ingest", {
+      10: {"tree_rss_mb": 100.0, "max_rss_mb": 90.0, "processes": 1},
+      50: {"tree_rss_mb": 104.0, "max_rss_mb": 92.0, "processes": 1}})
+  assert memory["flat"] and memory["growth_mb_per_1000_images"] == 100.0
+  table = suite.markdown_table({**{f"R{i}": record for i in range(1, 8)}, "memory": [memory]})
+  assert all(f"| R{i} " in table for i in range(1, 8)) and "peak RSS ingest" in table
