@@ -267,15 +267,18 @@ def throughput(fitted: FitResult, num_train: int) -> dict[str, Any]:
   }
 
 
+def train_target_mean(spec: reader.DatasetSpec, input_kind: str) -> np.ndarray:
+  """`[2K]` mean keypoint targets of the train split (original images only)."""
+  targets = reader.read_split(spec, "train", input_kind=input_kind).map(
+      lambda record: {"y": record["y"]}, num_parallel_calls=tf.data.AUTOTUNE)
+  return reader.load_arrays(targets, ("y",))["y"].mean(axis=0)
+
+
 def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind: str,
                        out_dir: str, *, batch_size: int, settings: Mapping[str, Any]
                        ) -> dict[str, Any]:
   """Metrics of the validation and test splits present; writes `predictions_test.csv`."""
-  baseline = None
-  if spec.task == "keypoints":
-    train_targets = reader.read_split(spec, "train", input_kind=input_kind).map(
-        lambda record: {"y": record["y"]}, num_parallel_calls=tf.data.AUTOTUNE)
-    baseline = reader.load_arrays(train_targets, ("y",))["y"].mean(axis=0)
+  baseline = train_target_mean(spec, input_kind) if spec.task == "keypoints" else None
   result = {}
   for split in ("validation", "test"):
     if split not in spec.splits:
@@ -382,7 +385,10 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
         lambda r: {"y": r["y"]}, num_parallel_calls=tf.data.AUTOTUNE), ("y",))["y"]
     weights = class_weights(labels, max(len(spec.class_names), 2))
 
-  model = zoo.build_head(head, spec, config.head)
+  target_mean = None
+  if spec.task == "keypoints":
+    target_mean = train_target_mean(spec, kind)
+  model = zoo.build_head(head, spec, config.head, target_mean=target_mean)
   compile_head(model, spec.task, _optimizer(config, steps_per_epoch))
   if not has_validation:
     notes.append("best checkpoint and early stopping monitor the training loss")
