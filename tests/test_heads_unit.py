@@ -213,9 +213,12 @@ def test_keypoints_head_needs_keypoints_and_bad_head_is_refused(binary_dir, keyp
     zoo.build_head("keypoints", reader.load_spec(str(binary_dir)))
   with pytest.raises(ValueError, match="'resnet'"):
     zoo.input_kind("resnet")
+  mean = np.linspace(0.2, 0.7, 6)
   model = zoo.build_head("keypoints", reader.load_spec(str(keypoints_dir)),
-                         config_lib.tiny().head)
+                         config_lib.tiny().head, target_mean=mean)
   assert model.output_shape == (None, 6)
+  start = model.predict(np.ones((2, *MAP_SHAPE), np.float32), verbose=0)
+  np.testing.assert_allclose(start, np.stack([mean, mean]), atol=1e-6)   # starts at the mean
   assert zoo.loss_for("keypoints") == "mean_absolute_error"
 
 
