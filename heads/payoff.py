@@ -61,7 +61,8 @@ def measure(features_dir: str, head: str, *, epochs: int = 3, batch_size: int = 
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(prog="python -m heads.payoff", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m heads.payoff",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("--features", required=True)
   parser.add_argument("--head", default="gap_dense", choices=zoo.HEADS)
   parser.add_argument("--epochs", type=int, default=3)
