@@ -274,6 +274,14 @@ def train_target_mean(spec: reader.DatasetSpec, input_kind: str) -> np.ndarray:
   return reader.load_arrays(targets, ("y",))["y"].mean(axis=0)
 
 
+def train_input_stats(train_records: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Per-feature mean and variance of the train split's pooled vectors (small: C floats each)."""
+  x = reader.load_arrays(train_records.map(lambda record: {"x": record["x"]},
+                                           num_parallel_calls=tf.data.AUTOTUNE), ("x",))["x"]
+  # A floor on the variance: channels that are constant on the train split stay finite.
+  return x.mean(axis=0), np.maximum(x.var(axis=0), 1e-6)
+
+
 def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind: str,
                        out_dir: str, *, batch_size: int, settings: Mapping[str, Any]
                        ) -> dict[str, Any]:
@@ -299,8 +307,11 @@ def _pick_l2(spec: reader.DatasetSpec, kind: str, train_records: tf.data.Dataset
                      f"{spec.data_dir!r} has none")
   train_arrays = reader.load_arrays(train_records)
   val_arrays = reader.load_arrays(reader.read_split(spec, "validation", input_kind=kind))
+  # The probe standardises its input (see zoo.build_head): sweep on the same standardised view.
+  mean, std = train_arrays["x"].mean(axis=0), np.sqrt(np.maximum(train_arrays["x"].var(axis=0), 1e-6))
   best_l2, rows = sweep.sweep_l2(
-      train_arrays["x"], train_arrays["y"], val_arrays["x"], val_arrays["y"], task=spec.task,
+      (train_arrays["x"] - mean) / std, train_arrays["y"], (val_arrays["x"] - mean) / std,
+      val_arrays["y"], task=spec.task,
       num_outputs=spec.num_outputs, grid=config.train.sweep_grid,
       steps=config.train.sweep_steps, seed=config.train.seed)
   return dataclasses.replace(config, head=dataclasses.replace(config.head, l2=best_l2)), rows
@@ -388,7 +399,8 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   target_mean = None
   if spec.task == "keypoints":
     target_mean = train_target_mean(spec, kind)
-  model = zoo.build_head(head, spec, config.head, target_mean=target_mean)
+  model = zoo.build_head(head, spec, config.head, target_mean=target_mean,
+                         input_stats=train_input_stats(train_records) if kind == "pooled" else None)
   compile_head(model, spec.task, _optimizer(config, steps_per_epoch))
   if not has_validation:
     notes.append("best checkpoint and early stopping monitor the training loss")
