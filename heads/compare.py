@@ -506,7 +506,7 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
   Raises:
     ValueError: bad seeds/epochs, unknown heads or backbones, no index.
   """
-  from heads import training
+  from heads import export, training
 
   if seeds < 1:
     raise ValueError(f"--seeds must be at least 1, got {seeds!r}")
@@ -533,11 +533,16 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
       result = _read_json(metrics_path)
     else:
       log(f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}: training")
-      result = training.train(cell.data_dir, cell.head, run_dir, run_config, verbose=verbose)
+      result = training.train(cell.data_dir, cell.head, run_dir, run_config, verbose=verbose,
+                              export_model=False)
     seed_rows.append(seed_row(cell, seed, run_dir, result))
   rows = aggregate(seed_rows)
   ledger = cost_ledger(entries, seed_rows)
   best = best_run(rows, seed_rows)
+  if best and not tf.io.gfile.exists(f"{best['run_dir']}/{export.MODEL_NAME}"):
+    # Only the best run gets model.keras: each export holds a whole backbone (16 MB for
+    # MobileNet, ~60 MB for VGG16), which across a grid of cells x seeds adds up to gigabytes.
+    training.export_run(best["run_dir"])
   ledger["best_run"] = best["run_dir"] if best else None
 
   table = markdown_table(rows)

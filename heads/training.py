@@ -282,6 +282,39 @@ def train_input_stats(train_records: tf.data.Dataset) -> tuple[np.ndarray, np.nd
   return x.mean(axis=0), np.maximum(x.var(axis=0), 1e-6)
 
 
+def _export(model: keras.Model, spec: reader.DatasetSpec, out_dir: str, head: str,
+            notes: list[str]) -> str | None:
+  try:
+    export.export_model(model, spec, f"{out_dir}/{export.MODEL_NAME}", head=head)
+    return export.MODEL_NAME
+  except export.ExportUnavailable as error:
+    notes.append(f"model.keras not exported: {error}")
+    logging.warning("model.keras not exported: %s", error)
+    return None
+
+
+def export_run(run_dir: str) -> str | None:
+  """Writes `model.keras` for a finished run trained with `export_model=False`.
+
+  Returns:
+    The exported file name, or None when the backbone cannot be rebuilt (see the run's notes).
+  """
+  run_dir = run_dir.rstrip("/")
+  with tf.io.gfile.GFile(f"{run_dir}/{CONFIG_NAME}", "r") as f:
+    saved = json.load(f)
+  spec = resolve_dataset(saved["features"], saved["head_name"])
+  reader.check_cache_key(spec, saved.get("cache_key", ""), run_dir)
+  head_model = keras.models.load_model(f"{run_dir}/{HEAD_NAME}")
+  metrics_path = f"{run_dir}/{METRICS_NAME}"
+  with tf.io.gfile.GFile(metrics_path, "r") as f:
+    result = json.load(f)
+  notes = [n for n in result.get("notes", []) if not n.startswith("model.keras not exported")]
+  result["exported"] = _export(head_model, spec, run_dir, saved["head_name"], notes)
+  result["notes"] = notes
+  dataset_io.write_json(metrics_path, result)
+  return result["exported"]
+
+
 def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind: str,
                        out_dir: str, *, batch_size: int, settings: Mapping[str, Any]
                        ) -> dict[str, Any]:
@@ -334,7 +367,7 @@ def _check_run_dir(out_dir: str, spec: reader.DatasetSpec, head: str) -> None:
 
 def train(features_dir: str, head: str, out_dir: str, config: Config = Config(), *,
           sweep_l2: bool = False, callbacks: Sequence[keras.callbacks.Callback] = (),
-          verbose: int = 2) -> dict[str, Any]:
+          verbose: int = 2, export_model: bool = True) -> dict[str, Any]:
   """Trains `head` on `features_dir` into `out_dir`; returns the metrics also written there.
 
   Args:
@@ -345,6 +378,8 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     sweep_l2: `linear` only: pick the output L2 strength on validation first.
     callbacks: extra Keras callbacks (tests use one to simulate an interruption).
     verbose: Keras `fit` verbosity.
+    export_model: write `model.keras` (backbone + head, raw images in). `compare` turns it off
+      for its grid (each export holds a whole backbone) and exports the best run only.
 
   Raises:
     ValueError: bad head/dataset combination, no train split, missing manifest.
@@ -419,12 +454,10 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     result["sweep"] = sweep_rows
   result.update(evaluate_and_write(model, spec, kind, out_dir, batch_size=batch_size,
                                    settings=settings))
-  try:
-    export.export_model(model, spec, f"{out_dir}/{export.MODEL_NAME}", head=head)
-    result["exported"] = export.MODEL_NAME
-  except export.ExportUnavailable as error:
-    notes.append(f"model.keras not exported: {error}")
-    logging.warning("model.keras not exported: %s", error)
+  if export_model:
+    result["exported"] = _export(model, spec, out_dir, head, notes)
+  else:
+    notes.append("model.keras not exported (export_run() writes it from head.keras)")
   result["notes"] = notes
   result["wall_seconds"] = time.perf_counter() - started   # sweep, fit, evaluation and export
   dataset_io.write_json(f"{out_dir}/{METRICS_NAME}", result)

@@ -208,3 +208,12 @@ def test_backbone_filter(feature_dir):
   assert len(entries) == 2
   with pytest.raises(ValueError, match="'vgg16'"):
     compare.read_index(str(feature_dir), ["vgg16"])
+
+
+def test_only_the_best_run_is_exported(grid):
+  out, result, _ = grid
+  exported = sorted(out.rglob("model.keras"))
+  assert exported == [pathlib.Path(result.best["run_dir"]) / "model.keras"]
+  metrics = json.loads((exported[0].parent / "metrics.json").read_text())
+  assert metrics["exported"] == "model.keras"
+  assert not any(n.startswith("model.keras not exported") for n in metrics["notes"])
