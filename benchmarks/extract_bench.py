@@ -48,17 +48,18 @@ def bare_forward_rate(model: Any, input_size: int, batch_size: int,
   return measure.steady_rate(step, warmup=2, min_seconds=min_seconds)
 
 
-def naive_predict_rate(model: Any, input_size: int, count: int) -> float:
-  """Images per wall second of one `model.predict(x[None])` per image (the tutorials' loop)."""
+def naive_predict_rate(model: Any, input_size: int, count: int) -> tuple[float, float]:
+  """(images per wall second, per CPU second) of one `model.predict(x[None])` per image (the
+  tutorials' loop)."""
   if count <= 0:
     raise ValueError(f"count must be positive, got {count!r}")
   images = np.random.default_rng(1).uniform(0, 255, (count + 1, input_size, input_size, 3)
                                             ).astype(np.float32)
   model.predict(images[:1], verbose=0)  # builds the predict function once, like a notebook
-  started = time.perf_counter()
+  started, cpu = time.perf_counter(), time.process_time()
   for image in images[1:]:
     model.predict(image[None], verbose=0)
-  return count / (time.perf_counter() - started)
+  return count / (time.perf_counter() - started), count / (time.process_time() - cpu)
 
 
 def extract_args(images_dir: pathlib.Path, out: pathlib.Path, backbone: str, input_size: int,
@@ -120,20 +121,38 @@ def extract_vs_bare_in_process(image_dirs: dict[int, pathlib.Path], out_root: pa
           "cpu_seconds": {str(k): v for k, v in cpu.items()}, "feature_dirs": outs}
 
 
+def efficiency(run: dict[str, Any]) -> dict[str, float | None]:
+  """Extract over bare forward by wall clock and by CPU time, and the judged (lower) one.
+
+  Extra work (decode, serialization, Beam) shows in CPU time; stalls (cores idle while the
+  input or writer catches up) in wall time. On a shared CPU the wall ratio of two separately
+  timed runs swings by tens of percent, so the judged value is the lower of the two.
+  """
+  wall = measure.ratio_or_none(run["extract_rate"] or 0.0, run["bare_rate"])
+  cpu = measure.ratio_or_none(run.get("extract_images_per_cpu_second") or 0.0,
+                              run.get("bare_images_per_cpu_second") or 0.0)
+  known = [v for v in (wall, cpu) if v is not None]
+  return {"wall": wall, "cpu": cpu, "judged": min(known) if known else None}
+
+
 def r1(vgg: dict[str, Any], mobilenet: dict[str, Any], quick: bool) -> measure.Ratio:
   """R1 from the measured extract and bare-forward rates (judged on VGG16)."""
-  value = measure.ratio_or_none(vgg["extract_rate"] or 0.0, vgg["bare_rate"])
-  mobile = measure.ratio_or_none(mobilenet["extract_rate"] or 0.0, mobilenet["bare_rate"])
+  judged = efficiency(vgg)
+  mobile = efficiency(mobilenet)
   return measure.Ratio(
-      "R1", "extraction efficiency (VGG16)", value,
+      "R1", "extraction efficiency (VGG16)", judged["judged"],
       measure.Figure(f"extract VGG16@{vgg['input_size']} end to end", vgg["extract_rate"] or 0.0,
                      "img/s"),
       measure.Figure(f"bare tf.function forward bs{vgg['batch_size']}", vgg["bare_rate"],
                      "img/s"),
       0.95, ">=",
-      details={"vgg16": vgg, "mobilenet_v2": {**mobilenet, "ratio": mobile}},
-      notes=("steady state: difference of two in-process extract runs, bare forward averaged "
-             "over runs before/between/after them; CPU-second figures in details; "
+      details={"vgg16": {**vgg, "ratios": judged},
+               "mobilenet_v2": {**mobilenet, "ratios": mobile}},
+      notes=(f"lower of wall ratio {judged['wall'] or 0:.3f} and CPU-time ratio "
+             f"{judged['cpu'] or 0:.3f}; MobileNetV2@{mobilenet['input_size']}: wall "
+             f"{mobile['wall'] or 0:.3f}, CPU {mobile['cpu'] or 0:.3f} (reported, not judged); "
+             "steady state: difference of two in-process extract runs, bare forward averaged "
+             "over runs before/between/after them; "
              + (f"--quick uses {vgg['input_size']}px input (full run: 300px)" if quick else
                 "300px input")))
 
@@ -147,6 +166,11 @@ def r2(mobilenet: dict[str, Any], quick: bool) -> measure.Ratio:
                      mobilenet["extract_rate"] or 0.0, "img/s"),
       measure.Figure("per-image model.predict loop", mobilenet["naive_rate"], "img/s"),
       8.0, ">=",
+      details={"cpu_time_ratio": measure.ratio_or_none(
+          mobilenet.get("extract_images_per_cpu_second") or 0.0,
+          mobilenet.get("naive_images_per_cpu_second") or 0.0),
+          "bare_forward_over_naive": measure.ratio_or_none(mobilenet["bare_rate"],
+                                                           mobilenet["naive_rate"])},
       notes=("extract rate from the memory runs (child processes, two dataset sizes)"
              + (f"; --quick uses {mobilenet['input_size']}px input (full run: 224px)" if quick
                 else "")))

@@ -34,13 +34,15 @@ class _EpochSeconds:
       def __init__(self):
         super().__init__()
         self.seconds: list[float] = []
-        self._start = 0.0
+        self.cpu_seconds: list[float] = []
+        self._start = self._cpu = 0.0
 
       def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+        self._start, self._cpu = time.perf_counter(), time.process_time()
 
       def on_epoch_end(self, epoch, logs=None):
         self.seconds.append(time.perf_counter() - self._start)
+        self.cpu_seconds.append(time.process_time() - self._cpu)
 
     return EpochSeconds()
 
@@ -60,10 +62,14 @@ def _compiled_head(head: str, spec: Any, *, backbone: Any = None) -> Any:
   return model
 
 
-def _fit_epoch_seconds(model: Any, dataset: Any, epochs: int, **fit_args) -> list[float]:
+def _fit_epoch_seconds(model: Any, dataset: Any, epochs: int, cpu: list[float] | None = None,
+                       **fit_args) -> list[float]:
+  """Wall seconds per epoch of `model.fit`; CPU seconds per epoch are appended to `cpu`."""
   timer = _EpochSeconds.make()
   fit_args.setdefault("shuffle", False)  # tf.data inputs shuffle themselves
   model.fit(dataset, epochs=epochs, verbose=0, callbacks=[timer], **fit_args)
+  if cpu is not None:
+    cpu.extend(timer.cpu_seconds)
   return timer.seconds
 
 
@@ -139,26 +145,35 @@ def in_memory_dataset(x: Any, y: Any, batch_size: int) -> Any:
           .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
-def r6(feature_dir: str, *, head: str, batch_size: int, epochs: int) -> measure.Ratio:
+def r6(feature_dir: str, *, head: str, batch_size: int, epochs: int,
+       passes: int = 1) -> measure.Ratio:
   """R6: reader pipeline vs the same features preloaded in memory, same head, epochs 2..
 
   The in-memory side is the faster of `tf.data.Dataset.from_tensor_slices` over preloaded
-  tensors and Keras' own `fit(x, y)` on numpy arrays; epoch 1 is reported in details.
+  tensors and Keras' own `fit(x, y)` on numpy arrays; epoch 1 is reported in details. With
+  `passes` > 1 each timed Keras epoch makes that many passes over the data (`repeat`), so a
+  small dataset's epoch is long enough to time on a shared CPU; the reader's cache still
+  fills during the first pass only.
   """
-  if epochs < 2:
-    raise ValueError(f"epochs must be >= 2, got {epochs!r}")
+  if epochs < 2 or passes < 1:
+    raise ValueError(f"need epochs >= 2 and passes >= 1, got {epochs!r}, {passes!r}")
   from heads import reader, zoo
   spec = reader.load_spec(feature_dir)
   kind = zoo.input_kind(head)
   dataset, count = reader_train_dataset(spec, kind, batch_size)
-  real = _fit_epoch_seconds(_compiled_head(head, spec), dataset, epochs)
+  dataset, count = dataset.repeat(passes), count * passes
+  real_cpu, tensors_cpu = [], []
+  real = _fit_epoch_seconds(_compiled_head(head, spec), dataset, epochs, real_cpu)
   arrays = reader.load_arrays(reader.read_split(spec, "train", input_kind=kind))
-  tensors = _fit_epoch_seconds(_compiled_head(head, spec),
-                               in_memory_dataset(arrays["x"], arrays["y"], batch_size), epochs)
+  tensors = _fit_epoch_seconds(
+      _compiled_head(head, spec),
+      in_memory_dataset(arrays["x"], arrays["y"], batch_size).repeat(passes), epochs, tensors_cpu)
+  # Keras' numpy path has no repeat; its epoch is one pass.
   numpy_fit = _fit_epoch_seconds(_compiled_head(head, spec), arrays["x"], epochs, y=arrays["y"],
                                  batch_size=batch_size, shuffle=True)
+  memory_count = len(arrays["x"]) * passes
   real_rate = count / statistics.median(real[1:])
-  tensor_rate = len(arrays["x"]) / statistics.median(tensors[1:])
+  tensor_rate = memory_count / statistics.median(tensors[1:])
   numpy_rate = len(arrays["x"]) / statistics.median(numpy_fit[1:])
   memory_rate = max(tensor_rate, numpy_rate)
   return measure.Ratio(
@@ -171,7 +186,12 @@ def r6(feature_dir: str, *, head: str, batch_size: int, epochs: int) -> measure.
                "epoch_seconds_keras_numpy_fit": numpy_fit,
                "in_memory_tensors_examples_per_second": tensor_rate,
                "keras_numpy_fit_examples_per_second": numpy_rate,
-               "epoch1_ratio": (count / real[0]) / (len(arrays["x"]) / tensors[0]),
+               "passes_per_epoch": passes,
+               "epoch1_ratio": (count / real[0]) / (memory_count / tensors[0]),
+               # CPU seconds per epoch (2..): less sensitive to other jobs on a shared CPU.
+               "cpu_time_ratio_vs_tensors": (statistics.median(tensors_cpu[1:]) / memory_count)
+               / (statistics.median(real_cpu[1:]) / count),
+               "epoch_cpu_seconds_reader": real_cpu, "epoch_cpu_seconds_tensors": tensors_cpu,
                "feature_map_shape": list(spec.feature_map_shape or ())},
-      notes=(f"median of epochs 2..{epochs}, batch {batch_size}; in-memory side: the faster of "
-             "from_tensor_slices(tensors) and Keras fit(numpy)"))
+      notes=(f"median of epochs 2..{epochs} ({passes} passes each), batch {batch_size}; "
+             "in-memory side: the faster of from_tensor_slices(tensors) and Keras fit(numpy)"))
