@@ -6,3 +6,4 @@ Each ratio is dimensionless and measured side by side in one run, on one machine
 synthetic photo-like JPEGs, so it transfers across machines; the absolute figures behind every
 ratio are recorded next to it. See benchmarks/README.md for the latest table.
 """
+from __future__ import annotations

@@ -28,9 +28,12 @@ class _EpochSeconds:
 
   @staticmethod
   def make():
+    """A new callback instance recording wall and CPU seconds per epoch."""
     import keras
 
     class EpochSeconds(keras.callbacks.Callback):
+      """Wall and CPU seconds of every epoch."""
+
       def __init__(self):
         super().__init__()
         self.seconds: list[float] = []

@@ -44,6 +44,7 @@ class IngestRun:
 
   @property
   def label(self) -> str:
+    """Mode, worker count and extra flags, as printed."""
     return f"{self.mode}, {self.workers} workers" + (
         f", {' '.join(self.extra_args)}" if self.extra_args else "")
 

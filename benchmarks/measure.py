@@ -34,6 +34,7 @@ class Figure:
   unit: str
 
   def to_dict(self) -> dict[str, Any]:
+    """JSON-ready form."""
     return {"label": self.label, "value": self.value, "unit": self.unit}
 
 
@@ -67,11 +68,13 @@ class Ratio:
 
   @property
   def meets_target(self) -> bool:
+    """Whether the value is on the passing side of the target (False when not measured)."""
     if self.value is None:
       return False
     return self.value >= self.target if self.comparison == ">=" else self.value <= self.target
 
   def to_dict(self) -> dict[str, Any]:
+    """JSON-ready form: value, target, verdict, both figures, details, notes."""
     return {
         "name": self.name, "value": self.value, "target": self.target,
         "comparison": self.comparison, "meets_target": self.meets_target,
@@ -154,6 +157,7 @@ class _TreeSampler:
     self.peak_rss = 0
 
   def sample(self) -> None:
+    """Records every live process's CPU seconds and the tree's summed RSS."""
     psutil = self._psutil
     try:
       processes = [self._root, *self._root.children(recursive=True)]
