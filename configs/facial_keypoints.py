@@ -62,13 +62,13 @@ def get_config(tiny: bool = False) -> dict[str, Any]:
           "config": {"head": {"conv2_filters": 32, "dense_units": 64, "dropout": 0.1},
                      "train": {"batch_size": 8, "shuffle_buffer": 64}},
       },
-      # Measured here (seed 0), 10 test faces of 96-128 px: ImageNet 16.8 px MAE, random init
-      # 15.3 px. On 25 synthetic training faces, random (BatchNorm-calibrated) conv features
-      # localise the drawn shapes as well as ImageNet ones, so the tiny variant does NOT show
-      # the full experiment's ImageNet advantage; it checks both errors instead.
+      # Measured here (seed 0), 10 test faces of 96-128 px, with the keypoint output starting
+      # at the mean training face: ImageNet 5.6 px MAE, random init 8.9 px (before that output
+      # init: 16.8 and 15.3 px). On 25 synthetic training faces that gap is one seed's worth of
+      # evidence, so the tiny variant checks both error levels, not the published advantage.
       "expect": [
           {"backbone": "mobilenet", "weights": "imagenet", "head": "keypoints", "split": "test",
-           "value": 16.8, "tolerance": 5.0},
+           "at_most": 10.0},
           {"backbone": "mobilenet", "weights": "none", "head": "keypoints", "split": "test",
            "at_most": 25.0},
       ],
