@@ -1,100 +1,119 @@
-"""Runs image decoding in subprocesses, so a decoder crash or hang costs one input, not the job.
+"""Runs image decoding in worker processes, so a decoder crash or hang costs one input, not the job.
 
     decode = IsolatedDecoder(image_decode.prepare_record, processes=2, timeout=30.0)
     record = decode(row, data, settings)   # or raises image_decode.ImageError
 
 A crafted file can make a native decoder segfault or loop forever (reliability matrix rows
-31–32). Each call runs in a pool of spawned processes (which import only OpenCV, Pillow and
-NumPy, not TensorFlow) with at most `processes` calls in flight, so the timeout measures
-decoding, not queueing. A hang kills the pool (`decode_timeout`); a crash breaks it. Calls that
-were in flight in a broken pool are retried once alone in a private process, so only an input
-that really breaks the decoder is dead-lettered as `decoder_crash`.
+31–32). Each call goes to one idle worker (`python -m pipeline.decode_worker`, which imports
+only OpenCV, Pillow and NumPy) over a pipe and has `timeout` seconds to answer. A worker that
+dies or overruns is killed and replaced. A crash is retried once in a fresh worker (it can be
+the machine's fault, not the input's) before the input is dead-lettered as `decoder_crash`; a
+hang becomes `decode_timeout` at once. Other calls in flight are unaffected: each worker serves
+one call at a time.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
+import os
+import pickle
+import queue
+import select
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
 
-from pipeline import image_decode
+from pipeline import decode_worker, image_decode
+
+_ATTEMPTS = 2
+
+
+class _Worker:
+  """One child process and its pipes."""
+
+  def __init__(self):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    self.process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.decode_worker"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, env=env)
+
+  def call(self, request: tuple, timeout: float):
+    """Sends one request; returns the reply, or raises TimeoutError / EOFError."""
+    decode_worker.write_message(self.process.stdin, request)
+    ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+    if not ready:
+      raise TimeoutError
+    reply = decode_worker.read_message(self.process.stdout)
+    if reply is None:
+      raise EOFError
+    return reply
+
+  def kill(self) -> None:
+    self.process.kill()
+    self.process.wait()
+
 
 class IsolatedDecoder:
-  """Callable wrapper running `function(*args)` in a subprocess pool with a per-call timeout."""
+  """Callable running `function(*args)` in worker processes with a per-call timeout."""
 
   def __init__(self, function: Callable, *, processes: int, timeout: float):
     if processes < 1 or timeout <= 0:
       raise ValueError(f"need processes >= 1 and timeout > 0, got {processes!r}, {timeout!r}")
-    self._function = function
-    self._processes = processes
+    self._name = (function.__module__, function.__name__)
     self._timeout = timeout
+    self._idle: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
+    for _ in range(processes):
+      self._idle.put(None)  # a slot; its worker starts on first use
     self._lock = threading.Lock()
-    self._slots = threading.Semaphore(processes)
-    self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-    self._generation = 0
+    self._workers: list[_Worker] = []
 
-  def _current_pool(self) -> tuple[concurrent.futures.ProcessPoolExecutor, int]:
+  def _start(self) -> _Worker:
+    worker = _Worker()
     with self._lock:
-      if self._pool is None:
-        # spawn: a fork of a threaded worker holding TensorFlow/gRPC state can deadlock.
-        self._pool = concurrent.futures.ProcessPoolExecutor(
-            self._processes, mp_context=multiprocessing.get_context("spawn"))
-      return self._pool, self._generation
+      self._workers.append(worker)
+    return worker
 
-  def _discard(self, generation: int) -> None:
-    """Kills the pool of `generation` (once, whichever thread sees the failure first)."""
+  def _retire(self, worker: _Worker) -> None:
+    worker.kill()
     with self._lock:
-      if self._pool is None or generation != self._generation:
-        return
-      pool, self._pool = self._pool, None
-      self._generation += 1
-    self._kill(pool)
-
-  @staticmethod
-  def _kill(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    # A hung child never returns by itself: the executor has no public kill, so use its
-    # process table.
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-      process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
-
-  def _run(self, pool, generation: int | None, args):
-    try:
-      return pool.submit(self._function, *args).result(timeout=self._timeout)
-    except concurrent.futures.TimeoutError:
-      self._kill(pool) if generation is None else self._discard(generation)
-      raise image_decode.ImageError(
-          "decode_timeout", f"decoding took longer than {self._timeout:g}s; the decoder "
-          "process was killed") from None
+      self._workers.remove(worker)
 
   def __call__(self, *args):
-    """Runs the function on `args` in a subprocess.
+    """Runs the function on `args` in a worker.
 
     Raises:
       image_decode.ImageError: `decode_timeout` or `decoder_crash`, or the function's own.
     """
-    with self._slots:
-      pool, generation = self._current_pool()
+    request = (*self._name, args)
+    for _ in range(_ATTEMPTS):
+      worker = self._idle.get() or self._start()
       try:
-        return self._run(pool, generation, args)
-      except BrokenProcessPool:
-        self._discard(generation)
-    # The shared pool broke while this call was in flight, maybe because of another input:
-    # retry alone in a private process, so only the input that really kills it is blamed.
-    private = concurrent.futures.ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn"))
-    try:
-      return self._run(private, None, args)
-    except BrokenProcessPool:
-      raise image_decode.ImageError("decoder_crash", "the decoder process died on this input "
-                                    "(twice, the second time alone)") from None
-    finally:
-      private.shutdown(wait=False, cancel_futures=True)
+        ok, value = worker.call(request, self._timeout)
+      except TimeoutError:
+        self._retire(worker)
+        raise image_decode.ImageError(
+            "decode_timeout", f"decoding took longer than {self._timeout:g}s; the worker was "
+            "killed") from None
+      except (EOFError, BrokenPipeError, pickle.UnpicklingError):
+        self._retire(worker)
+        continue  # retried once in a fresh worker: the crash may not be the input's fault
+      finally:
+        if worker.process.poll() is None:
+          self._idle.put(worker)
+        else:
+          self._idle.put(None)
+      if ok:
+        return value
+      if isinstance(value, image_decode.ImageError):
+        raise value
+      # Any other exception is the decoder failing on this input: a data problem, not the job's.
+      raise image_decode.ImageError("decode_failed", f"{type(value).__name__}: {value}")
+    raise image_decode.ImageError("decoder_crash", "the decoder process died on this input "
+                                  f"({_ATTEMPTS} attempts)")
 
   def close(self) -> None:
     """Stops the worker processes."""
     with self._lock:
-      pool, self._pool = self._pool, None
-    if pool is not None:
-      pool.shutdown(wait=False, cancel_futures=True)
+      workers, self._workers = list(self._workers), []
+    for worker in workers:
+      worker.process.stdin.close()
+      worker.kill()
