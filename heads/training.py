@@ -122,6 +122,23 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
           for index, count in enumerate(counts)}
 
 
+class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
+  """BackupAndRestore that refuses a damaged backup in one sentence.
+
+  Keras raises h5py's OSError deep inside `fit`; worse, deleting the backup by hand to get past
+  it would silently restart from random weights. The run stops instead, naming the folder.
+  """
+
+  def on_train_begin(self, logs=None):
+    try:
+      super().on_train_begin(logs)
+    except (OSError, ValueError, KeyError) as error:
+      raise dataset_io.DatasetError(
+          f"resume checkpoint {self.backup_dir!r} is damaged ({type(error).__name__}: "
+          f"{str(error).splitlines()[0][:120]}); restore it, or delete it to retrain this run "
+          "from scratch") from error
+
+
 def _best_so_far(history_path: str, monitor: str) -> float | None:
   """Best monitored value in an existing history, so a resumed run keeps the better checkpoint."""
   if not tf.io.gfile.exists(history_path):
@@ -229,7 +246,7 @@ def fit(model: keras.Model, train_batches: tf.data.Dataset,
     tf.io.gfile.remove(history_path)   # a finished earlier run: start the history afresh
   timer = EpochTimer()
   run_callbacks = [
-      keras.callbacks.BackupAndRestore(f"{out_dir}/{BACKUP_DIR}"),
+      CheckedBackupAndRestore(f"{out_dir}/{BACKUP_DIR}"),
       keras.callbacks.ModelCheckpoint(
           f"{out_dir}/{BEST_WEIGHTS}", monitor=monitor, save_best_only=True,
           save_weights_only=True,
@@ -394,6 +411,8 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     raise dataset_io.DatasetError(f"dataset {spec.data_dir!r} has no train split (it has "
                                   f"{', '.join(spec.splits)}); nothing to train on")
   _check_run_dir(out_dir, spec, head)
+  for split in spec.splits:
+    dataset_io.check_shards(spec.data_dir, spec.manifest, split)
   notes = [f"no {split} split in the dataset: not evaluated"
            for split in ("validation", "test") if split not in spec.splits]
   has_validation = "validation" in spec.splits

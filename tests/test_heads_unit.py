@@ -11,6 +11,8 @@ import csv
 import dataclasses
 import json
 import pathlib
+import re
+import shutil
 
 import keras
 import numpy as np
@@ -425,3 +427,40 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                          "--out", str(tmp_path / "run")])
   error = capsys.readouterr().err.strip()
   assert code == 2 and "\n" not in error and "no manifest.json" in error
+
+
+def test_corrupt_backup_is_refused_not_replaced_by_random_init(multiclass_dir, tmp_path):
+  """F15: a damaged resume checkpoint stops the run with a clear error; it never restarts."""
+  out = tmp_path / "run"
+  config = tiny(epochs=4)
+  with pytest.raises(KeyboardInterrupt):
+    training.train(str(multiclass_dir), "linear", str(out), config, verbose=0,
+                   callbacks=[_Interrupt(after_epoch=2)])
+  backups = [p for p in (out / "backup").rglob("*") if p.is_file()]
+  assert backups
+  for path in backups:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 3)])
+  with pytest.raises(ValueError, match="resume checkpoint .* is damaged"):
+    training.train(str(multiclass_dir), "linear", str(out), config, verbose=0)
+  assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut"])
+def test_damaged_feature_shards_are_refused_naming_the_file(multiclass_dir, tmp_path, damage):
+  """Matrix row 33 / F9-F11 in stage 3: training never starts on a damaged shard."""
+  copy = tmp_path / "features"
+  shutil.copytree(multiclass_dir, copy)
+  manifest = json.loads((copy / "manifest.json").read_text())
+  shard = copy / manifest["splits"]["train"]["shards"][0]["file"]
+  data = bytearray(shard.read_bytes())
+  if damage == "flip":
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+  else:  # cut at a record boundary: every CRC still passes, only the count shows the loss
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(shard))]
+    with tf.io.TFRecordWriter(str(shard)) as writer:
+      for record in records[:-1]:
+        writer.write(record)
+  expected = "is corrupt" if damage == "flip" else "its manifest says"
+  with pytest.raises(ValueError, match=re.escape(shard.name) + ".*" + expected):
+    training.train(str(copy), "linear", str(tmp_path / "run"), tiny(epochs=1), verbose=0)
