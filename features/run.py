@@ -17,38 +17,9 @@ from typing import Any
 
 from features import backbones as backbones_lib
 from features import records
+from pipeline import flags
 
 _WEIGHTS_HELP = "imagenet (default), none (seeded random init) or the path of a weights file"
-
-
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-  return value
-
-
-def _non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-  return value
-
-
-def _fraction(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not 0.0 <= value <= 1.0:
-    raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
-  return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,21 +41,21 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
   parser.add_argument("--backbones", default="mobilenet_v2",
                       help=f"comma list of {', '.join(backbones_lib.BACKBONES)} or model paths")
   parser.add_argument("--layer", default=None, help="output layer name (default: last conv block)")
-  parser.add_argument("--input-size", type=_positive_int, default=None,
+  parser.add_argument("--input-size", type=flags.positive_int, default=None,
                       help="square input side (default: the image dataset's image size)")
   parser.add_argument("--weights", default="imagenet", help=_WEIGHTS_HELP)
   parser.add_argument("--weights-dir", default=None,
                       help="folder/bucket of staged weight files (or $HEADSTART_WEIGHTS_DIR)")
-  parser.add_argument("--batch-size", type=_positive_int, default=64)
+  parser.add_argument("--batch-size", type=flags.positive_int, default=64)
   parser.add_argument("--store", choices=records.STORE_CHOICES, default="both")
-  parser.add_argument("--views", type=_non_negative_int, default=0,
+  parser.add_argument("--views", type=flags.non_negative_int, default=0,
                       help="augmented views per train image (flip, crops)")
   parser.add_argument("--force", action="store_true", help="recompute even on a cache hit")
   parser.add_argument("--seed", type=int, default=0, help="seed of --weights none and of views")
   parser.add_argument("--precision", choices=backbones_lib.PRECISIONS, default="float32",
                       help="compute precision of the backbones (mixed_* for GPUs)")
   parser.add_argument("--jit-compile", action="store_true", help="compile the forward with XLA")
-  parser.add_argument("--max-error-fraction", type=_fraction, default=0.5,
+  parser.add_argument("--max-error-fraction", type=flags.fraction, default=0.5,
                       help="fail when more image records than this are unusable (dead-lettered)")
   known, beam_args = parser.parse_known_args(argv)
   config = jobs_lib.ExtractConfig(

@@ -230,6 +230,15 @@ def _to_pair(record: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
   return record["x"], record["y"]
 
 
+def _pairs(dataset: tf.data.Dataset, *, cache: bool,
+           num_examples: int | None) -> tf.data.Dataset:
+  """Per-example dicts -> `(x, y)`, with the declared cardinality, cached when asked."""
+  dataset = dataset.map(_to_pair, num_parallel_calls=tf.data.AUTOTUNE)
+  if num_examples is not None:
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
+  return dataset.cache() if cache else dataset
+
+
 def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer: int,
                    seed: int, cache: bool = True,
                    num_examples: int | None = None) -> tf.data.Dataset:
@@ -238,27 +247,17 @@ def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer:
   `num_examples` (from `count_examples`) declares the cardinality the view filter hides, so Keras
   knows the epoch length from the first epoch on.
   """
-  autotune = tf.data.AUTOTUNE
-  dataset = dataset.map(_to_pair, num_parallel_calls=autotune)
-  if num_examples is not None:
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
-  if cache:
-    dataset = dataset.cache()
+  dataset = _pairs(dataset, cache=cache, num_examples=num_examples)
   # Shuffle after the cache so every epoch sees a new order of the same cached records.
   dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  return dataset.batch(batch_size).prefetch(autotune)
+  return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def make_for_eval(dataset: tf.data.Dataset, *, batch_size: int, cache: bool = True,
                   num_examples: int | None = None) -> tf.data.Dataset:
   """Per-example dicts -> `(x, y)` batches in record order."""
-  autotune = tf.data.AUTOTUNE
-  dataset = dataset.map(_to_pair, num_parallel_calls=autotune)
-  if num_examples is not None:
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
-  if cache:
-    dataset = dataset.cache()
-  return dataset.batch(batch_size).prefetch(autotune)
+  dataset = _pairs(dataset, cache=cache, num_examples=num_examples)
+  return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def load_arrays(dataset: tf.data.Dataset, keys: tuple[str, ...] = ("x", "y")

@@ -22,21 +22,8 @@ import apache_beam as beam
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import dataset_io, fetch, image_dataset, image_decode, sources, splits, transforms
-
-
-def _positive_int(text: str) -> int:
-  value = int(text)
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-  return value
-
-
-def _fraction(text: str) -> float:
-  value = float(text)
-  if not 0.0 <= value <= 1.0:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
-  return value
+from pipeline import (dataset_io, fetch, flags, image_dataset, image_decode, sources, splits,
+                      transforms)
 
 
 def _rgb(text: str) -> tuple[int, int, int]:
@@ -52,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--source", required=True,
                       help="CSV manifest, class-per-folder tree, or root/<split>/<class>/ tree")
   parser.add_argument("--out", required=True, help="output dataset directory (local or gs://)")
-  parser.add_argument("--image-size", type=_positive_int, default=300)
+  parser.add_argument("--image-size", type=flags.positive_int, default=300)
   parser.add_argument("--url-column", default="image_url")
   parser.add_argument("--label-column", default="label")
   parser.add_argument("--group-column", default=None,
@@ -67,21 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--format", choices=image_decode.FORMATS, default="jpeg")
   parser.add_argument("--background", type=_rgb, default=(255, 255, 255),
                       help="R,G,B that transparent pixels and padding are composited on")
-  parser.add_argument("--max-error-fraction", type=_fraction, default=0.5)
-  parser.add_argument("--min-side", type=_positive_int, default=image_decode.DEFAULT_MIN_SIDE)
-  parser.add_argument("--max-pixels", type=_positive_int, default=image_decode.DEFAULT_MAX_PIXELS)
-  parser.add_argument("--max-bytes", type=_positive_int, default=fetch.FetchConfig.max_bytes)
+  parser.add_argument("--max-error-fraction", type=flags.fraction, default=0.5)
+  parser.add_argument("--min-side", type=flags.positive_int, default=image_decode.DEFAULT_MIN_SIDE)
+  parser.add_argument("--max-pixels", type=flags.positive_int, default=image_decode.DEFAULT_MAX_PIXELS)
+  parser.add_argument("--max-bytes", type=flags.positive_int, default=fetch.FetchConfig.max_bytes)
   parser.add_argument("--timeout", type=float, default=fetch.FetchConfig.deadline,
                       help="total seconds allowed per download")
   parser.add_argument("--retries", type=int, default=fetch.FetchConfig.retries)
-  parser.add_argument("--fetch-threads", type=_positive_int, default=16)
+  parser.add_argument("--fetch-threads", type=flags.positive_int, default=16)
   parser.add_argument("--download-cache", default=None,
                       help="content-addressed cache of fetched remote bytes, so re-runs fetch "
                       "only new sources (default: OUT/download_cache; 'none' disables it)")
   parser.add_argument("--decode-timeout", type=float, default=30.0,
                       help="seconds one image may take to decode in its isolated subprocess "
                       "(a crash or hang costs that image only); 0 decodes in-process")
-  parser.add_argument("--decode-processes", type=_positive_int, default=2)
+  parser.add_argument("--decode-processes", type=flags.positive_int, default=2)
   parser.add_argument("--decoder", default="pipeline.image_decode:prepare_record",
                       help="module:function(row, bytes, DecodeSettings) -> record; a custom "
                       "decoder (it must be importable by the workers)")
