@@ -445,3 +445,42 @@ def test_gs_sources_only_from_allowed_buckets():
   with pytest.raises(sources.RowError) as error:
     sources.parse_csv_line("gs://someone-else/secret.jpg,x", spec)
   assert error.value.reason == "bucket_not_allowed"
+
+
+def test_dns_answers_are_vetted_and_short_bodies_are_not_images(tmp_path, http_server,
+                                                               monkeypatch):
+  """Rows 11 and 19: a name resolving to any private address is refused (the connection goes
+  to the vetted address, so a later DNS answer cannot swap it); a body cut short of its
+  Content-Length is retried and dead-lettered."""
+  from pipeline import fetch
+
+  real_getaddrinfo = fetch.socket.getaddrinfo
+  answers = {"rebind.example": ["93.184.216.34", "127.0.0.2"], "internal.example": ["10.1.2.3"]}
+
+  def fake_getaddrinfo(host, port, *args, **kwargs):
+    if host in answers:
+      return [(fetch.socket.AF_INET, fetch.socket.SOCK_STREAM, 6, "", (ip, port))
+              for ip in answers[host]]
+    return real_getaddrinfo(host, port, *args, **kwargs)
+
+  monkeypatch.setattr(fetch.socket, "getaddrinfo", fake_getaddrinfo)
+
+  def short_body(handler):
+    handler.send_response(200)
+    handler.send_header("Content-Length", "5000")
+    handler.end_headers()
+    handler.wfile.write(b"\x89PNG\r\n\x1a\n" + bytes(92))  # then the connection closes
+
+  http_server.routes = {"/short.png": short_body}
+  rows = ["image_url,label", "http://rebind.example/a.png,a", "http://internal.example/b.png,b",
+          f"{http_server.url}/short.png,a"]
+  (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match="no image was written"):
+    ingest.run(["--source", str(tmp_path / "m.csv"), "--out", str(out), "--image-size", "32",
+                "--allow-network", "127.0.0.1/32", "--retries", "1", "--max-error-fraction", "1"])
+  reasons = {e["row"]["source"].split("/")[2]: e["reason"] for e in _errors(out)}
+  assert reasons["rebind.example"] == "blocked_address"
+  assert reasons["internal.example"] == "blocked_address"
+  assert reasons[http_server.url.split("/")[2]] == "connection_error"
+  assert http_server.hits.count("/short.png") == 2  # first try + one retry
