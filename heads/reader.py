@@ -240,16 +240,34 @@ def _pairs(dataset: tf.data.Dataset, *, cache: bool,
 
 
 def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer: int,
-                   seed: int, cache: bool = True,
-                   num_examples: int | None = None) -> tf.data.Dataset:
+                   seed: int, cache: bool = True, num_examples: int | None = None,
+                   epoch: tf.Variable | None = None) -> tf.data.Dataset:
   """Per-example dicts -> shuffled `(x, y)` batches, cached after the first epoch.
 
   `num_examples` (from `count_examples`) declares the cardinality the view filter hides, so Keras
-  knows the epoch length from the first epoch on.
+  knows the epoch length from the first epoch on. With `epoch` (an int64 variable the trainer
+  sets at each epoch's start, see `training.EpochSeed`), epoch k's order is a function of
+  (seed, k) alone, so a run resumed in a new process replays exactly the order an uninterrupted
+  run would have used; without it, each new iterator draws the next order of this process.
   """
   dataset = _pairs(dataset, cache=cache, num_examples=num_examples)
   # Shuffle after the cache so every epoch sees a new order of the same cached records.
-  dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if epoch is None:
+    dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  else:
+    cached = dataset
+
+    def epoch_order(_):
+      # With Keras' global seed 0, tf's get_seed compares the (tensor) op seed with 0 in
+      # Python and fails; no graph-level seed inside this function sidesteps that, and the
+      # order stays a function of (seed, epoch) alone.
+      tf.compat.v1.get_default_graph().seed = None
+      return cached.shuffle(shuffle_buffer, seed=seed * 1_000_003 + epoch.read_value(),
+                            reshuffle_each_iteration=False)
+
+    dataset = tf.data.Dataset.from_tensors(0).flat_map(epoch_order)
+    if num_examples is not None:
+      dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
   return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 

@@ -122,6 +122,22 @@ def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
           for index, count in enumerate(counts)}
 
 
+class EpochSeed(keras.callbacks.Callback):
+  """Publishes the epoch about to run to the input pipeline (`reader.make_for_train(epoch=)`).
+
+  Keras builds each epoch's iterator after `on_epoch_begin`, so epoch k shuffles with (seed, k)
+  even when a resumed fit starts at k in a fresh process (F14: resume ends where an
+  uninterrupted run ends).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.epoch.assign(epoch)
+
+
 class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
   """BackupAndRestore that refuses a damaged backup in one sentence.
 
@@ -436,9 +452,11 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
 
   batch_size = config.train.batch_size
   num_train = reader.count_examples(spec, "train", views=config.train.views)
+  epoch_seed = EpochSeed()
   train_batches = reader.make_for_train(train_records, batch_size=batch_size,
                                         shuffle_buffer=config.train.shuffle_buffer,
-                                        seed=config.train.seed, num_examples=num_train)
+                                        seed=config.train.seed, num_examples=num_train,
+                                        epoch=epoch_seed.epoch)
   val_batches = reader.make_for_eval(
       reader.read_split(spec, "validation", input_kind=kind), batch_size=batch_size,
       num_examples=reader.count_examples(spec, "validation")) if has_validation else None
@@ -460,7 +478,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     notes.append("best checkpoint and early stopping monitor the training loss")
   fitted = fit(model, train_batches, val_batches, out_dir, epochs=config.train.epochs,
                early_stopping=config.train.early_stopping, class_weight=weights,
-               callbacks=callbacks, verbose=verbose)
+               callbacks=[epoch_seed, *callbacks], verbose=verbose)
   model.save(f"{out_dir}/{HEAD_NAME}")
   result: dict[str, Any] = {
       "task": spec.task, "head": head, "backbone": spec.backbone,

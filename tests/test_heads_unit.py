@@ -13,6 +13,8 @@ import json
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -464,3 +466,25 @@ def test_damaged_feature_shards_are_refused_naming_the_file(multiclass_dir, tmp_
   expected = "is corrupt" if damage == "flip" else "its manifest says"
   with pytest.raises(ValueError, match=re.escape(shard.name) + ".*" + expected):
     training.train(str(copy), "linear", str(tmp_path / "run"), tiny(epochs=1), verbose=0)
+
+
+def test_resumed_run_ends_exactly_where_an_uninterrupted_one_does(multiclass_dir, tmp_path):
+  """F14: interrupted after epoch 2, resumed in a fresh process (a real restart), same seed:
+  identical history and identical final weights (each epoch's shuffle depends on (seed, epoch))."""
+  config = tiny(epochs=4, lr_decay=True)
+  training.train(str(multiclass_dir), "linear", str(tmp_path / "clean"), config, verbose=0)
+  with pytest.raises(KeyboardInterrupt):
+    training.train(str(multiclass_dir), "linear", str(tmp_path / "resumed"), config, verbose=0,
+                   callbacks=[_Interrupt(after_epoch=2)])
+  resume = ("from heads import training\n"
+            "from tests.test_heads_unit import tiny\n"
+            f"training.train({str(multiclass_dir)!r}, 'linear', {str(tmp_path / 'resumed')!r}, "
+            "tiny(epochs=4, lr_decay=True), verbose=0)\n")
+  subprocess.run([sys.executable, "-c", resume], check=True, capture_output=True,
+                 cwd=pathlib.Path(__file__).resolve().parent.parent)
+  assert (tmp_path / "clean" / "history.csv").read_text() == (
+      tmp_path / "resumed" / "history.csv").read_text()
+  clean = keras.models.load_model(tmp_path / "clean" / "head.keras").get_weights()
+  resumed = keras.models.load_model(tmp_path / "resumed" / "head.keras").get_weights()
+  for a, b in zip(clean, resumed):
+    np.testing.assert_array_equal(a, b)
