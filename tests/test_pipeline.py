@@ -484,3 +484,19 @@ def test_dns_answers_are_vetted_and_short_bodies_are_not_images(tmp_path, http_s
   assert reasons["internal.example"] == "blocked_address"
   assert reasons[http_server.url.split("/")[2]] == "connection_error"
   assert http_server.hits.count("/short.png") == 2  # first try + one retry
+
+
+def test_labels_outside_classes_and_random_bytes_are_dead_lettered(tmp_path):
+  manifest = write_image_set(tmp_path / "src", 4, 40)
+  (tmp_path / "src" / "img" / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(4096))
+  with manifest.open("a") as f:
+    f.write("img/0000.png,a\nimg/noise.jpg,b\n")  # (a duplicate of row 0 is fine)
+  rows = manifest.read_text().splitlines()
+  rows[2] = rows[2].replace(",b", ",zebra")  # img/0001.jpg now has a label outside --classes
+  manifest.write_text("\n".join(rows) + "\n")
+  out = tmp_path / "out"
+  summary = ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", "32",
+                        "--classes", "a,b", "--max-error-fraction", "0.9"])
+  assert summary["by_reason"] == {"unknown_label": 1, "not_an_image": 1, "duplicate": 1}
+  assert summary["written"] == 3 and summary["balanced"]
+  assert dataset_io.read_manifest(str(out))["class_names"] == ["a", "b"]
