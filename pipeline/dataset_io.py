@@ -103,15 +103,36 @@ def count_records(path: str) -> int:
   return int(dataset.reduce(np.int64(0), lambda count, _: count + 1))
 
 
-def describe_shard(path: str, split: str) -> dict[str, Any]:
-  """Record count, size and sha256 of one written shard: one manifest entry."""
-  return {
-      "split": split,
-      "file": path.rstrip("/").rsplit("/", 1)[-1],
-      "num_examples": count_records(path),
-      "num_bytes": tf.io.gfile.stat(path).length,
-      "sha256": file_sha256(path),
-  }
+def describe_shard(path: str, split: str, *, chunk_bytes: int = _HASH_CHUNK_BYTES
+                   ) -> dict[str, Any]:
+  """Record count, size and sha256 of one freshly written shard, in a single read.
+
+  The count walks the TFRecord framing (8-byte little-endian length, 4-byte length CRC, data,
+  4-byte data CRC) while the bytes are hashed; CRCs are checked later by readers and by
+  `headstart verify`.
+
+  Raises:
+    DatasetError: the file ends inside a record.
+  """
+  digest, size, count, next_record, tail = hashlib.sha256(), 0, 0, 0, b""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    while chunk := f.read(chunk_bytes):
+      digest.update(chunk)
+      chunk_start, size = size, size + len(chunk)
+      # `tail` holds the bytes from `next_record` up to this chunk when a header straddles.
+      window, window_start = (tail + chunk, chunk_start - len(tail)) if tail else (chunk,
+                                                                                  chunk_start)
+      while next_record + 8 <= size:
+        offset = next_record - window_start
+        length = int.from_bytes(window[offset:offset + 8], "little")
+        next_record += 8 + 4 + length + 4
+        count += 1
+      tail = window[next_record - window_start:] if next_record < size else b""
+  if next_record != size:
+    raise DatasetError(f"shard {path!r} ends inside a record ({size} bytes; the framing "
+                       f"expects {next_record})")
+  return {"split": split, "file": path.rstrip("/").rsplit("/", 1)[-1], "num_examples": count,
+          "num_bytes": size, "sha256": digest.hexdigest()}
 
 
 class WriteSplits(beam.PTransform):

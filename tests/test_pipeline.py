@@ -500,3 +500,19 @@ def test_labels_outside_classes_and_random_bytes_are_dead_lettered(tmp_path):
   assert summary["by_reason"] == {"unknown_label": 1, "not_an_image": 1, "duplicate": 1}
   assert summary["written"] == 3 and summary["balanced"]
   assert dataset_io.read_manifest(str(out))["class_names"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 8, 13, 4096])
+def test_describe_shard_counts_and_hashes_in_one_read(tmp_path, chunk_bytes):
+  import tensorflow as tf
+
+  path = str(tmp_path / "x.tfrecord")
+  with tf.io.TFRecordWriter(path) as writer:
+    for i in range(9):
+      writer.write(bytes(i * 37))
+  entry = dataset_io.describe_shard(path, "train", chunk_bytes=chunk_bytes)
+  assert entry["num_examples"] == dataset_io.count_records(path) == 9
+  assert entry["sha256"] == dataset_io.file_sha256(path)
+  pathlib.Path(path).write_bytes(pathlib.Path(path).read_bytes()[:-3])
+  with pytest.raises(dataset_io.DatasetError, match="ends inside a record"):
+    dataset_io.describe_shard(path, "train", chunk_bytes=chunk_bytes)
