@@ -54,13 +54,14 @@ def get_config(tiny: bool = False) -> dict[str, Any]:
           "config": {"head": {"conv_filters": 32, "dense_units": 1024, "dropout": 0.6},
                      "train": {"batch_size": 8, "shuffle_buffer": 64}},
       },
-      # Measured here (seed 0): linear probe 0.6 (0.9 before pooled heads standardised their
-      # input), conv head 0.6, on 10 test images (chance 0.5); the tolerance is two images of
-      # ten. Ten images cannot show the published 0.95: this variant checks the pipeline.
+      # Measured here (seed 0, epoch-seeded shuffles): linear probe 0.6, conv head 0.2 (0.6
+      # with the previous shuffle order), on 10 test images (chance 0.5). Ten images cannot
+      # show the published 0.95: this variant runs the pipeline and pins both values within
+      # two images, so a behaviour change is noticed.
       "expect": [
           {"backbone": "mobilenet", "head": "linear", "split": "test", "value": 0.6,
            "tolerance": 0.2},
-          {"backbone": "mobilenet", "head": "conv", "split": "test", "value": 0.6,
+          {"backbone": "mobilenet", "head": "conv", "split": "test", "value": 0.2,
            "tolerance": 0.2},
       ],
   }
