@@ -159,16 +159,17 @@ def _check_complete(data: bytes, header: Header) -> None:
     raise ImageError("truncated", f"{header.format} has no {marker}: the file is truncated")
 
 
-def _reduction_for(header: Header, needed: int, resize: str) -> tuple[int, int]:
-  """Largest DCT reduction that keeps the decoded image at least `needed` on the side that matters."""
+def _reduced_decode_flag(header: Header, needed: int, resize: str) -> int:
+  """The largest DCT reduction that keeps the decoded image at least `needed` on the side that
+  matters (IMREAD_COLOR when none does)."""
   if header.format != "jpeg" or header.mode not in ("RGB", "L", "YCbCr"):
-    return 1, cv2.IMREAD_COLOR
+    return cv2.IMREAD_COLOR
   # "pad" fits the long side, "crop" fills with the short side, "stretch" needs both.
   side = {"pad": max, "crop": min, "stretch": min}[resize](header.width, header.height)
   for factor, flag in _REDUCED_DECODES:
     if side // factor >= needed:
-      return factor, flag
-  return 1, cv2.IMREAD_COLOR
+      return flag
+  return cv2.IMREAD_COLOR
 
 
 def _to_rgb8(array: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
@@ -240,8 +241,7 @@ def decode_rgb(data: bytes, *, needed: int = 0, resize: str = "stretch",
                                                         header.orientation)
   else:
     # IMREAD_COLOR (and the reduced variants) apply EXIF orientation themselves.
-    _, flag = _reduction_for(header, needed, resize)
-    array = cv2.imdecode(buffer, flag)
+    array = cv2.imdecode(buffer, _reduced_decode_flag(header, needed, resize))
     rgb = None if array is None else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
   if rgb is None:
     raise ImageError("decode_failed", f"OpenCV could not decode this {header.format} image")

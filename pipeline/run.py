@@ -120,7 +120,7 @@ def _clear_previous_output(out_dir: str) -> None:
     tf.io.gfile.remove(path)
 
 
-def build_pipeline(root: beam.Pipeline, *, source: str, out_dir: str,
+def build_pipeline(root: beam.Pipeline, *, out_dir: str,
                    cfg: transforms.IngestConfig, spec: sources.CsvSpec | None,
                    folder_rows: list[dict] | None, max_error_fraction: float,
                    settings: dict) -> None:
@@ -214,7 +214,7 @@ def run(argv: list[str] | None = None) -> dict:
   _clear_previous_output(out_dir)
   started = time.monotonic()
   root = beam.Pipeline(options=_pipeline_options(pipeline_args))
-  build_pipeline(root, source=args.source, out_dir=out_dir, cfg=cfg, spec=spec,
+  build_pipeline(root, out_dir=out_dir, cfg=cfg, spec=spec,
                  folder_rows=folder_rows, max_error_fraction=args.max_error_fraction,
                  settings=settings)
   root.run().wait_until_finish()
