@@ -5,7 +5,8 @@
 
 A crafted file can make a native decoder segfault or loop forever (reliability matrix rows
 31–32). Each call goes to one idle worker (`python -m pipeline.decode_worker`, which imports
-only OpenCV, Pillow and NumPy) over a pipe and has `timeout` seconds to answer. A worker that
+only OpenCV, Pillow and NumPy) over a pipe, with the source bytes in a memory block shared
+with that worker (see `decode_worker`), and has `timeout` seconds to answer. A worker that
 dies or overruns is killed and replaced. A crash is retried once in a fresh worker (it can be
 the machine's fault, not the input's) before the input is dead-lettered as `decoder_crash`; a
 hang becomes `decode_timeout` at once. Other calls in flight are unaffected: each worker serves
@@ -27,18 +28,37 @@ from pipeline import decode_worker, image_decode
 _ATTEMPTS = 2
 
 
-class _Worker:
-  """One child process and its pipes."""
+# Bytes arguments at least this long go through the shared buffer, not the pipe.
+_SHARED_MIN_BYTES = 64 * 1024
 
-  def __init__(self):
+
+class _Worker:
+  """One child process, its pipes and (on Linux) the buffer shared with it for big arguments."""
+
+  def __init__(self, share_bytes: bool = True):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    command = [sys.executable, "-m", "pipeline.decode_worker"]
+    self.shared = None
+    if share_bytes and hasattr(os, "memfd_create"):
+      self.shared = decode_worker.SharedBuffer(os.memfd_create("headstart-decode"))
+      command += ["--buffer-fd", str(self.shared.fd)]
     self.process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.decode_worker"], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, env=env)
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        pass_fds=(self.shared.fd,) if self.shared else ())
+
+  def _share(self, request: tuple) -> tuple:
+    """The request with its big bytes arguments moved into the shared buffer."""
+    module, function, args = request
+    big = [i for i, arg in enumerate(args) if isinstance(arg, bytes)
+           and len(arg) >= _SHARED_MIN_BYTES]
+    if self.shared is None or not big:
+      return request
+    places = dict(zip(big, self.shared.put([args[i] for i in big])))
+    return module, function, tuple(places.get(i, arg) for i, arg in enumerate(args))
 
   def call(self, request: tuple, timeout: float):
     """Sends one request; returns the reply, or raises TimeoutError / EOFError."""
-    decode_worker.write_message(self.process.stdin, request)
+    decode_worker.write_message(self.process.stdin, self._share(request))
     ready, _, _ = select.select([self.process.stdout], [], [], timeout)
     if not ready:
       raise TimeoutError
@@ -50,16 +70,21 @@ class _Worker:
   def kill(self) -> None:
     self.process.kill()
     self.process.wait()
+    if self.shared is not None:
+      self.shared.close()
+      self.shared = None
 
 
 class IsolatedDecoder:
   """Callable running `function(*args)` in worker processes with a per-call timeout."""
 
-  def __init__(self, function: Callable, *, processes: int, timeout: float):
+  def __init__(self, function: Callable, *, processes: int, timeout: float,
+               share_bytes: bool = True):
     if processes < 1 or timeout <= 0:
       raise ValueError(f"need processes >= 1 and timeout > 0, got {processes!r}, {timeout!r}")
     self._name = (function.__module__, function.__name__)
     self._timeout = timeout
+    self._share_bytes = share_bytes  # False: big arguments go through the pipe too
     self._idle: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
     for _ in range(processes):
       self._idle.put(None)  # a slot; its worker starts on first use
@@ -67,7 +92,11 @@ class IsolatedDecoder:
     self._workers: list[_Worker] = []
 
   def _start(self) -> _Worker:
-    worker = _Worker()
+    try:
+      worker = _Worker(self._share_bytes)
+    except BaseException:
+      self._idle.put(None)  # keep the slot, or every later call would wait for it forever
+      raise
     with self._lock:
       self._workers.append(worker)
     return worker

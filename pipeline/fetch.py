@@ -87,15 +87,18 @@ class Fetcher:
 
   def _fetch_file(self, location: str) -> bytes:
     try:
-      size = tf.io.gfile.stat(location).length
+      info = tf.io.gfile.stat(location)
+      if info.is_directory:
+        raise FetchError("not_a_file", f"{location!r} is a directory")
+      if info.length > self.config.max_bytes:
+        raise FetchError("too_many_bytes",
+                         f"file is {info.length} bytes; the cap is {self.config.max_bytes}")
+      with tf.io.gfile.GFile(location, "rb") as f:
+        return f.read()
     except tf.errors.NotFoundError:
       raise FetchError("not_found", f"file {location!r} does not exist") from None
-    if tf.io.gfile.isdir(location):
-      raise FetchError("not_a_file", f"{location!r} is a directory")
-    if size > self.config.max_bytes:
-      raise FetchError("too_many_bytes", f"file is {size} bytes; the cap is {self.config.max_bytes}")
-    with tf.io.gfile.GFile(location, "rb") as f:
-      return f.read()
+    except tf.errors.OpError as error:  # permission denied, I/O error, bucket refused ...
+      raise FetchError("unreadable", f"could not read {location!r}: {error.message}") from None
 
   # -- HTTP --------------------------------------------------------------------------------------
 

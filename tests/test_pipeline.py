@@ -516,3 +516,46 @@ def test_describe_shard_counts_and_hashes_in_one_read(tmp_path, chunk_bytes):
   pathlib.Path(path).write_bytes(pathlib.Path(path).read_bytes()[:-3])
   with pytest.raises(dataset_io.DatasetError, match="ends inside a record"):
     dataset_io.describe_shard(path, "train", chunk_bytes=chunk_bytes)
+
+
+def test_unreadable_local_file_is_a_dead_letter_not_a_crash(tmp_path, monkeypatch):
+  """A file that stat() sees but read() refuses (permissions, I/O error) gets its own reason."""
+  import tensorflow as tf
+  from pipeline import fetch
+  path = tmp_path / "locked.jpg"
+  path.write_bytes(b"\xff\xd8\xff" + b"\0" * 100)
+
+  class RefusingFile:
+    def __init__(self, *args, **kwargs):
+      raise tf.errors.PermissionDeniedError(None, None, "permission denied")
+
+  monkeypatch.setattr(tf.io.gfile, "GFile", RefusingFile)
+  with pytest.raises(fetch.FetchError) as caught:
+    fetch.Fetcher(fetch.FetchConfig()).fetch(str(path))
+  assert caught.value.reason == "unreadable" and "permission denied" in str(caught.value)
+  with pytest.raises(fetch.FetchError) as caught:
+    fetch.Fetcher(fetch.FetchConfig()).fetch(str(tmp_path))
+  assert caught.value.reason == "not_a_file"
+
+
+@pytest.mark.parametrize("share_bytes", [True, False])
+def test_isolated_decoder_moves_big_sources_through_the_shared_buffer(share_bytes):
+  """Sources of every size reach the worker intact, through the memfd buffer (grown past its
+  first size) or, without one, through the pipe; results equal in-process decoding."""
+  from pipeline import decoder_pool
+  settings = image_decode.DecodeSettings(48)
+  small = cv2.imencode(".png", make_image((40, 40), 1, 0))[1].tobytes()
+  noise = np.random.default_rng(0).integers(0, 256, (900, 1200, 3), np.uint8)
+  big = cv2.imencode(".png", noise)[1].tobytes()   # > 1 MB: the buffer has to grow
+  assert len(small) < decoder_pool._SHARED_MIN_BYTES < (1 << 20) < len(big)
+  decode = decoder_pool.IsolatedDecoder(image_decode.prepare_record, processes=1, timeout=60,
+                                        share_bytes=share_bytes)
+  try:
+    for data in (small, big, small, big):
+      got = decode({"id": "x"}, data, settings)
+      want = image_decode.prepare_record({"id": "x"}, data, settings)
+      assert got["content_sha256"] == want["content_sha256"] and got["image"] == want["image"]
+    worker = decode._workers[0]
+    assert (worker.shared is not None) == share_bytes
+  finally:
+    decode.close()
