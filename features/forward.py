@@ -4,8 +4,8 @@
 
 One `tf.function` per backbone with a batch-agnostic input signature (traced once); with
 `jit_compile=True` XLA compiles it (the caller pads the last batch so one program serves all).
-The cast to float32, the model call with training=False, the average pooling and the cast to
-float16 for storage all run inside the compiled function.
+The cast to float32, the model call with training=False, the average pooling, the cast to
+float16 for storage and the per-image health sums all run inside the compiled function.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from features import backbones as backbones_lib
+from features import health as health_lib
 from features import weights as weights_lib
 
 
@@ -25,7 +26,8 @@ def compile_forward(model: Any, input_size: int, *, jit_compile: bool = False) -
     jit_compile: compile with XLA.
 
   Returns:
-    f(uint8 tensor (B, S, S, 3)) -> (float16 (B, H, W, C) maps, float32 (B, C) pooled).
+    f(uint8 tensor (B, S, S, 3)) -> (float16 (B, H, W, C) maps, float32 (B, C) pooled,
+    float32 (B, 6) health sums of the stored maps, columns `health.PER_IMAGE_SUMS`).
   """
   import tensorflow as tf
 
@@ -35,7 +37,8 @@ def compile_forward(model: Any, input_size: int, *, jit_compile: bool = False) -
     maps = tf.cast(model(tf.cast(images, tf.float32), training=False), tf.float32)
     if maps.shape.rank == 2:  # a vector-output model: store as a 1x1 map
       maps = maps[:, None, None, :]
-    return tf.cast(maps, tf.float16), tf.reduce_mean(maps, axis=[1, 2])
+    stored = tf.cast(maps, tf.float16)
+    return stored, tf.reduce_mean(maps, axis=[1, 2]), health_lib.per_image_sums(stored)
 
   return forward
 

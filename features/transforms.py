@@ -9,6 +9,7 @@ per-image `predict`.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import re
 import time
@@ -18,6 +19,7 @@ from typing import Any
 import apache_beam as beam
 import numpy as np
 from apache_beam.utils import shared
+from apache_beam.utils.windowed_value import WindowedValue
 
 from features import health as health_lib
 from features import jobs as jobs_lib
@@ -162,7 +164,14 @@ class _DropRetracingWarnings(logging.Filter):
 
 class RunBackbonesFn(beam.DoFn):
   """Batch of ImageRecords -> per backbone tag: (split, serialized feature Example), and
-  `health_<tag>`: partial health sums of the batch."""
+  `health_<tag>`: partial health sums of the batch.
+
+  The forward of batch k runs on a background thread while this bundle's thread goes back to
+  decoding the images of batch k+1 (TensorFlow and OpenCV both release the GIL); batch k's
+  outputs are emitted when batch k+1 arrives, or at the end of the bundle. Without the overlap
+  decoding and forward ran one after the other: MobileNetV2@96 extracted at 0.51 of its bare
+  forward rate.
+  """
 
   def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], *, batch_size: int, jit_compile: bool,
                shared_handle: shared.Shared):
@@ -178,8 +187,36 @@ class RunBackbonesFn(beam.DoFn):
     tag = "|".join(f"{job.tag}:{job.cache_key}" for job in self._jobs)
     self._loaded = self._shared_handle.acquire(
         lambda: _LoadedBackbones(self._jobs, self._jit_compile, self._batch_size), tag=tag)
+    # One thread: forwards stay in batch order and at most one waits behind the running one.
+    self._forward_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="forward")
 
-  def process(self, batch: Sequence[records.ImageRecord]) -> Iterator[Any]:
+  def start_bundle(self):
+    self._pending = None  # (future of batch k's outputs, timestamp, windows)
+
+  def process(self, batch: Sequence[records.ImageRecord], timestamp=beam.DoFn.TimestampParam,
+              window=beam.DoFn.WindowParam) -> Iterator[Any]:
+    self._batches.inc()
+    previous = self._pending
+    self._pending = (self._forward_pool.submit(self._run, list(batch)), timestamp, (window,))
+    if previous is not None:
+      yield from self._emit(*previous)
+
+  def finish_bundle(self) -> Iterator[Any]:
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      yield from self._emit(*pending)
+
+  def teardown(self):
+    self._forward_pool.shutdown(wait=True)
+
+  @staticmethod
+  def _emit(future: concurrent.futures.Future, timestamp, windows) -> Iterator[Any]:
+    # Explicit windowed values: finish_bundle has no current element to take them from.
+    for tag, value in future.result():
+      yield beam.pvalue.TaggedOutput(tag, WindowedValue(value, timestamp, windows))
+
+  def _run(self, batch: list[records.ImageRecord]) -> list[tuple[str, Any]]:
+    """Forward of every backbone on one batch -> [(output tag, value)], on the forward thread."""
     import tensorflow as tf
     images = np.stack([record.image for record in batch])
     count = len(batch)
@@ -188,16 +225,17 @@ class RunBackbonesFn(beam.DoFn):
       images = np.concatenate([images, np.zeros((self._batch_size - count, *images.shape[1:]),
                                                 images.dtype)])
     tensor = tf.constant(images)  # one host->device copy shared by every backbone
-    self._batches.inc()
+    outputs = []
     for job in self._jobs:
       start = time.perf_counter()
-      maps, pooled = self._loaded.forwards[job.tag](tensor)
-      maps, pooled = maps.numpy()[:count], pooled.numpy()[:count]
+      maps, pooled, sums = self._loaded.forwards[job.tag](tensor)
+      maps, pooled, sums = maps.numpy()[:count], pooled.numpy()[:count], sums.numpy()[:count]
       seconds = time.perf_counter() - start
-      yield beam.pvalue.TaggedOutput(f"health_{job.tag}", health_lib.batch_health(maps, seconds))
-      for index, record in enumerate(batch):
-        yield beam.pvalue.TaggedOutput(job.tag, (record.split, records.encode_feature_record(
-            record, maps[index], pooled[index], job.store)))
+      outputs.append((f"health_{job.tag}", health_lib.health_from_sums(
+          sums, int(np.prod(maps.shape[1:])), seconds)))
+      outputs.extend((job.tag, (record.split, records.encode_feature_record(
+          record, maps[index], pooled[index], job.store))) for index, record in enumerate(batch))
+    return outputs
 
 
 class MergeHealthFn(beam.CombineFn):

@@ -193,7 +193,7 @@ def test_compiled_forward_with_xla_and_mixed_precision_on_cpu():
   for precision, jit in [("float32", False), ("float32", True), ("mixed_bfloat16", True),
                          ("mixed_float16", False)]:
     model = backbones.build_extractor("vgg16", input_size=SIZE, seed=0, precision=precision)
-    maps, pooled = forward.compile_forward(model, SIZE, jit_compile=jit)(images)
+    maps, pooled, _ = forward.compile_forward(model, SIZE, jit_compile=jit)(images)
     assert maps.dtype == tf.float16 and pooled.dtype == tf.float32 and maps.shape == (4, 1, 1, 512)
     if reference is None:
       reference = pooled.numpy()
@@ -210,7 +210,7 @@ def test_savedmodel_directory_works_as_a_backbone(tmp_path):
   reference.export(str(tmp_path / "saved"), verbose=False)
   model = backbones.build_extractor("saved", input_size=SIZE, model_path=str(tmp_path / "saved"))
   images = np.random.default_rng(0).integers(0, 255, (2, SIZE, SIZE, 3), np.uint8)
-  maps, pooled = forward.compile_forward(model, SIZE)(images)
+  maps, pooled, _ = forward.compile_forward(model, SIZE)(images)
   assert maps.shape == (2, 8, 8, 4)
   np.testing.assert_allclose(pooled.numpy(), np.asarray(reference(images.astype(np.float32)))
                              .mean(axis=(1, 2)), atol=1e-5)
@@ -390,3 +390,18 @@ def test_keypoint_targets_follow_the_augmented_pixels(tmp_path, tiny_keras_model
     # Two points have no known left/right permutation: x mirrored, order kept.
     np.testing.assert_allclose(by_view[1][record_id][:, 0], 1 - targets[:, 0], atol=1e-6)
     np.testing.assert_allclose(by_view[1][record_id][:, 1], targets[:, 1], atol=1e-6)
+
+
+def test_health_sums_in_the_compiled_forward_equal_the_numpy_reference():
+  """The in-graph per-image sums give the same health as `batch_health` on the stored maps."""
+  with np.errstate(over="ignore"):
+    maps = (np.random.default_rng(1).normal(size=(3, 4, 4, 16)) * 3).astype(np.float16)
+    maps[0, 0, 0, :4] = [np.nan, np.inf, -np.inf, 0.0]
+    maps[1] = 0
+  sums = health.per_image_sums(tf.constant(maps)).numpy()
+  assert sums.shape == (3, len(health.PER_IMAGE_SUMS))
+  got = health.health_from_sums(sums, 4 * 4 * 16, 0.5)
+  want = health.batch_health(maps, 0.5)
+  assert got.keys() == want.keys()
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
