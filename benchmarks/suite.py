@@ -48,6 +48,7 @@ class SuiteConfig:
   cached_epochs: int
   r6_epochs: int
   r6_passes: int
+  extract_repeats: int   # R1 extract runs per size (fastest counts)
 
   @classmethod
   def quick_config(cls) -> SuiteConfig:
@@ -57,10 +58,10 @@ class SuiteConfig:
         quick=True, source_sizes=((1024, 768), (2048, 1536)), ingest_size=300,
         memory_sizes=memory,
         # multi_processing costs ~25 s of worker start-up per run here: full run only.
-        ingest_runs=(ingest_bench.IngestRun("multi_threading", 2, memory),),
+        ingest_runs=(ingest_bench.IngestRun("multi_threading", 2, memory, repeats=2),),
         mobilenet_size=96, vgg_size=96, vgg_source_size=(320, 240), vgg_counts=(64, 256),
         batch_size=64, naive_count=24, bare_seconds=2.0, e2e_images=64, cached_epochs=5,
-        r6_epochs=10, r6_passes=5)
+        r6_epochs=10, r6_passes=5, extract_repeats=2)
 
   @classmethod
   def full_config(cls) -> SuiteConfig:
@@ -76,7 +77,7 @@ class SuiteConfig:
                      ingest_bench.IngestRun("multi_processing", 2, other)),
         mobilenet_size=224, vgg_size=300, vgg_source_size=(640, 480), vgg_counts=(64, 192),
         batch_size=32, naive_count=40, bare_seconds=6.0, e2e_images=64, cached_epochs=5,
-        r6_epochs=10, r6_passes=2)
+        r6_epochs=10, r6_passes=2, extract_repeats=1)
 
 
 def _progress(message: str) -> None:
@@ -154,7 +155,8 @@ def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
                                          work / f"vgg_images_{n}", config.vgg_size)
                 for n in config.vgg_counts}
   vgg = extract_bench.extract_vs_bare_in_process(vgg_images, work, "vgg16", config.vgg_size,
-                                                 config.batch_size, config.bare_seconds)
+                                                 config.batch_size, config.bare_seconds,
+                                                 config.extract_repeats)
   r1 = extract_bench.r1(vgg, mobile, config.quick)
   r2 = extract_bench.r2(mobile, config.quick)
 
