@@ -77,7 +77,7 @@ class SuiteConfig:
                      ingest_bench.IngestRun("multi_processing", 2, other)),
         mobilenet_size=224, vgg_size=300, vgg_source_size=(640, 480), vgg_counts=(64, 192),
         batch_size=32, naive_count=40, bare_seconds=6.0, e2e_images=64, cached_epochs=5,
-        r6_epochs=10, r6_passes=2, extract_repeats=1)
+        r6_epochs=10, r6_passes=5, extract_repeats=1)
 
 
 def _progress(message: str) -> None:
