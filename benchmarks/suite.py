@@ -1,7 +1,7 @@
 """The benchmark run: every ratio R1-R7 plus peak RSS, one line each, and a JSON record.
 
     python -m benchmarks --quick --json out/bench.json     # < 5 min on 2 cores
-    python -m benchmarks --json out/bench_full.json        # full sizes (VGG16@300, 5000 images)
+    python -m benchmarks --json out/bench_full.json        # full sizes (VGG16@300, 5000 images), ~9 min
 
 Order matters only for reuse: the ingest memory runs produce the image datasets the extract
 memory runs read, and those produce the feature datasets R6 and R7 use; the VGG16 extract runs
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="python -m benchmarks",
                                    description="headstart ratio benchmarks R1-R7 and peak RSS")
   parser.add_argument("--quick", action="store_true",
-                      help="small sizes (< 5 min on 2 cores); the full run takes ~30 min")
+                      help="small sizes (~2.5 min on 2 cores); the full run takes ~9 min")
   parser.add_argument("--json", default=None, help="write the results here as JSON")
   parser.add_argument("--markdown", default=None, help="also write the ratio table here")
   parser.add_argument("--work-dir", default=None,
