@@ -42,9 +42,14 @@ class _Worker:
     if share_bytes and hasattr(os, "memfd_create"):
       self.shared = decode_worker.SharedBuffer(os.memfd_create("headstart-decode"))
       command += ["--buffer-fd", str(self.shared.fd)]
-    self.process = subprocess.Popen(
-        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-        pass_fds=(self.shared.fd,) if self.shared else ())
+    try:
+      self.process = subprocess.Popen(
+          command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+          pass_fds=(self.shared.fd,) if self.shared else ())
+    except BaseException:
+      if self.shared is not None:
+        self.shared.close()
+      raise
 
   def _share(self, request: tuple) -> tuple:
     """The request with its big bytes arguments moved into the shared buffer."""
