@@ -25,24 +25,6 @@ def empty_health() -> dict[str, float]:
   return {key: 0.0 for key in _SUM_KEYS}
 
 
-def batch_health(maps: np.ndarray, forward_seconds: float = 0.0) -> dict[str, float]:
-  """Partial sums over one batch of stored maps (any float dtype, batch first)."""
-  values = np.asarray(maps, np.float32)
-  finite_mask = np.isfinite(values)
-  finite = values[finite_mask].astype(np.float64)
-  return {
-      "values": float(values.size),
-      "nan": float(np.isnan(values).sum()),
-      "inf": float(np.isinf(values).sum()),
-      "zeros": float((values == 0).sum()),
-      "finite": float(finite.size),
-      "sum": float(finite.sum()),
-      "sum_squares": float(np.square(finite).sum()),
-      "examples": float(values.shape[0]) if values.ndim else 0.0,
-      "forward_seconds": float(forward_seconds),
-  }
-
-
 # Columns of `per_image_sums`, computed inside the compiled forward (features/forward.py).
 PER_IMAGE_SUMS = ("nan", "inf", "zeros", "finite", "sum", "sum_squares")
 
@@ -51,7 +33,7 @@ def per_image_sums(stored: Any) -> Any:
   """TensorFlow: float16 maps (B, H, W, C) as stored -> (B, 6) float32 sums, `PER_IMAGE_SUMS`.
 
   Runs inside the backbone's tf.function, where TF's multi-threaded reductions cost a small
-  fraction of the NumPy `batch_health` on the host (0.75 ms per MobileNetV2@224 image there,
+  fraction of the same sums in NumPy on the host (0.75 ms per MobileNetV2@224 image there,
   serial with the forward). Per image, so the caller can drop the padding rows of an XLA batch.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel (health stays NumPy-only)
@@ -72,7 +54,7 @@ def per_image_sums(stored: Any) -> Any:
 def health_from_sums(sums: np.ndarray, values_per_image: int,
                      forward_seconds: float = 0.0) -> dict[str, float]:
   """Partial health sums of a batch from `per_image_sums` rows (padding rows already dropped);
-  equal to `batch_health` of the same maps up to float32 rounding of the per-image sums."""
+  exact up to float32 rounding of the per-image sums."""
   totals = np.asarray(sums, np.float64).sum(axis=0)
   result = empty_health()
   result.update({key: float(value) for key, value in zip(PER_IMAGE_SUMS, totals)})

@@ -78,9 +78,7 @@ def build_pipeline(root: Any, plan: Any) -> list[Any]:
   batches in one worker pass.
   """
   from features import transforms
-  from pipeline import dataset_io
   config = plan.config
-  image_size = dataset_io.read_manifest(config.images).get("image_size")
   image_records = root | "ReadImages" >> transforms.ReadImageRecords(plan.shards)
   by_size: dict[int, list[Any]] = {}
   for job in plan.jobs:
@@ -89,7 +87,7 @@ def build_pipeline(root: Any, plan: Any) -> list[Any]:
   for size, jobs in by_size.items():
     outputs += image_records | f"Extract[{size}px]" >> transforms.ExtractFeatures(
         jobs, batch_size=config.batch_size, views=config.views, seed=config.seed,
-        jit_compile=config.jit_compile, image_size=image_size)
+        jit_compile=config.jit_compile)
   return outputs
 
 

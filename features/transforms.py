@@ -45,8 +45,9 @@ class ReadShardFn(beam.DoFn):
   def setup(self):
     import tensorflow as tf
     # tf_record_iterator is marked deprecated in favour of tf.data; it is chosen on purpose
-    # (see `process`), so its one-time notice would only mislead the user.
-    tf.get_logger().addFilter(_DropTfWarnings("tf_record_iterator (from"))
+    # (see `process`), so its one-time notice would only mislead the user. One filter object
+    # for the process: addFilter ignores it when the logger already has it.
+    tf.get_logger().addFilter(_RECORD_ITERATOR_NOTICE)
 
   def process(self, shard: tuple[str, int]) -> Iterator[tuple[str, bytes]]:
     import tensorflow as tf
@@ -177,6 +178,9 @@ class _DropTfWarnings(logging.Filter):
     return self._fragment not in record.getMessage()
 
 
+_RECORD_ITERATOR_NOTICE = _DropTfWarnings("tf_record_iterator (from")
+
+
 class RunBackbonesFn(beam.DoFn):
   """Batch of ImageRecords -> per backbone tag: (split, serialized feature Example), and
   `health_<tag>`: partial health sums of the batch.
@@ -305,10 +309,9 @@ class ExtractFeatures(beam.PTransform):
   """(split, serialized image Example) -> one written feature dataset per job of one input size."""
 
   def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], *, batch_size: int, views: int,
-               seed: int, jit_compile: bool, image_size: int | None = None):
+               seed: int, jit_compile: bool):
     super().__init__()
     self._jobs = list(jobs)
-    self._image_size = image_size
     self._batch_size = batch_size
     self._views = views
     self._seed = seed
@@ -316,9 +319,11 @@ class ExtractFeatures(beam.PTransform):
 
   def expand(self, image_records):
     input_size = self._jobs[0].input_size
+    # Every job reads the same image dataset; its stored side (0 if unrecorded) is checked.
+    image_size = self._jobs[0].image_info.get("image_size")
     tags = [job.tag for job in self._jobs]
     decoded = image_records | "DecodeImages" >> beam.ParDo(DecodeImageFn(
-        input_size, self._views, self._seed, self._image_size)).with_outputs(
+        input_size, self._views, self._seed, image_size)).with_outputs(
             DEAD_LETTERS, main="images")
     dead_letters = decoded[DEAD_LETTERS] | "CollectDeadLetters" >> beam.combiners.ToList()
     input_count = image_records | "CountRecords" >> beam.combiners.Count.Globally()

@@ -126,15 +126,21 @@ def test_feature_record_stores_raw_float16_and_float32_bytes():
     records.encode_feature_record(record, feature_map, feature_map[0, 0], "bogus")
 
 
+def _batch_health(maps: np.ndarray, forward_seconds: float = 0.0) -> dict[str, float]:
+  """Health sums of stored maps the way extraction takes them (inside the compiled forward)."""
+  sums = health.per_image_sums(tf.constant(maps)).numpy()
+  return health.health_from_sums(sums, int(np.prod(maps.shape[1:])), forward_seconds)
+
+
 def test_health_flags_dead_and_overflowing_features():
-  good = health.summarize_health(health.batch_health(np.random.default_rng(0).normal(
+  good = health.summarize_health(_batch_health(np.random.default_rng(0).normal(
       size=(4, 2, 2, 8)).astype(np.float16)))
   assert good["ok"] and good["nan_count"] == 0 and abs(good["mean"]) < 0.5
-  dead = health.summarize_health(health.batch_health(np.zeros((4, 2, 2, 8), np.float16)))
+  dead = health.summarize_health(_batch_health(np.zeros((4, 2, 2, 8), np.float16)))
   assert not dead["ok"] and dead["zero_fraction"] == 1.0
   with np.errstate(over="ignore"):  # 1e6 overflows float16 storage: that is the point
     broken = (np.ones((2, 1, 1, 4), np.float32) * 1e6).astype(np.float16)
-  acc = health.merge_health(health.batch_health(broken), health.empty_health())
+  acc = health.merge_health(_batch_health(broken), health.empty_health())
   assert health.summarize_health(acc)["inf_count"] == 8
 
 
@@ -393,7 +399,7 @@ def test_keypoint_targets_follow_the_augmented_pixels(tmp_path, tiny_keras_model
 
 
 def test_health_sums_in_the_compiled_forward_equal_the_numpy_reference():
-  """The in-graph per-image sums give the same health as `batch_health` on the stored maps."""
+  """The in-graph per-image sums give the same health as NumPy over the whole stored batch."""
   with np.errstate(over="ignore"):
     maps = (np.random.default_rng(1).normal(size=(3, 4, 4, 16)) * 3).astype(np.float16)
     maps[0, 0, 0, :4] = [np.nan, np.inf, -np.inf, 0.0]
@@ -401,7 +407,11 @@ def test_health_sums_in_the_compiled_forward_equal_the_numpy_reference():
   sums = health.per_image_sums(tf.constant(maps)).numpy()
   assert sums.shape == (3, len(health.PER_IMAGE_SUMS))
   got = health.health_from_sums(sums, 4 * 4 * 16, 0.5)
-  want = health.batch_health(maps, 0.5)
+  values = maps.astype(np.float32)
+  finite = values[np.isfinite(values)].astype(np.float64)
+  want = {"values": values.size, "nan": np.isnan(values).sum(), "inf": np.isinf(values).sum(),
+          "zeros": (values == 0).sum(), "finite": finite.size, "sum": finite.sum(),
+          "sum_squares": np.square(finite).sum(), "examples": 3, "forward_seconds": 0.5}
   assert got.keys() == want.keys()
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
