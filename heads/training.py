@@ -307,12 +307,15 @@ def train_target_mean(spec: reader.DatasetSpec, input_kind: str) -> np.ndarray:
   return reader.load_arrays(targets, ("y",))["y"].mean(axis=0)
 
 
-def train_input_stats(train_records: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-  """Per-feature mean and variance of the train split's pooled vectors (small: C floats each)."""
-  x = reader.load_arrays(train_records.map(lambda record: {"x": record["x"]},
-                                           num_parallel_calls=tf.data.AUTOTUNE), ("x",))["x"]
+def _feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   # A floor on the variance: channels that are constant on the train split stay finite.
   return x.mean(axis=0), np.maximum(x.var(axis=0), 1e-6)
+
+
+def train_input_stats(train_records: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+  """Per-feature mean and variance of the train split's pooled vectors (small: C floats each)."""
+  return _feature_stats(reader.load_arrays(train_records.map(
+      lambda record: {"x": record["x"]}, num_parallel_calls=tf.data.AUTOTUNE), ("x",))["x"])
 
 
 def _export(model: keras.Model, spec: reader.DatasetSpec, out_dir: str, head: str,
@@ -366,21 +369,29 @@ def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind:
 
 
 def _pick_l2(spec: reader.DatasetSpec, kind: str, train_records: tf.data.Dataset,
-             config: Config) -> tuple[Config, list[dict[str, Any]]]:
-  """Runs the L2 sweep on in-memory features; returns the config with the chosen strength."""
+             config: Config) -> tuple[Config, list[dict[str, Any]],
+                                      tuple[np.ndarray, np.ndarray]]:
+  """Runs the L2 sweep on in-memory features.
+
+  Returns:
+    The config with the chosen strength, the sweep's rows, and the train features' (mean,
+    variance), which the head's standardisation reuses instead of loading the split again.
+  """
   if "validation" not in spec.splits:
     raise ValueError("--sweep needs a validation split to pick the L2 strength; "
                      f"{spec.data_dir!r} has none")
   train_arrays = reader.load_arrays(train_records)
   val_arrays = reader.load_arrays(reader.read_split(spec, "validation", input_kind=kind))
   # The probe standardises its input (see zoo.build_head): sweep on the same standardised view.
-  mean, std = train_arrays["x"].mean(axis=0), np.sqrt(np.maximum(train_arrays["x"].var(axis=0), 1e-6))
+  stats = _feature_stats(train_arrays["x"])
+  mean, std = stats[0], np.sqrt(stats[1])
   best_l2, rows = sweep.sweep_l2(
       (train_arrays["x"] - mean) / std, train_arrays["y"], (val_arrays["x"] - mean) / std,
       val_arrays["y"], task=spec.task,
       num_outputs=spec.num_outputs, grid=config.train.sweep_grid,
       steps=config.train.sweep_steps, seed=config.train.seed)
-  return dataclasses.replace(config, head=dataclasses.replace(config.head, l2=best_l2)), rows
+  return (dataclasses.replace(config, head=dataclasses.replace(config.head, l2=best_l2)), rows,
+          stats)
 
 
 def _check_run_dir(out_dir: str, spec: reader.DatasetSpec, head: str) -> None:
@@ -437,9 +448,9 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   settings = image_settings(spec)
   train_records = reader.read_split(spec, "train", input_kind=kind, views=config.train.views)
 
-  sweep_rows = None
+  sweep_rows = input_stats = None
   if sweep_l2:
-    config, sweep_rows = _pick_l2(spec, kind, train_records, config)
+    config, sweep_rows, input_stats = _pick_l2(spec, kind, train_records, config)
 
   run_config = {**to_dict(config), "head_name": head, "features": spec.data_dir,
                 "dataset_kind": spec.kind, "task": spec.task, "class_names": list(spec.class_names),
@@ -471,8 +482,10 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   target_mean = None
   if spec.task == "keypoints":
     target_mean = train_target_mean(spec, kind)
+  if kind == "pooled" and input_stats is None:
+    input_stats = train_input_stats(train_records)
   model = zoo.build_head(head, spec, config.head, target_mean=target_mean,
-                         input_stats=train_input_stats(train_records) if kind == "pooled" else None)
+                         input_stats=input_stats)
   compile_head(model, spec.task, _optimizer(config, steps_per_epoch))
   if not has_validation:
     notes.append("best checkpoint and early stopping monitor the training loss")
