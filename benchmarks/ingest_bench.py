@@ -28,11 +28,6 @@ import numpy as np
 from benchmarks import measure
 from pipeline import image_decode
 
-# The DCT reductions OpenCV offers, largest first (the ingest policy picks the largest that
-# keeps the needed side at least the target size).
-_REDUCTIONS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-               (2, cv2.IMREAD_REDUCED_COLOR_2))
-
 
 @dataclasses.dataclass(frozen=True)
 class IngestRun:
@@ -48,15 +43,6 @@ class IngestRun:
     """Mode, worker count and extra flags, as printed."""
     return f"{self.mode}, {self.workers} workers" + (
         f", {' '.join(self.extra_args)}" if self.extra_args else "")
-
-
-def _reduced_flag(data: bytes, size: int) -> int:
-  header = image_decode.read_header(data)
-  side = min(header.width, header.height)
-  for factor, flag in _REDUCTIONS:
-    if side // factor >= size:
-      return flag
-  return cv2.IMREAD_COLOR
 
 
 def _per_image_seconds(function, jpegs: Sequence[bytes], min_seconds: float) -> tuple[float, float]:
@@ -84,7 +70,9 @@ def bare_loop_seconds(jpegs: Sequence[bytes], size: int,
   """
   if size <= 0:
     raise ValueError(f"size must be positive, got {size!r}")
-  flags = {data: _reduced_flag(data, size) for data in jpegs}
+  # The ingest's own choice of reduction (stretch mode: the short side must stay >= size).
+  flags = {data: image_decode.reduced_decode_flag(image_decode.read_header(data), size,
+                                                  "stretch") for data in jpegs}
 
   def one(data: bytes) -> bytes:
     image = cv2.imdecode(np.frombuffer(data, np.uint8), flags[data])

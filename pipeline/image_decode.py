@@ -159,7 +159,7 @@ def _check_complete(data: bytes, header: Header) -> None:
     raise ImageError("truncated", f"{header.format} has no {marker}: the file is truncated")
 
 
-def _reduced_decode_flag(header: Header, needed: int, resize: str) -> int:
+def reduced_decode_flag(header: Header, needed: int, resize: str) -> int:
   """The largest DCT reduction that keeps the decoded image at least `needed` on the side that
   matters (IMREAD_COLOR when none does)."""
   if header.format != "jpeg" or header.mode not in ("RGB", "L", "YCbCr"):
@@ -241,7 +241,7 @@ def decode_rgb(data: bytes, *, needed: int = 0, resize: str = "stretch",
                                                         header.orientation)
   else:
     # IMREAD_COLOR (and the reduced variants) apply EXIF orientation themselves.
-    array = cv2.imdecode(buffer, _reduced_decode_flag(header, needed, resize))
+    array = cv2.imdecode(buffer, reduced_decode_flag(header, needed, resize))
     rgb = None if array is None else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
   if rgb is None:
     raise ImageError("decode_failed", f"OpenCV could not decode this {header.format} image")
