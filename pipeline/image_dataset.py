@@ -79,9 +79,9 @@ def finalize(shards: Iterable[Mapping[str, Any]], *, out_dir: str, input_rows: i
   if summary["error_fraction"] > max_error_fraction:
     problems.append(f"{dead} of {input_rows} rows were dead-lettered "
                     f"({summary['error_fraction']:.0%}), above --max-error-fraction "
-                    f"{max_error_fraction:g}; see errors.jsonl")
+                    f"{max_error_fraction:g}")
   if written == 0:
-    problems.append("no image was written; see errors.jsonl")
+    problems.append("no image was written")
   summary["status"] = "failed" if problems else "ok"
   summary["problems"] = problems
   if not problems:

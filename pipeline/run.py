@@ -224,7 +224,8 @@ def run(argv: list[str] | None = None) -> dict:
   summary["seconds"] = seconds
   _print_summary(summary, out_dir, seconds)
   if summary["status"] != "ok":
-    raise ValueError("; ".join(summary["problems"]))
+    raise ValueError("; ".join(summary["problems"])
+                     + f"; see {out_dir}/{dataset_io.ERRORS_NAME}")
   return summary
 
 
