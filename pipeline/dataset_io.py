@@ -76,7 +76,11 @@ def to_example(values: Mapping[str, Any]) -> bytes:
       feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=value.ravel().tolist()))
     else:
       raise TypeError(f"cannot encode feature {key!r} of type {type(value).__name__}")
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  # deterministic=True: the feature map's entries are otherwise written in an order that changes
+  # from process to process, so re-ingesting the same images gave other shard bytes, another
+  # dataset fingerprint, and a feature-cache miss downstream.
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
+      deterministic=True)
 
 
 # ---------------------------------------------------------------------------------------------

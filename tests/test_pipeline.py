@@ -559,3 +559,20 @@ def test_isolated_decoder_moves_big_sources_through_the_shared_buffer(share_byte
     assert (worker.shared is not None) == share_bytes
   finally:
     decode.close()
+
+
+def test_examples_serialize_to_the_same_bytes_in_every_process():
+  """Shard bytes (hence dataset fingerprints and feature cache keys) do not depend on the
+  process: a protobuf map is otherwise written in a per-process order."""
+  import os
+  import subprocess
+  import sys
+  code = ("from pipeline import dataset_io; print(dataset_io.to_example({'id': 'a', 'image': b'x', "
+          "'label': 1, 'source': 's', 'group': '', 'content_sha256': 'c', 'height': 2, "
+          "'width': 3}).hex())")
+  outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONHASHSEED": str(seed),
+                                 "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.strip()
+             for seed in (1, 2, 3)}
+  assert len(outputs) == 1 and all(outputs)
