@@ -19,6 +19,7 @@ import ipaddress
 import socket
 import time
 import urllib.parse
+import uuid
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -224,11 +225,17 @@ class DownloadCache:
 
   `refs/<source id>` holds the sha256 of the bytes that source returned; `blobs/<sha256>` holds
   the bytes (identical content from many URLs is stored once). Entries are written to a
-  temporary name and renamed, so an interrupted job never leaves a half blob behind.
+  temporary name unique to the writer and renamed, so an interrupted job never leaves a half
+  blob behind and two writers of the same blob (mirrored images fetched at once by two threads,
+  processes or retried bundles) never share a temporary file: whichever rename lands last
+  installs identical bytes.
   """
 
   def __init__(self, root: str):
     self._root = root.rstrip("/")
+
+  def _blob(self, digest: str) -> str:
+    return f"{self._root}/blobs/{digest[:2]}/{digest}"
 
   def get(self, source_id: str) -> bytes | None:
     """The cached bytes of a source, or None (missing or failing its checksum)."""
@@ -237,7 +244,7 @@ class DownloadCache:
       return None
     with tf.io.gfile.GFile(ref, "r") as f:
       digest = f.read().strip()
-    blob = f"{self._root}/blobs/{digest[:2]}/{digest}"
+    blob = self._blob(digest)
     if not tf.io.gfile.exists(blob):
       return None
     with tf.io.gfile.GFile(blob, "rb") as f:
@@ -247,7 +254,7 @@ class DownloadCache:
   def put(self, source_id: str, data: bytes) -> None:
     """Stores the bytes a source returned."""
     digest = hashlib.sha256(data).hexdigest()
-    blob = f"{self._root}/blobs/{digest[:2]}/{digest}"
+    blob = self._blob(digest)
     if not tf.io.gfile.exists(blob):
       self._write(blob, data)
     self._write(f"{self._root}/refs/{source_id}", digest.encode())
@@ -255,7 +262,13 @@ class DownloadCache:
   @staticmethod
   def _write(path: str, data: bytes) -> None:
     tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
-    tmp = f"{path}.tmp-{hashlib.sha256(data).hexdigest()[:8]}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    # Unique per writer (process, thread, attempt): a name derived from the content collided
+    # when two URLs served identical bytes at the same moment, and one rename then failed.
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+      with tf.io.gfile.GFile(tmp, "wb") as f:
+        f.write(data)
+      tf.io.gfile.rename(tmp, path, overwrite=True)
+    finally:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.remove(tmp)

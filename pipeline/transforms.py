@@ -150,6 +150,7 @@ class FetchDecodeBatchFn(_DeadLetteringDoFn):
     self._cache = (fetch.DownloadCache(self._cfg.download_cache) if self._cfg.download_cache
                    else None)
     self._cache_hits = Metrics.counter("ingest", "download_cache_hits")
+    self._cache_errors = Metrics.counter("ingest", "download_cache_errors")
     self._decode = self._cfg.decoder
     if self._cfg.decode_timeout > 0:
       self._decode = decoder_pool.IsolatedDecoder(
@@ -168,12 +169,22 @@ class FetchDecodeBatchFn(_DeadLetteringDoFn):
     remote = "://" in row["location"]
     if not (remote and self._cache):
       return self._fetcher.fetch(row["location"])
-    data = self._cache.get(row["id"])
+    try:
+      data = self._cache.get(row["id"])
+    except Exception:  # noqa: BLE001 (an unreadable cache entry is a miss, not a failed row)
+      data = None
     if data is not None:
       self._cache_hits.inc()
       return data
     data = self._fetcher.fetch(row["location"])
-    self._cache.put(row["id"], data)
+    try:
+      self._cache.put(row["id"], data)
+    except Exception as error:  # noqa: BLE001 (the cache is an optimisation; the row is fine)
+      # A cache that cannot be written (full disk, permissions, an object-store hiccup) costs a
+      # re-fetch on the next run, never this row or the job.
+      self._cache_errors.inc()
+      logging.getLogger("headstart").warning("ingest: download cache not written for %s: %s",
+                                             row["id"][:12], error)
     return data
 
   def _one(self, row: dict):

@@ -10,6 +10,7 @@ import io
 import json
 import pathlib
 import threading
+import time
 import zlib
 
 import cv2
@@ -576,3 +577,58 @@ def test_examples_serialize_to_the_same_bytes_in_every_process():
                                  "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.strip()
              for seed in (1, 2, 3)}
   assert len(outputs) == 1 and all(outputs)
+
+
+def test_download_cache_writers_of_identical_bytes_never_collide(tmp_path):
+  """Issue 16.0 at the unit: many threads store identical bytes under different ids at once."""
+  import concurrent.futures
+
+  from pipeline import fetch
+
+  cache = fetch.DownloadCache(str(tmp_path / "cache"))
+  data = bytes(range(256)) * 400
+  for round_ in range(20):
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      list(pool.map(lambda i: cache.put(f"{round_}-{i}", data), range(16)))
+  assert all(cache.get(f"{r}-{i}") == data for r in range(20) for i in range(16))
+  assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
+
+
+def test_identical_bytes_under_many_urls_fetched_concurrently(tmp_path, http_server):
+  """Issue 16.0: mirrors of one image (identical bytes, distinct URLs) fetched at the same time
+  all land in the dataset; repeated, since the race is timing-dependent."""
+  body = _png(make_image((48, 48), 0, 7))
+
+  def delayed(handler):
+    time.sleep(0.02)  # keeps many fetches of the same bytes in flight together
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+  http_server.routes = {f"/copy{i}.png": delayed for i in range(32)}
+  manifest = tmp_path / "m.csv"
+  manifest.write_text("image_url,label\n" + "".join(
+      f"{http_server.url}/copy{i}.png,{'ab'[i % 2]}\n" for i in range(32)))
+  for attempt in range(3):
+    summary = ingest.run(["--source", str(manifest), "--out", str(tmp_path / f"out{attempt}"),
+                          "--image-size", "32", "--allow-network", "127.0.0.1/32"])
+    assert summary["written"] == 32 and summary["balanced"], summary
+
+
+def test_a_download_cache_that_cannot_be_written_loses_no_row(tmp_path, http_server, monkeypatch):
+  """Issue 16.0: any error while caching a row skips the cache for that row, never the job."""
+  from pipeline import fetch
+
+  def broken(path, data):
+    raise OSError(f"disk full writing {path}")
+
+  monkeypatch.setattr(fetch.DownloadCache, "_write", staticmethod(broken))
+  http_server.routes = {f"/{i}.png": (200, {}, _png(make_image((40, 40), i % 2, i)))
+                        for i in range(4)}
+  manifest = tmp_path / "m.csv"
+  manifest.write_text("image_url,label\n" + "".join(
+      f"{http_server.url}/{i}.png,{'ab'[i % 2]}\n" for i in range(4)))
+  summary = ingest.run(["--source", str(manifest), "--out", str(tmp_path / "out"),
+                        "--image-size", "32", "--allow-network", "127.0.0.1/32"])
+  assert summary["written"] == 4 and summary["by_reason"] == {}
