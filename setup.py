@@ -1,4 +1,5 @@
-"""Installs headstart: the `pipeline`, `features` and `heads` packages and the `headstart` script.
+"""Installs headstart: the `contracts`, `pipeline`, `features`, `heads` and `headstart` packages
+and the `headstart` script.
 
     pip install -e '.[test]'          # developers (what run_tests.sh does)
     pip install '.[gcp]'              # adds Dataflow / gs:// support for Beam
@@ -31,14 +32,14 @@ setuptools.setup(
     version="0.1.0",
     description="Transfer learning at scale: cache frozen-backbone features once, compare many heads.",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "features", "features.*",
-                                               "heads", "heads.*"]),
-    py_modules=["headstart"],
+    packages=setuptools.find_packages(include=["contracts", "contracts.*", "pipeline", "pipeline.*",
+                                               "features", "features.*", "heads", "heads.*",
+                                               "headstart", "headstart.*"]),
     package_data={"features": ["weights/*.h5", "weights/*.md"]},
     install_requires=REQUIRED_PACKAGES,
     extras_require={
         "gcp": ["apache-beam[gcp,tfrecord]==2.77.0"],
         "test": ["pytest==9.2.0"],
     },
-    entry_points={"console_scripts": ["headstart=headstart:main"]},
+    entry_points={"console_scripts": ["headstart=headstart.cli:main"]},
 )

@@ -14,7 +14,6 @@ networks; feature values are not.
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import time
 from typing import Any
@@ -72,8 +71,8 @@ def extract_args(images_dir: pathlib.Path, out: pathlib.Path, backbone: str, inp
 
 def feature_dir(out: pathlib.Path) -> pathlib.Path:
   """The one feature dataset an extract run wrote under `out` (from its index.json)."""
-  index = json.loads((out / "index.json").read_text())
-  return out / index["datasets"][0]["dir"]
+  from contracts import datasets
+  return pathlib.Path(datasets.read_index(str(out))[0].path)
 
 
 def run_in_process(images_dir: pathlib.Path, out: pathlib.Path, backbone: str, input_size: int,

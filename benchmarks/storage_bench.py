@@ -63,18 +63,21 @@ def write_reference_records(path: pathlib.Path, count: int,
   """
   import tensorflow as tf
 
+  from contracts import schema as schema_lib
   from features import records
   if count <= 0:
     raise ValueError(f"count must be positive, got {count!r}")
   rng = np.random.default_rng(0)
   path.parent.mkdir(parents=True, exist_ok=True)
+  schema = schema_lib.feature_schema(class_names=("a", "b"), num_keypoints=0,
+                                     map_shape=map_shape, pooled_dim=map_shape[-1])
   with tf.io.TFRecordWriter(str(path)) as writer:
     for index in range(count):
       feature_map = rng.standard_normal(map_shape).astype(np.float16)
       record = records.ImageRecord(id=f"{index:064x}", split="train", view=0,
                                    image=np.zeros((1, 1, 3), np.uint8), label=index % 2)
       writer.write(records.encode_feature_record(
-          record, feature_map, feature_map.astype(np.float32).mean(axis=(0, 1)), "both"))
+          schema, record, feature_map, feature_map.astype(np.float32).mean(axis=(0, 1))))
   return path.stat().st_size
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import sys
 
-import headstart
+# A package's __main__ is an entry point, part of the app layer (docs/ARCHITECTURE.md).
+from headstart import cli
 
 if __name__ == "__main__":
-  sys.exit(headstart.main(["extract", *sys.argv[1:]]))
+  sys.exit(cli.main(["extract", *sys.argv[1:]]))

@@ -18,16 +18,15 @@ from typing import Any
 
 import tensorflow as tf
 
+from contracts import datasets, layout
+from contracts import schema as schema_lib
 from features import backbones as backbones_lib
 from features import cache_key as cache_key_lib
 from features import health as health_lib
 from features import records
 from features import weights as weights_lib
-from pipeline import dataset_io
 
-INDEX_NAME = "index.json"
-FEATURES_NAME = "features"
-RANDOM_WEIGHTS_NAME = "backbone.weights.h5"
+RANDOM_WEIGHTS_NAME = layout.RANDOM_WEIGHTS_NAME
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +78,20 @@ class FeatureJob:
   def dir_name(self) -> str:
     return self.out_dir.rstrip("/").rsplit("/", 1)[-1]
 
+  def schema(self) -> schema_lib.Schema:
+    """The feature records this job writes (known once `prepare` probed the output shape)."""
+    info = self.image_info
+    return schema_lib.feature_schema(
+        class_names=info["class_names"], num_keypoints=info["num_keypoints"],
+        map_shape=self.map_shape, pooled_dim=self.pooled_dim, store=self.store)
+
+  def image_schema(self) -> schema_lib.Schema:
+    """The image records this job reads."""
+    info = self.image_info
+    return schema_lib.image_schema(
+        image_size=info["image_size"], image_format=info["image_format"] or "jpeg",
+        class_names=info["class_names"], num_keypoints=info["num_keypoints"] or 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class ExtractPlan:
@@ -92,7 +105,7 @@ def _image_fingerprint(manifest: Mapping[str, Any]) -> str:
   # Older image manifests may lack `fingerprint`; recompute it the same way from shard hashes.
   if manifest.get("fingerprint"):
     return manifest["fingerprint"]
-  return dataset_io.fingerprint(
+  return datasets.fingerprint(
       {split: entry["shards"] for split, entry in manifest["splits"].items()})
 
 
@@ -102,7 +115,7 @@ def plan(config: ExtractConfig) -> ExtractPlan:
   Raises:
     ValueError: the image dataset is missing/incomplete, or a flag value is invalid.
   """
-  image_manifest = dataset_io.read_manifest(config.images)
+  image_manifest = datasets.read_manifest(config.images)
   if image_manifest.get("kind", "images") != "images":
     raise ValueError(f"--images {config.images!r} is a {image_manifest.get('kind')!r} dataset; "
                      "pass the image dataset written by `headstart ingest`")
@@ -162,7 +175,7 @@ def plan(config: ExtractConfig) -> ExtractPlan:
   shards = tuple(
       (path, int(entry["num_examples"]))
       for split in image_manifest["splits"]
-      for path, entry in zip(dataset_io.shard_paths(config.images, image_manifest, split),
+      for path, entry in zip(datasets.shard_paths(config.images, image_manifest, split),
                              image_manifest["splits"][split]["shards"]))
   return ExtractPlan(config, shards, tuple(jobs))
 
@@ -175,11 +188,11 @@ def _absolute(path: str) -> str:
 
 
 def _is_complete(out_dir: str, key: str) -> bool:
-  if not dataset_io.has_manifest(out_dir):
+  if not datasets.has_manifest(out_dir):
     return False
   try:
-    return dataset_io.read_manifest(out_dir).get("cache_key") == key
-  except dataset_io.DatasetError:
+    return datasets.read_manifest(out_dir).get("cache_key") == key
+  except layout.DatasetError:
     return False
 
 
@@ -242,7 +255,7 @@ def _save_random_weights(base: Any, out_dir: str) -> weights_lib.WeightsChoice:
 def write_errors(out_dir: str, dead_letters: Sequence[Mapping[str, Any]]) -> None:
   """Writes `errors.jsonl` (one JSON object a line, sorted so re-runs are identical)."""
   lines = sorted(json.dumps(entry, sort_keys=True) for entry in dead_letters)
-  with tf.io.gfile.GFile(f"{out_dir}/{dataset_io.ERRORS_NAME}", "w") as f:
+  with tf.io.gfile.GFile(f"{out_dir}/{layout.ERRORS_NAME}", "w") as f:
     f.write("".join(f"{line}\n" for line in lines))
 
 
@@ -259,11 +272,9 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
   dead = len(dead_letters)
   if input_records and dead / input_records > job.max_error_fraction:
     return None
-  grouped = dataset_io.group_shards(shards, job.out_dir)
+  grouped = datasets.group_shards(shards, job.out_dir)
   info = job.image_info
-  features = records.feature_tfds_features(
-      task=info["task"], class_names=info["class_names"], num_keypoints=info["num_keypoints"],
-      map_shape=job.map_shape, pooled_dim=job.pooled_dim, store=job.store)
+  features = job.schema().tfds_features()
   seconds = max(time.time() - job.start_time, 1e-9)
   examples = sum(s["num_examples"] for entries in grouped.values() for s in entries)
   forward_seconds = health.get("forward_seconds", 0.0)
@@ -278,7 +289,7 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
             "by_reason": by_reason, "examples": examples,
             "balanced": input_records is None or images_written + dead == input_records}
   extra = {
-      "kind": FEATURES_NAME,
+      "kind": "features",
       "backbone": job.backbone,
       **job.weights.to_manifest(),
       "seed": job.seed if job.weights.kind == "none" else None,
@@ -304,7 +315,7 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
       "task": info["task"],
       "class_names": info["class_names"],
       "num_keypoints": info["num_keypoints"],
-      "fingerprint": dataset_io.fingerprint(grouped),
+      "fingerprint": datasets.fingerprint(grouped),
       "health": health_lib.summarize_health(health),
       "counts": counts,
       "extraction_seconds": round(seconds, 3),
@@ -314,37 +325,17 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
                                     if forward_seconds else None),
       "backbone_weights_file": RANDOM_WEIGHTS_NAME if job.weights.kind == "none" else None,
   }
-  return dataset_io.finalize_dataset(
-      job.out_dir, FEATURES_NAME, features, grouped, extra,
+  return datasets.finalize_dataset(
+      job.out_dir, layout.FEATURES_NAME, features, grouped, extra,
       description=f"{job.backbone} features ({job.weights.kind} weights) of "
                   f"{info['image_dataset']}")
 
 
 def write_index(out: str, jobs: Sequence[FeatureJob]) -> dict[str, Any]:
-  """Updates `out/index.json`: every complete feature dataset under `out`, this call's first.
-
-  Entries of earlier calls stay listed while their manifest exists; `dir` is relative to `out`.
-  """
-  path = f"{out.rstrip('/')}/{INDEX_NAME}"
-  entries: dict[str, dict[str, Any]] = {}
-  for job in jobs:
-    if dataset_io.has_manifest(job.out_dir):
-      entries[job.dir_name] = {"dir": job.dir_name, "backbone": job.backbone,
-                               "weights_kind": job.weights.kind, "cache_key": job.cache_key}
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path, "r") as f:
-      try:
-        previous = json.load(f).get("datasets", [])
-      except json.JSONDecodeError:
-        previous = []
-    for entry in previous:
-      if entry.get("dir") not in entries and \
-          dataset_io.has_manifest(f"{out.rstrip('/')}/{entry.get('dir')}"):
-        entries[entry["dir"]] = entry
-  index = {"datasets": list(entries.values())}
-  tf.io.gfile.makedirs(out)
-  dataset_io.write_json(path, index)
-  return index
+  """Updates `out/index.json`: every complete feature dataset under `out`, this call's first."""
+  return datasets.write_index(out, [
+      {"dir": job.dir_name, "backbone": job.backbone, "weights_kind": job.weights.kind,
+       "cache_key": job.cache_key} for job in jobs])
 
 
 def summary_lines(job: FeatureJob, manifest: Mapping[str, Any]) -> list[str]:

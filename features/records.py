@@ -9,14 +9,14 @@ records carry `id`, the same `label`/`targets`, `view`, `feature_map` (float16 r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from pipeline import dataset_io
+from contracts import layout
+from contracts import schema as schema_lib
 
-STORE_CHOICES = ("both", "maps", "pooled")
+STORE_CHOICES = layout.STORE_CHOICES
 
 
 class RecordError(ValueError):
@@ -38,13 +38,7 @@ class ImageRecord:
   targets: np.ndarray | None = None  # float32 (K, 2) in [0, 1]
 
 
-def split_of_shard(file_name: str) -> str:
-  """`.../images-train.tfrecord-00000-of-00002` -> `train` (TFDS shard naming)."""
-  base = file_name.rstrip("/").rsplit("/", 1)[-1]
-  return base.split(".tfrecord", 1)[0].rsplit("-", 1)[-1]
-
-
-def parse_image_example(serialized: bytes) -> dict[str, Any]:
+def parse_image_example(serialized: bytes, image_schema: schema_lib.Schema) -> dict[str, Any]:
   """Reads the fields stage 2 needs from a serialized image Example.
 
   Returns:
@@ -53,23 +47,12 @@ def parse_image_example(serialized: bytes) -> dict[str, Any]:
   Raises:
     RecordError: not an Example, or no `id` / `image` (reason `schema_mismatch`).
   """
-  import tensorflow as tf
-  from google.protobuf.message import DecodeError
+  keys = [key for key in ("id", "image", "label", "targets") if key in image_schema.names]
   try:
-    feature = tf.train.Example.FromString(serialized).features.feature
-  except DecodeError as error:
-    raise RecordError("schema_mismatch", f"record is not a tf.train.Example: {error}") from error
-  if "id" not in feature or "image" not in feature:
-    raise RecordError("schema_mismatch",
-                      f"image record lacks 'id' or 'image' (keys: {sorted(feature)!r})")
-  label = feature["label"].int64_list.value if "label" in feature else []
-  targets = feature["targets"].float_list.value if "targets" in feature else []
-  return {
-      "id": feature["id"].bytes_list.value[0].decode("utf-8"),
-      "image": feature["image"].bytes_list.value[0],
-      "label": int(label[0]) if len(label) else None,
-      "targets": np.asarray(targets, np.float32).reshape(-1, 2) if len(targets) else None,
-  }
+    fields = image_schema.decode(serialized, keys)
+  except ValueError as error:
+    raise RecordError("schema_mismatch", f"image record: {error}") from error
+  return {"label": None, "targets": None, **fields}
 
 
 def decode_image(data: bytes, input_size: int, image_size: int | None = None) -> np.ndarray:
@@ -110,42 +93,17 @@ def input_resize_name(image_size: int, input_size: int) -> str:
   return "cv2_area" if input_size < image_size else "cv2_linear"
 
 
-def encode_feature_record(record: ImageRecord, feature_map: np.ndarray, pooled: np.ndarray,
-                          store: str) -> bytes:
-  """One feature Example: id, label/targets, view, float16 map and/or float32 pooled as bytes.
-
-  Raises:
-    ValueError: unknown `store`.
-  """
-  if store not in STORE_CHOICES:
-    raise ValueError(f"--store {store!r} is not one of {', '.join(STORE_CHOICES)}")
+def encode_feature_record(schema: schema_lib.Schema, record: ImageRecord,
+                          feature_map: np.ndarray, pooled: np.ndarray) -> bytes:
+  """One feature Example: id, label/targets, view, float16 map and/or float32 pooled as bytes
+  (whichever of the two the job's schema stores)."""
   values: dict[str, Any] = {"id": record.id, "view": int(record.view)}
   if record.label is not None:
     values["label"] = int(record.label)
   if record.targets is not None:
-    values["targets"] = np.asarray(record.targets, np.float32)
-  if store in ("both", "maps"):
-    values["feature_map"] = np.ascontiguousarray(feature_map, np.float16).tobytes()
-  if store in ("both", "pooled"):
-    values["pooled"] = np.ascontiguousarray(pooled, np.float32).tobytes()
-  return dataset_io.to_example(values)
-
-
-def feature_tfds_features(*, task: str, class_names: Sequence[str] | None,
-                          num_keypoints: int | None, map_shape: Sequence[int], pooled_dim: int,
-                          store: str) -> Any:
-  """The TFDS `FeaturesDict` of a feature dataset (what `builder_from_directory` decodes)."""
-  import tensorflow_datasets as tfds
-  spec: dict[str, Any] = {"id": tfds.features.Text(),
-                          "view": tfds.features.Scalar(dtype=np.int64)}
-  if class_names:
-    spec["label"] = tfds.features.ClassLabel(names=list(class_names))
-  if task == "keypoints" and num_keypoints:
-    spec["targets"] = tfds.features.Tensor(shape=(int(num_keypoints), 2), dtype=np.float32)
-  if store in ("both", "maps"):
-    spec["feature_map"] = tfds.features.Tensor(shape=tuple(int(d) for d in map_shape),
-                                               dtype=np.float16, encoding="bytes")
-  if store in ("both", "pooled"):
-    spec["pooled"] = tfds.features.Tensor(shape=(int(pooled_dim),), dtype=np.float32,
-                                          encoding="bytes")
-  return tfds.features.FeaturesDict(spec)
+    values["targets"] = record.targets
+  if "feature_map" in schema.names:
+    values["feature_map"] = feature_map
+  if "pooled" in schema.names:
+    values["pooled"] = pooled
+  return schema.encode(values)

@@ -9,23 +9,16 @@ runs default to `--runner=FnApiRunner`.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from typing import Any
 
+from contracts import cli, progress
 from features import backbones as backbones_lib
 from features import records
-from pipeline import flags
 
 _WEIGHTS_HELP = "imagenet (default), none (seeded random init) or the path of a weights file"
-
-
-class _Parser(argparse.ArgumentParser):
-  # A bad flag value becomes a ValueError: `headstart` prints it as one line, no usage dump.
-  def error(self, message: str):
-    raise ValueError(message)
 
 
 def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
@@ -35,27 +28,27 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
     ValueError: a flag is missing or has a bad value (the message names value and choices).
   """
   from features import jobs as jobs_lib
-  parser = _Parser(prog="headstart extract", description=__doc__.split("\n\n")[0])
+  parser = cli.Parser(prog="headstart extract", description=__doc__.split("\n\n")[0])
   parser.add_argument("--images", required=True, help="image dataset dir (headstart ingest --out)")
   parser.add_argument("--out", required=True, help="folder for the feature datasets + index.json")
   parser.add_argument("--backbones", default="mobilenet_v2",
                       help=f"comma list of {', '.join(backbones_lib.BACKBONES)} or model paths")
   parser.add_argument("--layer", default=None, help="output layer name (default: last conv block)")
-  parser.add_argument("--input-size", type=flags.positive_int, default=None,
+  parser.add_argument("--input-size", type=cli.positive_int, default=None,
                       help="square input side (default: the image dataset's image size)")
   parser.add_argument("--weights", default="imagenet", help=_WEIGHTS_HELP)
   parser.add_argument("--weights-dir", default=None,
                       help="folder/bucket of staged weight files (or $HEADSTART_WEIGHTS_DIR)")
-  parser.add_argument("--batch-size", type=flags.positive_int, default=64)
+  parser.add_argument("--batch-size", type=cli.positive_int, default=64)
   parser.add_argument("--store", choices=records.STORE_CHOICES, default="both")
-  parser.add_argument("--views", type=flags.non_negative_int, default=0,
+  parser.add_argument("--views", type=cli.non_negative_int, default=0,
                       help="augmented views per train image (flip, crops)")
   parser.add_argument("--force", action="store_true", help="recompute even on a cache hit")
   parser.add_argument("--seed", type=int, default=0, help="seed of --weights none and of views")
   parser.add_argument("--precision", choices=backbones_lib.PRECISIONS, default="float32",
                       help="compute precision of the backbones (mixed_* for GPUs)")
   parser.add_argument("--jit-compile", action="store_true", help="compile the forward with XLA")
-  parser.add_argument("--max-error-fraction", type=flags.fraction, default=0.5,
+  parser.add_argument("--max-error-fraction", type=cli.fraction, default=0.5,
                       help="fail when more image records than this are unusable (dead-lettered)")
   known, beam_args = parser.parse_known_args(argv)
   config = jobs_lib.ExtractConfig(
@@ -65,10 +58,7 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
       batch_size=known.batch_size, store=known.store, views=known.views, force=known.force,
       seed=known.seed, precision=known.precision, jit_compile=known.jit_compile,
       max_error_fraction=known.max_error_fraction)
-  if not any(arg == "--runner" or arg.startswith("--runner=") for arg in beam_args):
-    # Beam 2.77's default DirectRunner first tries to download the Prism binary (fails offline).
-    beam_args = ["--runner=FnApiRunner", *beam_args]
-  return config, beam_args
+  return config, cli.with_default_runner(beam_args)
 
 
 def build_pipeline(root: Any, plan: Any) -> list[Any]:
@@ -116,7 +106,7 @@ def run(argv: list[str] | None = None) -> Any:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline import dataset_io
+    from contracts import datasets
     start = time.time()
     missing = [dataclasses.replace(jobs_lib.prepare(job), start_time=start) for job in missing]
     for job in missing:
@@ -124,12 +114,14 @@ def run(argv: list[str] | None = None) -> Any:
             f"{job.weights.source}: {job.weights.path}, sha256 {job.weights.sha256})")
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, dataclasses.replace(plan, jobs=tuple(missing)))
+    progress.report("extract", total=sum(count for _, count in plan.shards), unit="img")
     result = pipeline.run()
     result.wait_until_finish()
-    failed = [job for job in missing if not dataset_io.has_manifest(job.out_dir)]
+    progress.report("extract", done=True)
+    failed = [job for job in missing if not datasets.has_manifest(job.out_dir)]
     for job in missing:
       if job not in failed:
-        for line in jobs_lib.summary_lines(job, dataset_io.read_manifest(job.out_dir)):
+        for line in jobs_lib.summary_lines(job, datasets.read_manifest(job.out_dir)):
           print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
   jobs_lib.write_index(config.out, [*missing, *hits])
   if failed:

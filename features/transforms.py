@@ -21,11 +21,13 @@ import numpy as np
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
+from contracts import layout, progress
+from contracts import schema as schema_lib
 from features import health as health_lib
 from features import jobs as jobs_lib
 from features import records
 from features import views as views_lib
-from pipeline import dataset_io
+from pipeline import sinks
 
 
 DEAD_LETTERS = "dead_letters"
@@ -102,8 +104,10 @@ class DecodeImageFn(beam.DoFn):
   """(shard file name, serialized image Example) -> ImageRecord at the input size, plus
   augmented views 1..K of train images; unusable records -> `dead_letters` (never raised)."""
 
-  def __init__(self, input_size: int, views: int, seed: int, image_size: int | None = None):
+  def __init__(self, image_schema: schema_lib.Schema, input_size: int, views: int, seed: int,
+               image_size: int | None = None):
     super().__init__()
+    self._image_schema = image_schema
     self._input_size = input_size
     self._image_size = image_size
     self._views = views
@@ -114,10 +118,10 @@ class DecodeImageFn(beam.DoFn):
 
   def process(self, element: tuple[str, bytes]) -> Iterator[Any]:
     shard, serialized = element
-    split = records.split_of_shard(shard)
+    split = layout.split_of_shard(shard)
     record_id = None
     try:
-      fields = records.parse_image_example(serialized)
+      fields = records.parse_image_example(serialized, self._image_schema)
       record_id = fields["id"]
       image = records.decode_image(fields["image"], self._input_size, self._image_size)
     except records.RecordError as error:
@@ -206,6 +210,7 @@ class RunBackbonesFn(beam.DoFn):
     tag = "|".join(f"{job.tag}:{job.cache_key}" for job in self._jobs)
     self._loaded = self._shared_handle.acquire(
         lambda: _LoadedBackbones(self._jobs, self._jit_compile, self._batch_size), tag=tag)
+    self._schemas = {job.tag: job.schema() for job in self._jobs}
     # One thread: forwards stay in batch order and at most one waits behind the running one.
     self._forward_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="forward")
 
@@ -215,6 +220,7 @@ class RunBackbonesFn(beam.DoFn):
   def process(self, batch: Sequence[records.ImageRecord], timestamp=beam.DoFn.TimestampParam,
               window=beam.DoFn.WindowParam) -> Iterator[Any]:
     self._batches.inc()
+    progress.report("extract", advance=sum(record.view == 0 for record in batch), unit="img")
     previous = self._pending
     self._pending = (self._forward_pool.submit(self._run, list(batch)), timestamp, (window,))
     if previous is not None:
@@ -252,8 +258,9 @@ class RunBackbonesFn(beam.DoFn):
       seconds = time.perf_counter() - start
       outputs.append((f"health_{job.tag}", health_lib.health_from_sums(
           sums, int(np.prod(maps.shape[1:])), seconds)))
+      schema = self._schemas[job.tag]
       outputs.extend((job.tag, (record.split, records.encode_feature_record(
-          record, maps[index], pooled[index], job.store))) for index, record in enumerate(batch))
+          schema, record, maps[index], pooled[index]))) for index, record in enumerate(batch))
     return outputs
 
 
@@ -294,8 +301,8 @@ class WriteFeatureDataset(beam.PTransform):
 
   def expand(self, pcolls):
     features, health, dead_letters, input_count = pcolls
-    shards = features | "WriteSplits" >> dataset_io.WriteSplits(self._job.out_dir,
-                                                                jobs_lib.FEATURES_NAME)
+    shards = features | "WriteSplits" >> sinks.WriteSplits(self._job.out_dir,
+                                                                layout.FEATURES_NAME)
     merged = health | "MergeHealth" >> beam.CombineGlobally(MergeHealthFn())
     return (shards
             | "CollectShards" >> beam.combiners.ToList()
@@ -323,7 +330,7 @@ class ExtractFeatures(beam.PTransform):
     image_size = self._jobs[0].image_info.get("image_size")
     tags = [job.tag for job in self._jobs]
     decoded = image_records | "DecodeImages" >> beam.ParDo(DecodeImageFn(
-        input_size, self._views, self._seed, image_size)).with_outputs(
+        self._jobs[0].image_schema(), input_size, self._views, self._seed, image_size)).with_outputs(
             DEAD_LETTERS, main="images")
     dead_letters = decoded[DEAD_LETTERS] | "CollectDeadLetters" >> beam.combiners.ToList()
     input_count = image_records | "CountRecords" >> beam.combiners.Count.Globally()

@@ -7,20 +7,14 @@ workers without internet.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import urllib.request
 
+from contracts import cli
 from features import backbones as backbones_lib
 from features import weights as weights_lib
 
 _PROBE_TIMEOUT_SECONDS = 3.0
-
-
-class _Parser(argparse.ArgumentParser):
-  # A bad flag value becomes a ValueError: `headstart` prints it as one line.
-  def error(self, message: str):
-    raise ValueError(message)
 
 
 def _online(url: str) -> bool:
@@ -96,8 +90,8 @@ def stage(backbone_names: list[str], target: str, input_size: int,
 
 def main(argv: list[str] | None = None) -> int:
   """`headstart weights list|stage`; returns 0 on success."""
-  parser = _Parser(prog="headstart weights", description=__doc__.split("\n\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  parser = cli.Parser(prog="headstart weights", description=__doc__.split("\n\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
   listing = commands.add_parser("list", help="where each backbone's weights come from now")
   staging = commands.add_parser("stage", help="copy weight files to a folder or bucket")
   staging.add_argument("--backbones", required=True, help="comma list of registered backbones")

@@ -32,11 +32,10 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from contracts import datasets, layout
 from heads import config as config_lib
 from heads import zoo
-from pipeline import dataset_io
 
-INDEX_NAME = "index.json"
 CELLS_DIR = "cells"
 SCRATCH_DIR = "from-scratch"
 LEADERBOARD_CSV = "leaderboard.csv"
@@ -65,15 +64,7 @@ def weights_label(weights_kind: str) -> str:
   return weights_kind or "unknown"
 
 
-@dataclasses.dataclass(frozen=True)
-class FeatureEntry:
-  """One feature dataset listed in `index.json`."""
-  dir_name: str
-  path: str
-  backbone: str
-  weights_kind: str
-  cache_key: str
-  manifest: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+FeatureEntry = datasets.IndexEntry
 
 
 def read_index(features_dir: str, backbones: Sequence[str] | None = None) -> list[FeatureEntry]:
@@ -86,20 +77,8 @@ def read_index(features_dir: str, backbones: Sequence[str] | None = None) -> lis
   Raises:
     ValueError: no index, an unknown backbone filter, or no dataset left.
   """
-  features_dir = features_dir.rstrip("/")
-  path = f"{features_dir}/{INDEX_NAME}"
-  if not tf.io.gfile.exists(path):
-    raise ValueError(f"--features {features_dir!r} has no {INDEX_NAME}; point it at the --out "
-                     "folder of headstart extract")
-  with tf.io.gfile.GFile(path, "r") as f:
-    listed = json.load(f).get("datasets", [])
-  entries = []
-  for item in listed:
-    data_dir = f"{features_dir}/{item['dir']}"
-    manifest = dataset_io.read_manifest(data_dir)
-    entries.append(FeatureEntry(item["dir"], data_dir, item.get("backbone") or manifest["backbone"],
-                                item.get("weights_kind") or manifest.get("weights_kind", ""),
-                                item.get("cache_key") or manifest.get("cache_key", ""), manifest))
+  entries = datasets.read_index(features_dir)
+  path = f"{features_dir.rstrip('/')}/{layout.INDEX_NAME}"
   if backbones:
     known = sorted({entry.backbone for entry in entries})
     unknown = [name for name in backbones if name not in known]
@@ -317,7 +296,7 @@ def cost_ledger(entries: Sequence[FeatureEntry],
     backbones.append({
         "dataset": entry.dir_name, "backbone": entry.backbone,
         "weights": weights_label(entry.weights_kind),
-        "images": sum(_num_examples(manifest, s) for s in dataset_io.SPLITS),
+        "images": sum(_num_examples(manifest, s) for s in layout.SPLITS),
         "extraction_seconds": manifest.get("extraction_seconds"),
         "images_per_second": manifest.get("images_per_second"),
         "forward_images_per_second": rate,
@@ -546,7 +525,7 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
   ledger["best_run"] = best["run_dir"] if best else None
 
   table = markdown_table(rows)
-  dataset_io.write_json(f"{out_dir}/{LEDGER_NAME}", ledger)
+  datasets.write_json(f"{out_dir}/{LEDGER_NAME}", ledger)
   with tf.io.gfile.GFile(f"{out_dir}/{LEADERBOARD_CSV}", "w") as f:
     f.write(_csv_text(rows, LEADERBOARD_COLUMNS))
   with tf.io.gfile.GFile(f"{out_dir}/{SEEDS_CSV}", "w") as f:

@@ -17,9 +17,9 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from contracts import datasets, layout
 from heads import export, reader, training
 from heads.config import from_dict
-from pipeline import dataset_io
 
 
 def _all_layers(layer: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
@@ -99,7 +99,7 @@ def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | Non
     raise ValueError(f"image dataset {images_dir!r} has image size {spec.image_size!r}, the run's "
                      f"model takes {run['image']['image_size']!r}")
   if "train" not in spec.splits:
-    raise dataset_io.DatasetError(f"image dataset {images_dir!r} has no train split")
+    raise layout.DatasetError(f"image dataset {images_dir!r} has no train split")
   notes = [f"no {split} split in the dataset: not evaluated"
            for split in ("validation", "test") if split not in spec.splits]
   if run.get("image_fingerprint") and run["image_fingerprint"] != spec.cache_key:
@@ -111,7 +111,7 @@ def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | Non
   batch_size = batch_size or config.train.batch_size
   training.compile_head(model, spec.task, keras.optimizers.Adam(rate))
   tf.io.gfile.makedirs(out_dir)
-  dataset_io.write_json(f"{out_dir}/{training.CONFIG_NAME}", {
+  datasets.write_json(f"{out_dir}/{training.CONFIG_NAME}", {
       **run, "finetune": {"base_run": run_dir, "images": spec.data_dir, "unfreeze": unfreeze,
                           "trainable_layers": trainable, "learning_rate": rate,
                           "epochs": epochs, "batch_size": batch_size}})
@@ -138,5 +138,5 @@ def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | Non
   result.update(training.evaluate_and_write(model, spec, "image", out_dir,
                                             batch_size=batch_size, settings=run["image"]))
   result["notes"] = notes
-  dataset_io.write_json(f"{out_dir}/{training.METRICS_NAME}", result)
+  datasets.write_json(f"{out_dir}/{training.METRICS_NAME}", result)
   return result

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from pipeline import dataset_io
+from contracts import datasets, layout
+from contracts import schema as schema_lib
 
 # Records parsed per `parse_example` call: big enough to amortise the op, small enough that a
 # batch of 9x9x512 float16 maps (~80 KiB each) stays a few tens of MiB.
@@ -40,6 +41,7 @@ class DatasetSpec:
   weights_kind: str
   splits: tuple[str, ...]
   manifest: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+  schema: schema_lib.Schema = dataclasses.field(repr=False, compare=False, default=None)
 
   @property
   def num_outputs(self) -> int:
@@ -62,11 +64,11 @@ def load_spec(data_dir: str) -> DatasetSpec:
   """Reads a feature or image dataset's manifest into a `DatasetSpec`.
 
   Raises:
-    dataset_io.DatasetError: no manifest (not a complete dataset).
+    layout.DatasetError: no manifest (not a complete dataset).
     ValueError: the dataset is unlabelled or its task is unknown.
   """
   data_dir = data_dir.rstrip("/")
-  manifest = dataset_io.read_manifest(data_dir)
+  manifest = datasets.read_manifest(data_dir)
   task = manifest.get("task")
   if task not in ("binary", "multiclass", "keypoints"):
     raise ValueError(f"dataset {data_dir!r} has task {task!r}; heads train on binary, "
@@ -80,7 +82,7 @@ def load_spec(data_dir: str) -> DatasetSpec:
   else:
     cache_key = manifest.get("cache_key") or ""
     if not cache_key:
-      raise dataset_io.DatasetError(f"feature dataset {data_dir!r} has no cache_key in its "
+      raise layout.DatasetError(f"feature dataset {data_dir!r} has no cache_key in its "
                                     "manifest, so a model trained on it could not be checked")
   return DatasetSpec(
       data_dir=data_dir, kind=kind, task=task,
@@ -92,18 +94,18 @@ def load_spec(data_dir: str) -> DatasetSpec:
       cache_key=cache_key,
       backbone=manifest.get("backbone", "none (from scratch)" if kind == "images" else ""),
       weights_kind=manifest.get("weights_kind", "none" if kind == "images" else ""),
-      splits=tuple(s for s in dataset_io.SPLITS if s in manifest["splits"]),
-      manifest=manifest)
+      splits=tuple(s for s in layout.SPLITS if s in manifest["splits"]),
+      manifest=manifest, schema=schema_lib.from_manifest(manifest))
 
 
 def check_cache_key(spec: DatasetSpec, expected: str, run_dir: str) -> None:
   """Refuses features that differ from the ones a run was trained on.
 
   Raises:
-    dataset_io.DatasetError: the keys differ.
+    layout.DatasetError: the keys differ.
   """
   if spec.cache_key != expected:
-    raise dataset_io.DatasetError(
+    raise layout.DatasetError(
         f"features {spec.data_dir!r} have cache key {spec.cache_key[:12]!r} but run "
         f"{run_dir!r} was trained on features with key {expected[:12]!r}; use a new run "
         "directory or the features the run was trained on")
@@ -111,44 +113,6 @@ def check_cache_key(spec: DatasetSpec, expected: str, run_dir: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Parsing
-
-
-def _feature_description(spec: DatasetSpec, keys: tuple[str, ...]) -> dict[str, Any]:
-  description = {}
-  for key in keys:
-    if key in ("id", "feature_map", "pooled", "image"):
-      description[key] = tf.io.FixedLenFeature([], tf.string)
-    elif key == "label":
-      description[key] = tf.io.FixedLenFeature([], tf.int64)
-    elif key == "targets":
-      description[key] = tf.io.FixedLenFeature([spec.num_keypoints * 2], tf.float32)
-    elif key in ("view", "height", "width"):
-      description[key] = tf.io.FixedLenFeature([], tf.int64, default_value=0)
-    else:
-      raise ValueError(f"cannot parse record key {key!r}")
-  return description
-
-
-def make_parse_fn(spec: DatasetSpec, keys: tuple[str, ...]):
-  """Returns `parse(serialized: tf.string[N]) -> dict[str, Tensor]` for a batch of records.
-
-  `feature_map` becomes float32 `[N, H, W, C]` from raw float16 bytes and `pooled` float32
-  `[N, C]`; `targets` is flattened to `[N, 2K]`. Works eagerly and inside `Dataset.map`.
-  """
-  description = _feature_description(spec, keys)
-
-  def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-    parsed = tf.io.parse_example(serialized, description)
-    if "feature_map" in parsed:
-      raw = tf.io.decode_raw(parsed["feature_map"], tf.float16)
-      parsed["feature_map"] = tf.cast(
-          tf.reshape(raw, [-1, *spec.feature_map_shape]), tf.float32)
-    if "pooled" in parsed:
-      raw = tf.io.decode_raw(parsed["pooled"], tf.float32)
-      parsed["pooled"] = tf.reshape(raw, [-1, spec.pooled_dim])
-    return parsed
-
-  return parse
 
 
 def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
@@ -178,7 +142,7 @@ def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = 
     extra_keys: further record keys to yield under their own names (e.g. `height`).
 
   Raises:
-    dataset_io.DatasetError: the split is missing.
+    layout.DatasetError: the split is missing.
     ValueError: the dataset does not hold that input kind.
   """
   key = input_key(input_kind)
@@ -190,13 +154,13 @@ def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = 
       key == "pooled" and (spec.pooled_dim is None or store == "maps")):
     raise ValueError(f"feature dataset {spec.data_dir!r} does not store {key!r} "
                      f"(store={store!r}); pick a head that reads the other tensor")
-  files = dataset_io.shard_paths(spec.data_dir, spec.manifest, split)
+  files = datasets.shard_paths(spec.data_dir, spec.manifest, split)
   # Views only exist in feature datasets; image records have none.
   filter_views = spec.kind == "features" and not views
   keys = (key, spec.target_key, *(("id",) if with_id else ()), *extra_keys,
           *(("view",) if filter_views else ()))
   # parse_example handles the encoded image bytes; decoding is per image below.
-  parse = make_parse_fn(spec, keys)
+  parse = spec.schema.batch_parser(keys)
   autotune = tf.data.AUTOTUNE
   dataset = tf.data.Dataset.from_tensor_slices(files).interleave(
       tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
@@ -218,8 +182,8 @@ def count_examples(spec: DatasetSpec, split: str, *, views: bool = False) -> int
   """Examples `read_split` yields for a split; parses only `view`, never the big tensors."""
   if spec.kind != "features" or views:
     return spec.num_examples(split)
-  files = dataset_io.shard_paths(spec.data_dir, spec.manifest, split)
-  parse = make_parse_fn(spec, ("view",))
+  files = datasets.shard_paths(spec.data_dir, spec.manifest, split)
+  parse = spec.schema.batch_parser(("view",))
   dataset = tf.data.TFRecordDataset(files).batch(PARSE_BATCH).map(
       parse, num_parallel_calls=tf.data.AUTOTUNE)
   return int(dataset.reduce(np.int64(0), lambda count, batch: count + tf.reduce_sum(

@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import dataset_io  # noqa: E402
+from contracts import datasets  # noqa: E402
 
 REPORT_NAME = "report.html"
 ASSETS_DIR = "report_files"
@@ -88,8 +88,8 @@ def image_dataset_dir(run_config: Mapping[str, Any]) -> str | None:
   if image.get("image_dataset"):
     return image["image_dataset"]
   features = run_config.get("features")
-  if features and dataset_io.has_manifest(features):
-    return dataset_io.read_manifest(features).get("image_dataset")
+  if features and datasets.has_manifest(features):
+    return datasets.read_manifest(features).get("image_dataset")
   return None
 
 
@@ -105,8 +105,8 @@ def load_split_images(image_dir: str, split: str = "test") -> dict[str, dict[str
   spec = reader.load_spec(image_dir)
   if split not in spec.splits:
     raise ValueError(f"image dataset {image_dir!r} has no {split!r} split")
-  files = dataset_io.shard_paths(image_dir, spec.manifest, split)
-  parse = reader.make_parse_fn(spec, ("id", "image", spec.target_key))
+  files = datasets.shard_paths(image_dir, spec.manifest, split)
+  parse = spec.schema.batch_parser(("id", "image", spec.target_key))
   examples = {}
   for batch in tf.data.TFRecordDataset(files).batch(256).map(parse).as_numpy_iterator():
     for index, identifier in enumerate(batch["id"]):
@@ -340,7 +340,7 @@ def _activation_section(run_dir: str, run_config: Mapping[str, Any],
                            "activation maps of the from-scratch CNN"), ""
   from features import backbones
   features_dir = run_config["features"]
-  manifest = dataset_io.read_manifest(features_dir)
+  manifest = datasets.read_manifest(features_dir)
   try:
     model = backbones.load_backbone_for_features(features_dir, manifest)
   except (ValueError, OSError) as error:
@@ -420,7 +420,7 @@ def run_sections(run_dir: str, assets: Assets, *, log: Callable[[str], None] = p
   predictions = _read_csv(f"{run_dir}/predictions_test.csv")
   image_dir = image_dataset_dir(run_config)
   examples: dict[str, Any] = {}
-  if image_dir and dataset_io.has_manifest(image_dir):
+  if image_dir and datasets.has_manifest(image_dir):
     try:
       examples = load_split_images(image_dir, "test")
     except ValueError as error:

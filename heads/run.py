@@ -1,7 +1,7 @@
 """Command-line entry points of stage 3: argument parsing only, then one library call each.
 
     headstart train --features DATA/features/vgg16-imagenet-3fa2c1d0 --head conv --out runs/x --epochs 30
-    headstart predict --model runs/x --images some/folder --out predictions.csv
+    headstart compare --features DATA/features --heads linear,mlp --seeds 3 --out runs/cmp
     headstart finetune --model runs/x --images DATA/images --unfreeze 20
 
 Hyperparameters: defaults < `--config FILE` (JSON or Python, see `heads.config`) < flags given
@@ -9,15 +9,15 @@ on the command line.
 """
 from __future__ import annotations
 
-import argparse
 import json
 
+from contracts import cli
 from heads import config as config_lib
 from heads import zoo
 
 
-def _train_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="headstart train", description=__doc__.splitlines()[0])
+def _train_parser() -> cli.Parser:
+  parser = cli.Parser(prog="headstart train", description=__doc__.splitlines()[0])
   parser.add_argument("--features", required=True,
                       help="feature dataset directory (an image dataset for --head scratch)")
   parser.add_argument("--head", required=True, choices=zoo.HEADS)
@@ -26,18 +26,18 @@ def _train_parser() -> argparse.ArgumentParser:
   parser.add_argument("--sweep", action="store_true",
                       help="linear head: pick the L2 strength on validation first")
   # None = not given: the config file or the default decides.
-  parser.add_argument("--epochs", type=int)
-  parser.add_argument("--batch-size", type=int)
+  parser.add_argument("--epochs", type=cli.positive_int)
+  parser.add_argument("--batch-size", type=cli.positive_int)
   parser.add_argument("--optimizer", choices=config_lib.OPTIMIZERS)
-  parser.add_argument("--learning-rate", type=float)
+  parser.add_argument("--learning-rate", type=cli.positive_float)
   parser.add_argument("--lr-decay", action="store_true", default=None)
-  parser.add_argument("--early-stopping", type=int, metavar="PATIENCE")
-  parser.add_argument("--seed", type=int)
+  parser.add_argument("--early-stopping", type=cli.non_negative_int, metavar="PATIENCE")
+  parser.add_argument("--seed", type=cli.non_negative_int)
   parser.add_argument("--views", action="store_true", default=None,
                       help="also train on augmented views (view > 0)")
   parser.add_argument("--class-weights", choices=config_lib.CLASS_WEIGHTS)
-  parser.add_argument("--units", type=int, help="conv/conv2/keypoints Dense units")
-  parser.add_argument("--dropout", type=float)
+  parser.add_argument("--units", type=cli.positive_int, help="conv/conv2/keypoints Dense units")
+  parser.add_argument("--dropout", type=cli.fraction)
   parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
   return parser
 
@@ -79,35 +79,19 @@ def _summary(result: dict) -> dict:
   return summary
 
 
-def predict_main(argv: list[str]) -> int:
-  """`headstart predict`: exported model over a folder or CSV of images -> predictions CSV."""
-  from heads import predict
-
-  parser = argparse.ArgumentParser(prog="headstart predict")
-  parser.add_argument("--model", required=True, help="run directory written by headstart train")
-  parser.add_argument("--images", required=True, help="folder of images or CSV of image paths")
-  parser.add_argument("--out", default="predictions.csv")
-  parser.add_argument("--batch-size", type=int, default=32)
-  args = parser.parse_args(argv)
-  summary = predict.predict_images(args.model, args.images, args.out,
-                                   batch_size=args.batch_size)
-  print(json.dumps(summary))
-  return 0
-
-
 def finetune_main(argv: list[str]) -> int:
   """`headstart finetune`: unfreezes the last N backbone layers and trains on the images."""
   from heads import finetune
 
-  parser = argparse.ArgumentParser(prog="headstart finetune")
+  parser = cli.Parser(prog="headstart finetune")
   parser.add_argument("--model", required=True, help="run directory written by headstart train")
   parser.add_argument("--images", required=True, help="the image dataset (stage 1 output)")
-  parser.add_argument("--unfreeze", type=int, required=True, metavar="N")
+  parser.add_argument("--unfreeze", type=cli.positive_int, required=True, metavar="N")
   parser.add_argument("--out", help="output run directory (default MODEL/finetune)")
-  parser.add_argument("--epochs", type=int, default=5)
-  parser.add_argument("--learning-rate", type=float,
+  parser.add_argument("--epochs", type=cli.positive_int, default=5)
+  parser.add_argument("--learning-rate", type=cli.positive_float,
                       help="default: the run's learning rate x finetune_lr_scale (0.1)")
-  parser.add_argument("--batch-size", type=int)
+  parser.add_argument("--batch-size", type=cli.positive_int)
   args = parser.parse_args(argv)
   result = finetune.finetune(args.model, args.images, unfreeze=args.unfreeze, out_dir=args.out,
                              epochs=args.epochs, learning_rate=args.learning_rate,
@@ -120,14 +104,14 @@ def compare_main(argv: list[str]) -> int:
   """`headstart compare`: every head x every feature dataset x seeds -> leaderboard + report."""
   from heads import compare
 
-  parser = argparse.ArgumentParser(prog="headstart compare")
+  parser = cli.Parser(prog="headstart compare")
   parser.add_argument("--features", required=True,
                       help="the --out folder of headstart extract (holds index.json)")
   parser.add_argument("--heads", default="linear,mlp,conv", help=f"comma list of {zoo.HEADS}")
   parser.add_argument("--backbones", help="only these backbones of the index (comma list)")
-  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--seeds", type=cli.positive_int, default=3)
   parser.add_argument("--out", required=True, help="compare directory")
-  parser.add_argument("--epochs", type=int)
+  parser.add_argument("--epochs", type=cli.positive_int)
   parser.add_argument("--config", help="JSON or .py file with head/train settings for every cell")
   parser.add_argument("--no-report", action="store_true", help="skip report.html")
   args = parser.parse_args(argv)
@@ -148,22 +132,8 @@ def report_main(argv: list[str]) -> int:
   """`headstart report`: plots and RUN_DIR/report.html for one finished run."""
   from heads import report
 
-  parser = argparse.ArgumentParser(prog="headstart report")
+  parser = cli.Parser(prog="headstart report")
   parser.add_argument("--run", required=True, help="run directory written by headstart train")
   args = parser.parse_args(argv)
   print(f"wrote {report.write_run_report(args.run)}")
   return 0
-
-
-def reproduce_main(argv: list[str]) -> int:
-  """`headstart reproduce`: runs a config's stages and prints PASS/FAIL per expected cell."""
-  from heads import reproduce
-
-  parser = argparse.ArgumentParser(prog="headstart reproduce")
-  parser.add_argument("config", help="configs/<experiment>.py")
-  parser.add_argument("--tiny", action="store_true", help="the CI variant on data/sample")
-  parser.add_argument("--source", help="your copy of the experiment's data (full variant)")
-  parser.add_argument("--out", help="output folder (default runs/reproduce/<name>[-tiny])")
-  args = parser.parse_args(argv)
-  outcome = reproduce.reproduce(args.config, tiny=args.tiny, source=args.source, out=args.out)
-  return 0 if outcome.passed else 1

@@ -23,9 +23,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from contracts import datasets, layout
 from heads import export, metrics, reader, sweep, zoo
 from heads.config import Config, to_dict
-from pipeline import dataset_io
 
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
@@ -79,8 +79,8 @@ def image_settings(spec: reader.DatasetSpec) -> dict[str, Any]:
   image_dir = spec.data_dir if spec.kind == "images" else spec.manifest.get("image_dataset")
   if spec.kind == "images":
     manifest = spec.manifest
-  elif image_dir and dataset_io.has_manifest(image_dir):
-    manifest = dataset_io.read_manifest(image_dir)
+  elif image_dir and datasets.has_manifest(image_dir):
+    manifest = datasets.read_manifest(image_dir)
   else:
     manifest = {"image_size": spec.manifest.get("image_size"),
                 "format": spec.manifest.get("image_format")}
@@ -149,7 +149,7 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
     try:
       super().on_train_begin(logs)
     except (OSError, ValueError, KeyError) as error:
-      raise dataset_io.DatasetError(
+      raise layout.DatasetError(
           f"resume checkpoint {self.backup_dir!r} is damaged ({type(error).__name__}: "
           f"{str(error).splitlines()[0][:120]}); restore it, or delete it to retrain this run "
           "from scratch") from error
@@ -193,14 +193,14 @@ def _source_sizes(settings: Mapping[str, Any], split: str,
                   ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
   """Original (height, width) per id from the image dataset, or None when it is unreachable."""
   image_dir = settings.get("image_dataset")
-  if not image_dir or not dataset_io.has_manifest(image_dir):
+  if not image_dir or not datasets.has_manifest(image_dir):
     return None
   try:
     image_spec = reader.load_spec(image_dir)
-    files = dataset_io.shard_paths(image_dir, image_spec.manifest, split)
+    files = datasets.shard_paths(image_dir, image_spec.manifest, split)
   except ValueError:
     return None
-  parse = reader.make_parse_fn(image_spec, ("id", "height", "width"))
+  parse = image_spec.schema.batch_parser(("id", "height", "width"))
   sizes = {}
   batches = tf.data.TFRecordDataset(files).batch(1024).map(
       parse, num_parallel_calls=tf.data.AUTOTUNE)
@@ -347,7 +347,7 @@ def export_run(run_dir: str) -> str | None:
   notes = [n for n in result.get("notes", []) if not n.startswith("model.keras not exported")]
   result["exported"] = _export(head_model, spec, run_dir, saved["head_name"], notes)
   result["notes"] = notes
-  dataset_io.write_json(metrics_path, result)
+  datasets.write_json(metrics_path, result)
   return result["exported"]
 
 
@@ -435,11 +435,11 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     raise ValueError(f"--sweep tunes the linear probe's L2 strength; head {head!r} has no sweep")
   spec = resolve_dataset(features_dir, head)
   if "train" not in spec.splits:
-    raise dataset_io.DatasetError(f"dataset {spec.data_dir!r} has no train split (it has "
+    raise layout.DatasetError(f"dataset {spec.data_dir!r} has no train split (it has "
                                   f"{', '.join(spec.splits)}); nothing to train on")
   _check_run_dir(out_dir, spec, head)
   for split in spec.splits:
-    dataset_io.check_shards(spec.data_dir, spec.manifest, split)
+    datasets.check_shards(spec.data_dir, spec.manifest, split)
   notes = [f"no {split} split in the dataset: not evaluated"
            for split in ("validation", "test") if split not in spec.splits]
   has_validation = "validation" in spec.splits
@@ -459,7 +459,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
                 "input_kind": kind, "image": settings, "sweep": sweep_l2,
                 "image_fingerprint": (spec.manifest.get("fingerprint") if spec.kind == "images"
                                       else spec.manifest.get("image_fingerprint"))}
-  dataset_io.write_json(f"{out_dir}/{CONFIG_NAME}", run_config)
+  datasets.write_json(f"{out_dir}/{CONFIG_NAME}", run_config)
 
   batch_size = config.train.batch_size
   num_train = reader.count_examples(spec, "train", views=config.train.views)
@@ -510,7 +510,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     notes.append("model.keras not exported (export_run() writes it from head.keras)")
   result["notes"] = notes
   result["wall_seconds"] = time.perf_counter() - started   # sweep, fit, evaluation and export
-  dataset_io.write_json(f"{out_dir}/{METRICS_NAME}", result)
+  datasets.write_json(f"{out_dir}/{METRICS_NAME}", result)
   return result
 
 

@@ -1,7 +1,8 @@
 """`python -m pipeline ...` is `headstart ingest ...`."""
 import sys
 
-import headstart
+# A package's __main__ is an entry point, part of the app layer (docs/ARCHITECTURE.md).
+from headstart import cli
 
 if __name__ == "__main__":  # guarded: spawned decoder processes re-import the main module
-  sys.exit(headstart.main(["ingest", *sys.argv[1:]]))
+  sys.exit(cli.main(["ingest", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
-"""The image dataset written by stage 1: its TFDS features, its manifest and its summary.
+"""The end of stage 1: the image dataset's manifest (when the job is good) and its summary.
 
-    features = image_dataset.tfds_features(cfg, class_names, num_keypoints=0)
+    summary = image_dataset.finalize(shards, out_dir=out, input_rows=n, ...)
 
 `finalize()` runs once at the end of the ingest job: it checks `written + dead-lettered ==
 input rows` and the error fraction, writes TFDS metadata and `manifest.json` (last), and always
@@ -12,42 +12,8 @@ import collections
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from pipeline import dataset_io
-
-NAME = "images"
-SUMMARY_NAME = "summary.json"
-
-
-def tfds_features(image_size: int, image_format: str, class_names: Sequence[str] | None,
-                  num_keypoints: int):
-  """The TFDS `FeaturesDict` of one image record (see docs/CONTRACTS.md)."""
-  import tensorflow_datasets as tfds  # slow import, needed only here
-
-  features = {
-      "id": tfds.features.Text(),
-      "image": tfds.features.Image(shape=(image_size, image_size, 3), encoding_format=image_format),
-      "source": tfds.features.Text(),
-      "group": tfds.features.Text(),
-      "content_sha256": tfds.features.Text(),
-      "height": tfds.features.Scalar(dtype=np.int64),
-      "width": tfds.features.Scalar(dtype=np.int64),
-  }
-  if class_names is not None:
-    features["label"] = tfds.features.ClassLabel(names=list(class_names))
-  if num_keypoints:
-    features["targets"] = tfds.features.Tensor(shape=(num_keypoints, 2), dtype=np.float32)
-  return tfds.features.FeaturesDict(features)
-
-
-def task_of(class_names: Sequence[str] | None, num_keypoints: int) -> str:
-  """`keypoints`, `binary`, `multiclass` or `unlabelled`."""
-  if num_keypoints:
-    return "keypoints"
-  if class_names is None:
-    return "unlabelled"
-  return "binary" if len(class_names) == 2 else "multiclass"
+from contracts import datasets, layout
+from contracts import schema as schema_lib
 
 
 def finalize(shards: Iterable[Mapping[str, Any]], *, out_dir: str, input_rows: int,
@@ -63,7 +29,7 @@ def finalize(shards: Iterable[Mapping[str, Any]], *, out_dir: str, input_rows: i
     by_split[split] += count
     if label is not None:
       by_class[label] += count
-  grouped = dataset_io.group_shards(shards, out_dir)
+  grouped = datasets.group_shards(shards, out_dir)
   written = sum(s["num_examples"] for entries in grouped.values() for s in entries)
   summary = {
       "input_rows": input_rows, "written": written, "dead_lettered": dead,
@@ -85,16 +51,18 @@ def finalize(shards: Iterable[Mapping[str, Any]], *, out_dir: str, input_rows: i
   summary["status"] = "failed" if problems else "ok"
   summary["problems"] = problems
   if not problems:
-    features = tfds_features(settings["image_size"], settings["format"], class_names, num_keypoints)
-    manifest = dataset_io.finalize_dataset(out_dir, NAME, features, grouped, {
+    features = schema_lib.image_schema(
+        image_size=settings["image_size"], image_format=settings["format"],
+        class_names=class_names, num_keypoints=num_keypoints).tfds_features()
+    manifest = datasets.finalize_dataset(out_dir, layout.IMAGES_NAME, features, grouped, {
         "kind": "images",
-        "task": task_of(class_names, num_keypoints),
+        "task": layout.task_of(class_names, num_keypoints),
         "class_names": list(class_names) if class_names is not None else None,
         "num_keypoints": num_keypoints,
-        "fingerprint": dataset_io.fingerprint(grouped),
+        "fingerprint": datasets.fingerprint(grouped),
         "counts": summary,
         **settings,
     }, description="headstart image dataset")
     summary["fingerprint"] = manifest["fingerprint"]
-  dataset_io.write_json(f"{out_dir}/{SUMMARY_NAME}", summary)
+  datasets.write_json(f"{out_dir}/{layout.SUMMARY_NAME}", summary)
   return summary

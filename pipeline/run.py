@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
-import sys
 import time
 
 import apache_beam as beam
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import (dataset_io, fetch, flags, image_dataset, image_decode, sources, splits,
-                      transforms)
+from contracts import cli, layout, progress
+from pipeline import fetch, image_dataset, image_decode, sinks, sources, splits, transforms
 
 
 def _rgb(text: str) -> tuple[int, int, int]:
@@ -35,11 +33,11 @@ def _rgb(text: str) -> tuple[int, int, int]:
 
 def build_parser() -> argparse.ArgumentParser:
   """The ingest flags (Beam flags are passed through separately)."""
-  parser = argparse.ArgumentParser(prog="headstart ingest", description=__doc__.split("\n\n")[1])
+  parser = cli.Parser(prog="headstart ingest", description=__doc__.split("\n\n")[1])
   parser.add_argument("--source", required=True,
                       help="CSV manifest, class-per-folder tree, or root/<split>/<class>/ tree")
   parser.add_argument("--out", required=True, help="output dataset directory (local or gs://)")
-  parser.add_argument("--image-size", type=flags.positive_int, default=300)
+  parser.add_argument("--image-size", type=cli.positive_int, default=300)
   parser.add_argument("--url-column", default="image_url")
   parser.add_argument("--label-column", default="label")
   parser.add_argument("--group-column", default=None,
@@ -54,21 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--format", choices=image_decode.FORMATS, default="jpeg")
   parser.add_argument("--background", type=_rgb, default=(255, 255, 255),
                       help="R,G,B that transparent pixels and padding are composited on")
-  parser.add_argument("--max-error-fraction", type=flags.fraction, default=0.5)
-  parser.add_argument("--min-side", type=flags.positive_int, default=image_decode.DEFAULT_MIN_SIDE)
-  parser.add_argument("--max-pixels", type=flags.positive_int, default=image_decode.DEFAULT_MAX_PIXELS)
-  parser.add_argument("--max-bytes", type=flags.positive_int, default=fetch.FetchConfig.max_bytes)
+  parser.add_argument("--max-error-fraction", type=cli.fraction, default=0.5)
+  parser.add_argument("--min-side", type=cli.positive_int, default=image_decode.DEFAULT_MIN_SIDE)
+  parser.add_argument("--max-pixels", type=cli.positive_int, default=image_decode.DEFAULT_MAX_PIXELS)
+  parser.add_argument("--max-bytes", type=cli.positive_int, default=fetch.FetchConfig.max_bytes)
   parser.add_argument("--timeout", type=float, default=fetch.FetchConfig.deadline,
                       help="total seconds allowed per download")
   parser.add_argument("--retries", type=int, default=fetch.FetchConfig.retries)
-  parser.add_argument("--fetch-threads", type=flags.positive_int, default=16)
+  parser.add_argument("--fetch-threads", type=cli.positive_int, default=16)
   parser.add_argument("--download-cache", default=None,
                       help="content-addressed cache of fetched remote bytes, so re-runs fetch "
                       "only new sources (default: OUT/download_cache; 'none' disables it)")
   parser.add_argument("--decode-timeout", type=float, default=30.0,
                       help="seconds one image may take to decode in its isolated subprocess "
                       "(a crash or hang costs that image only); 0 decodes in-process")
-  parser.add_argument("--decode-processes", type=flags.positive_int, default=2)
+  parser.add_argument("--decode-processes", type=cli.positive_int, default=2)
   parser.add_argument("--decoder", default="pipeline.image_decode:prepare_record",
                       help="module:function(row, bytes, DecodeSettings) -> record; a custom "
                       "decoder (it must be importable by the workers)")
@@ -113,18 +111,22 @@ def _is_csv(source: str) -> bool:
 def _clear_previous_output(out_dir: str) -> None:
   """Removes an earlier run's manifest and shards first, so a crash never leaves a mix."""
   tf.io.gfile.makedirs(out_dir)
-  for name in (dataset_io.MANIFEST_NAME, image_dataset.SUMMARY_NAME, dataset_io.ERRORS_NAME):
+  for name in (layout.MANIFEST_NAME, layout.SUMMARY_NAME, layout.ERRORS_NAME):
     if tf.io.gfile.exists(f"{out_dir}/{name}"):
       tf.io.gfile.remove(f"{out_dir}/{name}")
-  for path in tf.io.gfile.glob(f"{out_dir}/{image_dataset.NAME}-*.tfrecord-*"):
+  for path in tf.io.gfile.glob(f"{out_dir}/{layout.IMAGES_NAME}-*.tfrecord-*"):
     tf.io.gfile.remove(path)
 
 
 def build_pipeline(root: beam.Pipeline, *, out_dir: str,
                    cfg: transforms.IngestConfig, spec: sources.CsvSpec | None,
                    folder_rows: list[dict] | None, max_error_fraction: float,
-                   settings: dict) -> None:
-  """Adds the ingest job to `root`: read -> dedupe -> fetch/decode -> split -> write."""
+                   settings: dict) -> beam.PCollection:
+  """Adds the ingest job to `root`: read -> dedupe -> fetch/decode -> split -> write.
+
+  Returns:
+    A one-element PCollection: the job's summary (also written to `summary.json`).
+  """
   if spec is not None:
     rows, parse_dead, input_rows = root | "ReadManifest" >> transforms.ReadCsvSource(spec)
     num_keypoints = len(spec.target_indices) // 2
@@ -147,7 +149,7 @@ def build_pipeline(root: beam.Pipeline, *, out_dir: str,
   examples = images | "ToExample" >> beam.ParDo(
       transforms.ToExampleFn(cfg), beam.pvalue.AsSingleton(class_names)).with_outputs(
           transforms.DEAD, transforms.STATS, main="examples")
-  shards = examples.examples | "WriteImages" >> dataset_io.WriteSplits(out_dir, image_dataset.NAME)
+  shards = examples.examples | "WriteImages" >> sinks.WriteSplits(out_dir, layout.IMAGES_NAME)
 
   dead = (parse_dead, fetch_dead, examples[transforms.DEAD]) | "MergeDead" >> beam.Flatten()
   _ = dead | "WriteErrors" >> beam.io.WriteToText(
@@ -156,22 +158,15 @@ def build_pipeline(root: beam.Pipeline, *, out_dir: str,
                   | "ReasonOf" >> beam.Map(lambda line: json.loads(line)["reason"])
                   | "CountReasons" >> beam.combiners.Count.PerElement())
   split_labels = examples[transforms.STATS] | "CountSplitLabels" >> beam.combiners.Count.PerElement()
-  _ = (shards
-       | "CollectShards" >> beam.combiners.ToList()
-       | "Finalize" >> beam.Map(
-           lambda shard_list, count, reasons, stats, names: image_dataset.finalize(
-               shard_list, out_dir=out_dir, input_rows=count, dead_reasons=reasons,
-               split_labels=stats, class_names=names, num_keypoints=num_keypoints,
-               settings=settings, max_error_fraction=max_error_fraction),
-           beam.pvalue.AsSingleton(input_rows), beam.pvalue.AsList(dead_reasons),
-           beam.pvalue.AsList(split_labels), beam.pvalue.AsSingleton(class_names)))
-
-
-def _pipeline_options(pipeline_args: list[str]) -> PipelineOptions:
-  if not any(arg.startswith("--runner") for arg in pipeline_args):
-    # Beam 2.77's DirectRunner first tries to download the Prism binary, which fails offline.
-    pipeline_args = ["--runner=FnApiRunner", *pipeline_args]
-  return PipelineOptions(pipeline_args)
+  return (shards
+          | "CollectShards" >> beam.combiners.ToList()
+          | "Finalize" >> beam.Map(
+              lambda shard_list, count, reasons, stats, names: image_dataset.finalize(
+                  shard_list, out_dir=out_dir, input_rows=count, dead_reasons=reasons,
+                  split_labels=stats, class_names=names, num_keypoints=num_keypoints,
+                  settings=settings, max_error_fraction=max_error_fraction),
+              beam.pvalue.AsSingleton(input_rows), beam.pvalue.AsList(dead_reasons),
+              beam.pvalue.AsList(split_labels), beam.pvalue.AsSingleton(class_names)))
 
 
 def _print_summary(summary: dict, out_dir: str, seconds: float) -> None:
@@ -185,7 +180,7 @@ def _print_summary(summary: dict, out_dir: str, seconds: float) -> None:
       items = ", ".join(f"{k}={v}" for k, v in summary[title].items())
       print(f"  {title.replace('_', ' ')}: {items}")
   if summary["status"] == "ok":
-    print(f"  dataset: {out_dir} (errors: {out_dir}/{dataset_io.ERRORS_NAME})")
+    print(f"  dataset: {out_dir} (errors: {out_dir}/{layout.ERRORS_NAME})")
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -213,39 +208,24 @@ def run(argv: list[str] | None = None) -> dict:
               else None, "group_column": args.group_column, "split_weights": args.splits}
   _clear_previous_output(out_dir)
   started = time.monotonic()
-  root = beam.Pipeline(options=_pipeline_options(pipeline_args))
+  root = beam.Pipeline(options=PipelineOptions(cli.with_default_runner(pipeline_args)))
   build_pipeline(root, out_dir=out_dir, cfg=cfg, spec=spec,
                  folder_rows=folder_rows, max_error_fraction=args.max_error_fraction,
                  settings=settings)
   root.run().wait_until_finish()
+  progress.report("ingest", done=True)
   seconds = time.monotonic() - started
-  with tf.io.gfile.GFile(f"{out_dir}/{image_dataset.SUMMARY_NAME}") as f:
+  with tf.io.gfile.GFile(f"{out_dir}/{layout.SUMMARY_NAME}") as f:
     summary = json.load(f)
   summary["seconds"] = seconds
   _print_summary(summary, out_dir, seconds)
   if summary["status"] != "ok":
     raise ValueError("; ".join(summary["problems"])
-                     + f"; see {out_dir}/{dataset_io.ERRORS_NAME}")
+                     + f"; see {out_dir}/{layout.ERRORS_NAME}")
   return summary
-
-
-class _StderrHandler(logging.StreamHandler):
-  """Writes to whatever `sys.stderr` is at the time (it may be replaced after start-up)."""
-
-  @property
-  def stream(self):
-    return sys.stderr
-
-  @stream.setter
-  def stream(self, _):
-    pass
 
 
 def main(argv: list[str] | None = None) -> int:
   """Console entry: returns 0 on success (errors surface as ValueError to `headstart`)."""
-  progress = logging.getLogger("headstart")
-  if not progress.handlers:
-    progress.addHandler(_StderrHandler())
-  progress.setLevel(logging.INFO)
   run(argv)
   return 0

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow as tf
 
-from pipeline import dataset_io
+from contracts import layout
 
 REMOTE_SCHEMES = ("http", "https")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -210,7 +210,7 @@ def parse_csv_line(line: str, spec: CsvSpec) -> dict:
   split = None
   if spec.split_index is not None:
     try:
-      split = dataset_io.canonical_split(fields[spec.split_index])
+      split = layout.canonical_split(fields[spec.split_index])
     except ValueError as error:
       raise RowError("bad_split", str(error)) from None
   targets = _parse_targets(fields, spec.target_indices)
@@ -254,7 +254,7 @@ def list_folder_tree(root: str) -> Iterator[dict]:
   if not top:
     raise ValueError(f"folder {root!r} has no class sub-folders (expected root/<class>/image or "
                      "root/<split>/<class>/image)")
-  split_tree = all(name.lower() in dataset_io.SPLIT_ALIASES for name in top)
+  split_tree = all(name.lower() in layout.SPLIT_ALIASES for name in top)
   for directory, _, files in tf.io.gfile.walk(root):
     relative_dir = directory[len(root):].strip("/")
     parts = relative_dir.split("/") if relative_dir else []
@@ -268,5 +268,5 @@ def list_folder_tree(root: str) -> Iterator[dict]:
       else:
         row["label"] = parts[needed - 1]
         if split_tree:
-          row["split"] = dataset_io.canonical_split(parts[0])
+          row["split"] = layout.canonical_split(parts[0])
       yield row

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from pipeline import dataset_io
+from contracts import layout
 
 _BUCKETS = 10_000
 
@@ -27,7 +27,7 @@ def parse_splits(spec: str) -> tuple[tuple[str, float], ...]:
     if not sep:
       raise ValueError(f"bad --splits entry {part!r}; expected NAME=WEIGHT, "
                        "e.g. train=80,val=10,test=10")
-    split = dataset_io.canonical_split(name)
+    split = layout.canonical_split(name)
     try:
       weight = float(value)
     except ValueError:
@@ -39,7 +39,7 @@ def parse_splits(spec: str) -> tuple[tuple[str, float], ...]:
   if total <= 0:
     raise ValueError(f"bad --splits {spec!r}: the weights sum to zero")
   cumulative, result = 0.0, []
-  for split in dataset_io.SPLITS:
+  for split in layout.SPLITS:
     if split in weights:
       cumulative += weights[split] / total
       result.append((split, cumulative))

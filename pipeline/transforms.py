@@ -12,7 +12,6 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 
 import apache_beam as beam
@@ -20,11 +19,12 @@ import numpy as np
 from apache_beam import pvalue
 from apache_beam.metrics import Metrics
 
-from pipeline import dataset_io, decoder_pool, fetch, image_decode, sources, splits
+from contracts import progress
+from contracts import schema as schema_lib
+from pipeline import decoder_pool, fetch, image_decode, sources, splits
 
 DEAD = "dead"
 STATS = "stats"
-_PROGRESS_EVERY_SECONDS = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +158,6 @@ class FetchDecodeBatchFn(_DeadLetteringDoFn):
           timeout=self._cfg.decode_timeout)
     self._pool = concurrent.futures.ThreadPoolExecutor(self._cfg.fetch_threads)
     self._done = Metrics.counter("ingest", "images_written")
-    self._count, self._started, self._last_log = 0, time.monotonic(), time.monotonic()
 
   def teardown(self):
     self._pool.shutdown(wait=False, cancel_futures=True)
@@ -200,12 +199,7 @@ class FetchDecodeBatchFn(_DeadLetteringDoFn):
       else:
         self._done.inc()
         yield result
-    self._count += len(batch)
-    now = time.monotonic()
-    if now - self._last_log > _PROGRESS_EVERY_SECONDS:
-      self._last_log = now
-      logging.getLogger("headstart").info("ingest: %d images processed by this worker (%.1f images/s)", self._count,
-                   self._count / (now - self._started))
+    progress.report("ingest", advance=len(batch), unit="img")
 
 
 class ToExampleFn(_DeadLetteringDoFn):
@@ -214,6 +208,15 @@ class ToExampleFn(_DeadLetteringDoFn):
   def __init__(self, cfg: IngestConfig):
     super().__init__()
     self._cfg = cfg
+    self._schemas: dict[tuple, schema_lib.Schema] = {}
+
+  def _schema(self, class_names: Sequence[str], num_keypoints: int) -> schema_lib.Schema:
+    key = (tuple(class_names or ()), num_keypoints)
+    if key not in self._schemas:
+      self._schemas[key] = schema_lib.image_schema(
+          image_size=self._cfg.image_size, image_format=self._cfg.image_format,
+          class_names=class_names, num_keypoints=num_keypoints)
+    return self._schemas[key]
 
   def process(self, item: dict, class_names: Sequence[str]):
     values = {
@@ -232,7 +235,8 @@ class ToExampleFn(_DeadLetteringDoFn):
     split = item.get("split") or splits.assign_split(item.get("group") or item["id"],
                                                      self._cfg.splits)
     yield pvalue.TaggedOutput(STATS, (split, item.get("label")))
-    yield split, dataset_io.to_example(values)
+    keypoints = len(values["targets"]) if "targets" in values else 0
+    yield split, self._schema(class_names, keypoints).encode(values)
 
 
 class ReadCsvSource(beam.PTransform):

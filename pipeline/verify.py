@@ -10,13 +10,12 @@ problem. Works on local and gs:// paths.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
 import tensorflow as tf
 
-from pipeline import dataset_io
+from contracts import cli, datasets
 
 
 def _feature_keys(data_dir: str) -> set[str]:
@@ -34,10 +33,10 @@ def verify_shard(path: str, expected: dict, feature_keys: set[str]) -> list[str]
   size = tf.io.gfile.stat(path).length
   if size != expected["num_bytes"]:
     problems.append(f"size {size} != {expected['num_bytes']}")
-  if dataset_io.file_sha256(path) != expected["sha256"]:
+  if datasets.file_sha256(path) != expected["sha256"]:
     problems.append("sha256 mismatch")
   try:
-    count = dataset_io.count_records(path)
+    count = datasets.count_records(path)
   except tf.errors.DataLossError as error:
     found = re.search(r"corrupted record at \d+|truncated record at \d+", error.message)
     return problems + [f"corrupt: {found.group(0) if found else 'unreadable records'}"]
@@ -54,7 +53,7 @@ def verify_shard(path: str, expected: dict, feature_keys: set[str]) -> list[str]
 def verify(data_dir: str) -> bool:
   """Prints one line per shard; returns True when the whole dataset is intact."""
   data_dir = data_dir.rstrip("/")
-  manifest = dataset_io.read_manifest(data_dir)
+  manifest = datasets.read_manifest(data_dir)
   keys = _feature_keys(data_dir) if tf.io.gfile.exists(f"{data_dir}/features.json") else set()
   all_ok = bool(keys)
   if not keys:
@@ -73,7 +72,7 @@ def verify(data_dir: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
   """Console entry: exit code 0 when intact, 1 on any problem."""
-  parser = argparse.ArgumentParser(prog="headstart verify", description=__doc__.split("\n\n")[2])
+  parser = cli.Parser(prog="headstart verify", description=__doc__.split("\n\n")[2])
   parser.add_argument("data_dir", help="an image or feature dataset directory")
   args = parser.parse_args(argv)
   return 0 if verify(args.data_dir) else 1

@@ -18,10 +18,11 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from contracts import datasets
+from contracts import schema as schema_lib
 import headstart
 from features import backbones, cache_key, forward, health, records, views
 from features import run as extract
-from pipeline import dataset_io
 from tests.conftest import REPO_ROOT
 
 SIZE = 32
@@ -113,17 +114,22 @@ def test_ibug_flip_permutation_and_views_are_deterministic():
 def test_feature_record_stores_raw_float16_and_float32_bytes():
   record = records.ImageRecord("abc", "train", 1, np.zeros((SIZE, SIZE, 3), np.uint8), label=1)
   feature_map = np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
+  def schema(store):
+    return schema_lib.feature_schema(class_names=("a", "b"), num_keypoints=0,
+                                     map_shape=(2, 2, 3), pooled_dim=3, store=store)
+
   example = tf.train.Example.FromString(records.encode_feature_record(
-      record, feature_map, feature_map.mean(axis=(0, 1)), "both")).features.feature
+      schema("both"), record, feature_map, feature_map.mean(axis=(0, 1)))).features.feature
   assert example["view"].int64_list.value == [1] and example["label"].int64_list.value == [1]
   stored = np.frombuffer(example["feature_map"].bytes_list.value[0], np.float16).reshape(2, 2, 3)
   np.testing.assert_array_equal(stored, feature_map)
   assert np.frombuffer(example["pooled"].bytes_list.value[0], np.float32).shape == (3,)
   pooled_only = tf.train.Example.FromString(records.encode_feature_record(
-      record, feature_map, feature_map[0, 0], "pooled")).features.feature
+      schema("pooled"), record, feature_map, feature_map[0, 0])).features.feature
   assert "feature_map" not in pooled_only
-  with pytest.raises(ValueError, match="'bogus'"):
-    records.encode_feature_record(record, feature_map, feature_map[0, 0], "bogus")
+  with pytest.raises(KeyError, match="'view'"):
+    schema_lib.image_schema(image_size=2, image_format="png", class_names=None,
+                            num_keypoints=0).encode({"view": 1})
 
 
 def _batch_health(maps: np.ndarray, forward_seconds: float = 0.0) -> dict[str, float]:
@@ -227,12 +233,12 @@ def test_savedmodel_directory_works_as_a_backbone(tmp_path):
 
 
 def test_extract_writes_one_tfds_dataset_per_backbone(extracted, tiny_image_dataset):
-  datasets = _datasets(extracted)
-  assert set(datasets) == {"vgg16", "mobilenet_v2"}
-  image_manifest = dataset_io.read_manifest(str(tiny_image_dataset))
+  found = _datasets(extracted)
+  assert set(found) == {"vgg16", "mobilenet_v2"}
+  image_manifest = datasets.read_manifest(str(tiny_image_dataset))
   image_counts = {s: v["num_examples"] for s, v in image_manifest["splits"].items()}
-  for name, path in datasets.items():
-    manifest = dataset_io.read_manifest(str(path))
+  for name, path in found.items():
+    manifest = datasets.read_manifest(str(path))
     assert path.name == f"{name}-none-{manifest['cache_key'][:8]}"
     assert manifest["kind"] == "features" and manifest["weights_kind"] == "none"
     assert manifest["cache_key_fields"]["seed"] == 0 and manifest["input_size"] == SIZE
@@ -248,16 +254,18 @@ def test_extract_writes_one_tfds_dataset_per_backbone(extracted, tiny_image_data
     assert train[0]["feature_map"].shape == tuple(manifest["feature_map_shape"])
     assert train[0]["feature_map"].dtype == np.float16 and train[0]["pooled"].dtype == np.float32
     assert manifest["health"]["ok"] and manifest["images_per_second"] > 0
-  assert dataset_io.read_manifest(str(datasets["vgg16"]))["feature_map_shape"] == [1, 1, 512]
+  assert datasets.read_manifest(str(found["vgg16"]))["feature_map_shape"] == [1, 1, 512]
 
 
 def test_saved_backbone_reproduces_the_stored_features(extracted, tiny_image_dataset):
   path = _datasets(extracted)["vgg16"]
-  manifest = dataset_io.read_manifest(str(path))
+  manifest = datasets.read_manifest(str(path))
   model = backbones.load_backbone_for_features(str(path), manifest)
-  image_manifest = dataset_io.read_manifest(str(tiny_image_dataset))
-  shard = dataset_io.shard_paths(str(tiny_image_dataset), image_manifest, "test")[0]
-  parsed = [records.parse_image_example(r.numpy()) for r in tf.data.TFRecordDataset(shard)]
+  image_manifest = datasets.read_manifest(str(tiny_image_dataset))
+  shard = datasets.shard_paths(str(tiny_image_dataset), image_manifest, "test")[0]
+  image_schema = schema_lib.from_manifest(image_manifest)
+  parsed = [records.parse_image_example(r.numpy(), image_schema)
+            for r in tf.data.TFRecordDataset(shard)]
   stored = {r["id"].decode(): r["pooled"] for r in _load(path, "test")}
   images = np.stack([records.decode_image(p["image"], SIZE) for p in parsed]).astype(np.float32)
   pooled = np.asarray(model(images, training=False)).mean(axis=(1, 2))
@@ -297,7 +305,7 @@ def test_changes_force_and_interruptions_recompute_only_what_is_missing(
   index = json.loads((out / "index.json").read_text())["datasets"]
   assert len({entry["dir"] for entry in index}) == 3
   layered = [e for e in index if e["dir"] not in {p.name for p in first.values()}][0]
-  assert dataset_io.read_manifest(str(out / layered["dir"]))["pooled_dim"] == 256
+  assert datasets.read_manifest(str(out / layered["dir"]))["pooled_dim"] == 256
 
 
 def test_custom_keras_backbone_under_multi_processing(tiny_image_dataset, tiny_keras_model,
@@ -307,7 +315,7 @@ def test_custom_keras_backbone_under_multi_processing(tiny_image_dataset, tiny_k
                str(tiny_keras_model), "--input-size", str(SIZE),
                "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
   (path,) = _datasets(out).values()
-  manifest = dataset_io.read_manifest(str(path))
+  manifest = datasets.read_manifest(str(path))
   assert path.name.startswith("tiny_net-file-") and manifest["weights_source"] == "model"
   assert manifest["feature_map_shape"] == [8, 8, 8] and manifest["preprocess"] == "none"
   assert sum(v["num_examples"] for v in manifest["splits"].values()) == 24
@@ -323,7 +331,7 @@ def _tampered_copy(source: pathlib.Path, target: pathlib.Path, extra: list[bytes
   with tf.io.TFRecordWriter(str(path)) as writer:
     for record in kept + extra:
       writer.write(record)
-  entry.update(num_examples=len(kept) + len(extra), sha256=dataset_io.file_sha256(str(path)))
+  entry.update(num_examples=len(kept) + len(extra), sha256=datasets.file_sha256(str(path)))
   (target / "manifest.json").write_text(json.dumps(manifest))
   return target
 
@@ -331,8 +339,10 @@ def _tampered_copy(source: pathlib.Path, target: pathlib.Path, extra: list[bytes
 def test_unusable_image_records_are_dead_lettered_not_raised(
     tiny_image_dataset, tiny_keras_model, tmp_path):
   small = cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes()
-  bad = [dataset_io.to_example({"id": "not-an-image", "image": b"GIF89a nonsense", "label": 0}),
-         dataset_io.to_example({"id": "wrong-size", "image": small, "label": 1}),
+  schema = schema_lib.image_schema(image_size=SIZE, image_format="png", class_names=("a", "b"),
+                                   num_keypoints=0)
+  bad = [schema.encode({"id": "not-an-image", "image": b"GIF89a nonsense", "label": 0}),
+         schema.encode({"id": "wrong-size", "image": small, "label": 1}),
          b"\x00 not an Example at all"]
   images = _tampered_copy(tiny_image_dataset, tmp_path / "images", bad)
   args = ["--images", str(images), "--backbones", str(tiny_keras_model), "--input-size", str(SIZE)]
@@ -342,7 +352,7 @@ def test_unusable_image_records_are_dead_lettered_not_raised(
   assert not list((tmp_path / "strict").glob("*/manifest.json"))
   extract.run([*args, "--out", str(tmp_path / "features")])
   (path,) = _datasets(tmp_path / "features").values()
-  counts = dataset_io.read_manifest(str(path))["counts"]
+  counts = datasets.read_manifest(str(path))["counts"]
   assert counts["input_records"] == 27 and counts["written"] == 24 and counts["balanced"]
   assert counts["by_reason"] == {"undecodable": 1, "schema_mismatch": 2}
   errors = [json.loads(line) for line in (path / "errors.jsonl").read_text().splitlines()]
@@ -353,7 +363,7 @@ def test_unusable_image_records_are_dead_lettered_not_raised(
 def test_damaged_image_shards_fail_loudly_naming_the_file(tiny_image_dataset, tiny_keras_model,
                                                           tmp_path):
   images = _tampered_copy(tiny_image_dataset, tmp_path / "images", [])
-  manifest = dataset_io.read_manifest(str(images))
+  manifest = datasets.read_manifest(str(images))
   shard = images / manifest["splits"]["train"]["shards"][0]["file"]
   data = bytearray(shard.read_bytes())
   data[len(data) // 2] ^= 0xFF  # a flipped byte mid-file: the record's CRC no longer matches

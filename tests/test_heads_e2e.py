@@ -19,8 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from benchmarks import payoff
 from heads import config as config_lib
-from heads import finetune, payoff, predict, run, training
+from heads import finetune, run, training
+from headstart import predict
 
 IMAGE_SIZE = 64
 TINY_HEAD = config_lib.to_dict(config_lib.tiny())["head"]
@@ -149,7 +151,7 @@ def test_predict_on_a_folder_and_plain_keras_load(conv_run, stages, tmp_path):
   manifest, _, _ = stages
   (manifest.parent / "img" / "broken.jpg").write_bytes(b"not an image")
   try:
-    assert run.predict_main(["--model", str(conv_run), "--images", str(manifest.parent / "img"),
+    assert predict.main(["--model", str(conv_run), "--images", str(manifest.parent / "img"),
                              "--out", str(tmp_path / "p.csv")]) == 0
   finally:
     (manifest.parent / "img" / "broken.jpg").unlink()
@@ -236,17 +238,26 @@ def test_keypoint_head_on_the_sample_faces_reports_source_pixels(tmp_path):
   assert summary["predicted"] == 48
 
 
-def test_predict_csv_rows_that_cannot_be_read_become_error_rows(conv_run, stages, tmp_path):
+def test_predict_reads_every_source_ingest_reads_and_rows_in_error_say_why(
+    conv_run, stages, tmp_path, http_server):
+  """URLs go through ingest's fetcher and address guard; unusable rows become error rows."""
+  from pipeline import fetch
   manifest, _, _ = stages
+  http_server.routes = {"/a.png": (200, {}, (manifest.parent / "img" / "000.png").read_bytes())}
   csv_path = manifest.parent / "mixed.csv"
-  csv_path.write_text("image_url\nimg/000.png\nhttps://example.com/a.jpg\nimg/missing.png\n"
-                      "../../outside.png\n")
+  csv_path.write_text(f"image_url\nimg/000.png\n{http_server.url}/a.png\n"
+                      "http://127.0.0.2:9/b.png\nimg/missing.png\n../../outside.png\n")
   try:
-    summary = predict.predict_images(str(conv_run), str(csv_path), str(tmp_path / "p.csv"))
+    summary = predict.predict_images(
+        str(conv_run), str(csv_path), str(tmp_path / "p.csv"),
+        fetch_config=fetch.FetchConfig(allowed_networks=("127.0.0.1/32",), retries=0))
   finally:
     csv_path.unlink()
-  assert summary["predicted"] == 1 and summary["errors"] == 3
+  assert summary["predicted"] == 2 and summary["errors"] == 3
   rows = pd.read_csv(tmp_path / "p.csv", keep_default_na=False).set_index("source")
-  assert rows.loc["https://example.com/a.jpg", "error"] == "remote_not_fetched"
-  assert rows.loc["img/missing.png", "error"] == "NotFoundError"
+  assert rows.loc["http://127.0.0.2:9/b.png", "error"] == "blocked_address"
+  assert rows.loc["img/missing.png", "error"] == "not_found"
+  assert len(rows) == 5 and (rows["error"] != "").sum() == 3
   assert rows.loc["img/000.png", "label"] in ("disc", "square")
+  # The same bytes by URL and by path: the same prediction.
+  assert rows.loc[f"{http_server.url}/a.png", "label"] == rows.loc["img/000.png", "label"]

@@ -2,7 +2,7 @@
 
     .venv/bin/pytest tests/test_heads_unit.py -q      # ~1 min on 2 cores
 
-Datasets are written here with `pipeline.dataset_io` exactly as stage 2 lays them out (TFDS
+Datasets are written here with `contracts` exactly as stage 2 lays them out (TFDS
 shards, `features.json`, `manifest.json` last), with a few records per split and tiny maps.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from contracts import datasets, layout
+from contracts import schema as schema_lib
 from heads import config as config_lib
 from heads import metrics, reader, run, sweep, training, zoo
-from pipeline import dataset_io
 
 MAP_SHAPE = (3, 3, 4)
 
@@ -33,12 +34,13 @@ def write_feature_dataset(out: pathlib.Path, *, task: str = "binary",
                           num_keypoints: int = 3, views_in_train: int = 0, cache_key: str = "k1",
                           seed: int = 0) -> pathlib.Path:
   """Writes a stage-2 style feature dataset whose maps carry the label (so heads can learn)."""
-  import tensorflow_datasets as tfds
-
   counts = counts or {"train": 24, "validation": 8, "test": 8}
   rng = np.random.default_rng(seed)
   class_names = {"binary": ["cat", "dog"], "multiclass": ["a", "b", "c"],
                  "keypoints": []}[task]
+  schema = schema_lib.feature_schema(
+      class_names=class_names or None, num_keypoints=num_keypoints if task == "keypoints" else 0,
+      map_shape=map_shape, pooled_dim=map_shape[-1])
   out.mkdir(parents=True, exist_ok=True)
   shards = []
   for split, count in counts.items():
@@ -51,33 +53,23 @@ def write_feature_dataset(out: pathlib.Path, *, task: str = "binary",
           if task == "keypoints":
             targets = rng.uniform(0.2, 0.8, (num_keypoints, 2)).astype(np.float32)
             fmap[..., 0] += 3 * targets[0, 0]
-            record["targets"] = targets.reshape(-1)
+            record["targets"] = targets
           else:
             label = index % len(class_names)
             fmap[..., label % map_shape[-1]] += 2.0
             record["label"] = label
-          record["feature_map"] = fmap.astype(np.float16).tobytes()
-          record["pooled"] = fmap.mean(axis=(0, 1)).astype(np.float32).tobytes()
-          writer.write(dataset_io.to_example(record))
-    shards.append(dataset_io.describe_shard(path, split))
-  features = {"id": tfds.features.Text(), "view": tfds.features.Scalar(np.int64),
-              "feature_map": tfds.features.Tensor(shape=map_shape, dtype=np.float16,
-                                                  encoding="bytes"),
-              "pooled": tfds.features.Tensor(shape=map_shape[-1:], dtype=np.float32,
-                                             encoding="bytes")}
-  if task == "keypoints":
-    features["targets"] = tfds.features.Tensor(shape=(num_keypoints, 2), dtype=np.float32)
-  else:
-    features["label"] = tfds.features.ClassLabel(names=class_names)
-  grouped = dataset_io.group_shards(shards, str(out))
+          record["feature_map"] = fmap
+          record["pooled"] = fmap.mean(axis=(0, 1))
+          writer.write(schema.encode(record))
+    shards.append(datasets.describe_shard(path, split))
+  grouped = datasets.group_shards(shards, str(out))
   extra = {"kind": "features", "task": task, "class_names": class_names,
            "num_keypoints": num_keypoints if task == "keypoints" else None,
            "backbone": "tiny", "weights_kind": "none", "cache_key": cache_key,
            "feature_map_shape": list(map_shape), "pooled_dim": map_shape[-1], "store": "both",
            "input_size": 16, "image_size": 16, "image_format": "png",
            "fingerprint": "f" * 64, "views": views_in_train}
-  dataset_io.finalize_dataset(str(out), "features", tfds.features.FeaturesDict(features),
-                              grouped, extra)
+  datasets.finalize_dataset(str(out), "features", schema.tfds_features(), grouped, extra)
   return out
 
 
@@ -107,8 +99,8 @@ def tiny(**train):
 
 def test_parse_fn_eager_and_in_dataset_map_agree(binary_dir):
   spec = reader.load_spec(str(binary_dir))
-  parse = reader.make_parse_fn(spec, ("id", "feature_map", "pooled", "label", "view"))
-  files = dataset_io.shard_paths(str(binary_dir), spec.manifest, "test")
+  parse = spec.schema.batch_parser(("id", "feature_map", "pooled", "label", "view"))
+  files = datasets.shard_paths(str(binary_dir), spec.manifest, "test")
   serialized = next(iter(tf.data.TFRecordDataset(files).batch(8)))
   eager = parse(serialized)
   mapped = next(iter(tf.data.TFRecordDataset(files).batch(8).map(
@@ -148,15 +140,15 @@ def test_read_split_skips_views_unless_asked(binary_dir):
 def test_pooled_heads_do_not_parse_the_map(binary_dir, monkeypatch):
   spec = reader.load_spec(str(binary_dir))
   seen = []
-  original = reader._feature_description
-  monkeypatch.setattr(reader, "_feature_description",
-                      lambda s, keys: seen.append(keys) or original(s, keys))
+  original = schema_lib.Schema.batch_parser
+  monkeypatch.setattr(schema_lib.Schema, "batch_parser",
+                      lambda self, keys, **kw: seen.append(keys) or original(self, keys, **kw))
   reader.read_split(spec, "train", input_kind="pooled")
   assert "feature_map" not in seen[0]
 
 
 def test_missing_manifest_is_refused_in_one_sentence(tmp_path):
-  with pytest.raises(dataset_io.DatasetError, match="no manifest.json"):
+  with pytest.raises(layout.DatasetError, match="no manifest.json"):
     reader.load_spec(str(tmp_path))
 
 
@@ -386,7 +378,7 @@ def test_run_refuses_features_with_another_cache_key(binary_dir, tmp_path):
   out = tmp_path / "run"
   training.train(str(binary_dir), "linear", str(out), tiny(epochs=1), verbose=0)
   other = write_feature_dataset(tmp_path / "other", cache_key="k2")
-  with pytest.raises(dataset_io.DatasetError, match=r"cache key 'k2'.*trained on features with "
+  with pytest.raises(layout.DatasetError, match=r"cache key 'k2'.*trained on features with "
                      r"key 'k1'") as caught:
     training.train(str(other), "linear", str(out), tiny(epochs=1), verbose=0)
   assert "\n" not in str(caught.value)

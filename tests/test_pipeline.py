@@ -19,8 +19,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from contracts import datasets, layout
 import headstart
-from pipeline import dataset_io, image_decode, sources, splits
+from pipeline import image_decode, sources, splits
 from pipeline import run as ingest
 from tests.conftest import REPO_ROOT, make_image, slow_drip, write_image_set
 
@@ -40,7 +41,7 @@ def _png(image_bgr: np.ndarray) -> bytes:
 
 
 def test_csv_manifest_to_tfds_dataset(tmp_path, tiny_image_dataset):
-  manifest = dataset_io.read_manifest(str(tiny_image_dataset))
+  manifest = datasets.read_manifest(str(tiny_image_dataset))
   records = _load_all(tiny_image_dataset)
   assert {s: len(r) for s, r in records.items()} == {
       s: v["num_examples"] for s, v in manifest["splits"].items()}
@@ -54,7 +55,7 @@ def test_csv_manifest_to_tfds_dataset(tmp_path, tiny_image_dataset):
   assert sources.source_id("img/0000.png") in ids
   for split, entry in manifest["splits"].items():
     for shard in entry["shards"]:
-      assert dataset_io.file_sha256(str(tiny_image_dataset / shard["file"])) == shard["sha256"]
+      assert datasets.file_sha256(str(tiny_image_dataset / shard["file"])) == shard["sha256"]
 
 
 def test_bad_rows_are_dead_lettered_and_counts_balance(tmp_path):
@@ -105,9 +106,9 @@ def test_empty_manifest_and_bad_flags_give_one_line_errors(tmp_path, capsys):
   assert headstart.main(["ingest", "--source", str(empty), "--out", "o", "--splits",
                          "train=80,bogus=20"]) == 2
   assert "'bogus'" in capsys.readouterr().err
-  with pytest.raises(SystemExit):
-    headstart.main(["ingest", "--source", "x.csv", "--out", "o", "--resize", "squash"])
-  assert "invalid choice: 'squash'" in capsys.readouterr().err
+  assert headstart.main(["ingest", "--source", "x.csv", "--out", "o", "--resize", "squash"]) == 2
+  err = capsys.readouterr().err
+  assert "invalid choice: 'squash'" in err and len(err.strip().splitlines()) == 1
   manifest = write_image_set(tmp_path / "src", 2, 40)
   assert headstart.main(["ingest", "--source", str(manifest), "--out", "o",
                          "--label-column", "gender"]) == 2
@@ -133,7 +134,7 @@ def test_class_folder_and_split_folder_trees(tmp_path):
     (flat / label).mkdir(parents=True)
     cv2.imwrite(str(flat / label / "1.jpg"), make_image((40, 40), 0, 3))
   ingest.run(["--source", str(flat), "--out", str(tmp_path / "out2"), "--image-size", "32"])
-  assert dataset_io.read_manifest(str(tmp_path / "out2"))["class_names"] == ["x", "y", "z"]
+  assert datasets.read_manifest(str(tmp_path / "out2"))["class_names"] == ["x", "y", "z"]
 
 
 def test_split_assignment_is_deterministic_grouped_and_stable():
@@ -357,7 +358,7 @@ def test_keypoint_manifest(tmp_path):
   out = tmp_path / "out"
   ingest.run(["--source", str(tmp_path / "kp.csv"), "--out", str(out), "--image-size", "40",
               "--target-columns", "all", "--resize", "pad"])
-  manifest = dataset_io.read_manifest(str(out))
+  manifest = datasets.read_manifest(str(out))
   assert manifest["task"] == "keypoints" and manifest["num_keypoints"] == 2
   record = next(r for rs in _load_all(out).values() for r in rs)
   # pad: scale 0.4, vertical offset 10 -> (10,5)->(4,12)/40, (90,45)->(36,28)/40
@@ -394,7 +395,7 @@ def test_verify_detects_corrupt_truncated_and_missing_shards(tmp_path, tiny_imag
   out = capsys.readouterr().out
   assert out.count("FAIL") == 3 and "missing" in out and "sha256 mismatch" in out
   (copy / "manifest.json").unlink()
-  with pytest.raises(dataset_io.DatasetError, match="not a complete headstart dataset"):
+  with pytest.raises(layout.DatasetError, match="not a complete headstart dataset"):
     verify.verify(str(copy))
 
 
@@ -500,7 +501,7 @@ def test_labels_outside_classes_and_random_bytes_are_dead_lettered(tmp_path):
                         "--classes", "a,b", "--max-error-fraction", "0.9"])
   assert summary["by_reason"] == {"unknown_label": 1, "not_an_image": 1, "duplicate": 1}
   assert summary["written"] == 3 and summary["balanced"]
-  assert dataset_io.read_manifest(str(out))["class_names"] == ["a", "b"]
+  assert datasets.read_manifest(str(out))["class_names"] == ["a", "b"]
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 8, 13, 4096])
@@ -511,12 +512,12 @@ def test_describe_shard_counts_and_hashes_in_one_read(tmp_path, chunk_bytes):
   with tf.io.TFRecordWriter(path) as writer:
     for i in range(9):
       writer.write(bytes(i * 37))
-  entry = dataset_io.describe_shard(path, "train", chunk_bytes=chunk_bytes)
-  assert entry["num_examples"] == dataset_io.count_records(path) == 9
-  assert entry["sha256"] == dataset_io.file_sha256(path)
+  entry = datasets.describe_shard(path, "train", chunk_bytes=chunk_bytes)
+  assert entry["num_examples"] == datasets.count_records(path) == 9
+  assert entry["sha256"] == datasets.file_sha256(path)
   pathlib.Path(path).write_bytes(pathlib.Path(path).read_bytes()[:-3])
-  with pytest.raises(dataset_io.DatasetError, match="ends inside a record"):
-    dataset_io.describe_shard(path, "train", chunk_bytes=chunk_bytes)
+  with pytest.raises(layout.DatasetError, match="ends inside a record"):
+    datasets.describe_shard(path, "train", chunk_bytes=chunk_bytes)
 
 
 def test_unreadable_local_file_is_a_dead_letter_not_a_crash(tmp_path, monkeypatch):
@@ -568,7 +569,8 @@ def test_examples_serialize_to_the_same_bytes_in_every_process():
   import os
   import subprocess
   import sys
-  code = ("from pipeline import dataset_io; print(dataset_io.to_example({'id': 'a', 'image': b'x', "
+  code = ("from contracts import schema; s = schema.image_schema(image_size=2, image_format='png', "
+          "class_names=('x', 'y'), num_keypoints=0); print(s.encode({'id': 'a', 'image': b'x', "
           "'label': 1, 'source': 's', 'group': '', 'content_sha256': 'c', 'height': 2, "
           "'width': 3}).hex())")
   outputs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from heads import reproduce
+from headstart import reproduce
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted(p.name for p in (REPO_ROOT / "configs").glob("*.py"))

@@ -12,11 +12,11 @@ import keras
 import numpy as np
 import pytest
 
+from contracts import datasets
 import headstart
 from features import backbones, forward, weights_cli
 from features import run as extract
 from features import weights as weights_lib
-from pipeline import dataset_io
 from tests.conftest import SHARED_WEIGHTS
 
 SHIPPED_SHA256 = "bcf93bd3ab43986defcd029072955860b674b0451aac82ad698edd82fc11acd4"
@@ -61,7 +61,7 @@ def test_imagenet_resolution_order(offline, monkeypatch):
   # --weights PATH: kind `file`, its own sha256; the same file goes into every worker.
   own_file = staged / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
   own = weights_lib.resolve("mobilenet", str(own_file), input_size=224)
-  assert (own.kind, own.source, own.sha256) == ("file", "file", dataset_io.file_sha256(own.path))
+  assert (own.kind, own.source, own.sha256) == ("file", "file", datasets.file_sha256(own.path))
   with pytest.raises(ValueError, match="'missing.h5'"):
     weights_lib.resolve("mobilenet", "missing.h5", input_size=224)
 
@@ -103,7 +103,7 @@ def test_weights_list_and_stage(offline, capsys):
   assert rows["vgg16"][1] == "unavailable"
   target = offline / "bucket"
   assert headstart.main(["weights", "stage", "--backbones", "mobilenet", "--to", str(target)]) == 0
-  assert dataset_io.file_sha256(str(target / SHIPPED_NAME)) == SHIPPED_SHA256
+  assert datasets.file_sha256(str(target / SHIPPED_NAME)) == SHIPPED_SHA256
   headstart.main(["weights", "list", "--weights-dir", str(target)])
   assert "mobilenet        dir" in capsys.readouterr().out
   code = headstart.main(["weights", "stage", "--backbones", "vgg16", "--to", str(target)])
@@ -116,7 +116,7 @@ def test_extract_mobilenet_imagenet_offline_uses_the_shipped_file(offline, tiny_
   extract.run(["--images", str(tiny_image_dataset), "--out", str(out), "--backbones",
                "mobilenet", "--weights", "imagenet", "--input-size", "64"])
   (path,) = [p for p in out.iterdir() if p.is_dir()]
-  manifest = dataset_io.read_manifest(str(path))
+  manifest = datasets.read_manifest(str(path))
   assert path.name.startswith("mobilenet-imagenet-")
   assert manifest["weights_source"] == "shipped" and manifest["weights_file"] == SHIPPED_NAME
   assert manifest["weights_sha256"] == SHIPPED_SHA256

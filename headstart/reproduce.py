@@ -34,6 +34,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from contracts import cli
 from heads import compare as compare_lib
 from heads import config as config_lib
 
@@ -214,7 +215,8 @@ class Outcome:
 
 
 def reproduce(config_path: str, *, tiny: bool = False, source: str | None = None,
-              out: str | None = None, log: Callable[[str], None] = print) -> Outcome:
+              out: str | None = None, beam_args: Sequence[str] = (),
+              log: Callable[[str], None] = print) -> Outcome:
   """Runs ingest -> extract -> compare for a config and checks its expectations.
 
   Args:
@@ -223,6 +225,7 @@ def reproduce(config_path: str, *, tiny: bool = False, source: str | None = None
     source: the user's copy of the published data (full variant; default: the config's
       `data.source`).
     out: output folder (default `runs/reproduce/<name>[-tiny]`).
+    beam_args: Beam pipeline options for the Beam stages (ingest and extract).
     log: where progress and PASS/FAIL lines go.
 
   Raises:
@@ -243,9 +246,10 @@ def reproduce(config_path: str, *, tiny: bool = False, source: str | None = None
       raise ValueError(f"data {source_path!r} for {experiment['name']!r} not found; supply "
                        f"{experiment['data']['description']} with --source (or run --tiny)")
   images, features = f"{out}/images", f"{out}/features"
-  ingest.run(["--source", source_path, "--out", images, *source_flags, *experiment["ingest"]])
+  ingest.run(["--source", source_path, "--out", images, *source_flags, *experiment["ingest"],
+              *beam_args])
   for flags in experiment["extract"]:
-    extract.run(["--images", images, "--out", features, *flags])
+    extract.run(["--images", images, "--out", features, *flags, *beam_args])
   settings = experiment["compare"]
   config = config_lib.override(config_lib.Config(), settings.get("config", {}))
   result = compare_lib.compare(
@@ -261,3 +265,20 @@ def reproduce(config_path: str, *, tiny: bool = False, source: str | None = None
   log(f"reproduce {name}: {'PASS' if outcome.passed else 'FAIL'} "
       f"({sum(c.passed for c in checks)}/{len(checks)} checks); report {result.report}")
   return outcome
+
+
+def main(argv: list[str]) -> int:
+  """`headstart reproduce`: runs a config's stages and prints PASS/FAIL per expected cell.
+
+  Unknown flags are Beam pipeline options, passed to every Beam stage (e.g. the Dataflow flags
+  in the README), so a published experiment reproduces on any runner.
+  """
+  parser = cli.Parser(prog="headstart reproduce", description=__doc__.splitlines()[0])
+  parser.add_argument("config", help="configs/<experiment>.py")
+  parser.add_argument("--tiny", action="store_true", help="the CI variant on data/sample")
+  parser.add_argument("--source", help="your copy of the experiment's data (full variant)")
+  parser.add_argument("--out", help="output folder (default runs/reproduce/<name>[-tiny])")
+  args, beam_args = parser.parse_known_args(argv)
+  outcome = reproduce(args.config, tiny=args.tiny, source=args.source, out=args.out,
+                      beam_args=beam_args)
+  return 0 if outcome.passed else 1

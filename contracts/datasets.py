@@ -1,95 +1,38 @@
-"""Sharded TFRecord datasets in TFDS layout, shared by stage 1 (images) and stage 2 (features).
+"""Dataset directories of stages 1 and 2: shards, `manifest.json` (written last), `index.json`.
+
+    manifest = datasets.read_manifest(data_dir)            # DatasetError when incomplete
+    files = datasets.shard_paths(data_dir, manifest, "train")
 
 A dataset directory holds TFDS-named shards `{name}-{split}.tfrecord-{SSSSS}-of-{NNNNN}`,
 `dataset_info.json` + `features.json` (via `tfds.folder_dataset.write_metadata`, so
 `tfds.builder_from_directory(dir)` loads it) and `manifest.json`, written **last**: every shard
 with its record count, byte size and sha256, plus the schema/code version and whatever the
 stage adds (counts, cache key...). A directory without `manifest.json` is not a dataset:
-readers go through `read_manifest()` / `shard_paths()`, never a glob.
+readers go through `read_manifest()` / `shard_paths()`, never a glob. The folder a
+`headstart extract --out` names lists its feature datasets in `index.json`
+(`read_index`/`write_index`).
 
-All I/O goes through `tf.io.gfile`, so `out_dir` may be local or `gs://`.
+All I/O goes through `tf.io.gfile`, so every path may be local or `gs://`.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import apache_beam as beam
 import numpy as np
 import tensorflow as tf
 
-SCHEMA_VERSION = 1
-CODE_VERSION = "0.1.0"
-MANIFEST_NAME = "manifest.json"
-ERRORS_NAME = "errors.jsonl"
-SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation",
-                 "train": "train", "validation": "validation", "test": "test"}
-# Beam replaces the S/N runs with the shard index and count; the rest is literal.
-_SHARD_NAME_TEMPLATE = ".tfrecord-SSSSS-of-NNNNN"
-_TFDS_FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+from contracts import layout
+from contracts.layout import DatasetError
+
 _HASH_CHUNK_BYTES = 8 << 20
-
-
-class DatasetError(ValueError):
-  """A dataset directory is missing, incomplete or does not match what the caller expects."""
-
-
-def canonical_split(name: str) -> str:
-  """Maps a split name or alias (`val`, `valid`, `dev`) to TFDS's `train`/`validation`/`test`.
-
-  Raises:
-    ValueError: the name is not a known split.
-  """
-  key = name.strip().lower()
-  if key not in SPLIT_ALIASES:
-    raise ValueError(f"unknown split {name!r}; allowed: train, validation (val, valid, dev), test")
-  return SPLIT_ALIASES[key]
-
-
-# ---------------------------------------------------------------------------------------------
-# tf.train.Example encoding (the same wire format TFDS' feature connectors produce)
-
-
-def to_example(values: Mapping[str, Any]) -> bytes:
-  """Serializes a flat mapping to a `tf.train.Example`.
-
-  `bytes`/`str` become a BytesList, `int`/`bool` an Int64List, `float` a FloatList and numpy
-  arrays a list of their dtype kind (flattened); `np.ndarray` of bytes dtype is not supported.
-  Big tensors must be passed as raw `bytes` (TFDS `Tensor(encoding='bytes')`), never floats.
-  """
-  feature = {}
-  for key, value in values.items():
-    if isinstance(value, str):
-      value = value.encode("utf-8")
-    if isinstance(value, bytes):
-      feature[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-    elif isinstance(value, (bool, int, np.integer)):
-      feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-    elif isinstance(value, (float, np.floating)):
-      feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
-    elif isinstance(value, np.ndarray) and value.dtype.kind in "iub":
-      feature[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=value.ravel().tolist()))
-    elif isinstance(value, np.ndarray) and value.dtype.kind == "f":
-      feature[key] = tf.train.Feature(float_list=tf.train.FloatList(value=value.ravel().tolist()))
-    else:
-      raise TypeError(f"cannot encode feature {key!r} of type {type(value).__name__}")
-  # deterministic=True: the feature map's entries are otherwise written in an order that changes
-  # from process to process, so re-ingesting the same images gave other shard bytes, another
-  # dataset fingerprint, and a feature-cache miss downstream.
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
-      deterministic=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
-
-
-def shard_prefix(out_dir: str, name: str, split: str) -> str:
-  """Path prefix Beam appends `.tfrecord-SSSSS-of-NNNNN` to."""
-  return f"{out_dir.rstrip('/')}/{name}-{split}"
 
 
 def file_sha256(path: str) -> str:
@@ -139,51 +82,14 @@ def describe_shard(path: str, split: str, *, chunk_bytes: int = _HASH_CHUNK_BYTE
           "num_bytes": size, "sha256": digest.hexdigest()}
 
 
-class WriteSplits(beam.PTransform):
-  """(split, serialized Example) -> one shard description dict per shard written.
-
-  Each split goes to its own TFDS-named shard set. Splits that get no records still produce one
-  empty shard from Beam's sink; `finalize_dataset` deletes those so empty splits never appear.
-  """
-
-  def __init__(self, out_dir: str, name: str, *, splits: Sequence[str] = SPLITS,
-               num_shards: int = 0):
-    super().__init__()
-    self._out_dir = out_dir
-    self._name = name
-    self._splits = tuple(splits)
-    self._num_shards = num_shards
-
-  def expand(self, pcoll):
-    splits = self._splits
-    parts = pcoll | "PartitionBySplit" >> beam.Partition(
-        lambda kv, _: splits.index(kv[0]), len(splits))
-    described = []
-    for split, part in zip(splits, parts):
-      files = (
-          part
-          | f"DropSplitKey[{split}]" >> beam.Values()
-          | f"WriteShards[{split}]" >> beam.io.WriteToTFRecord(
-              shard_prefix(self._out_dir, self._name, split),
-              shard_name_template=_SHARD_NAME_TEMPLATE,
-              num_shards=self._num_shards))
-      described.append(files | f"DescribeShards[{split}]" >> beam.Map(describe_shard, split=split))
-    return described | "MergeShardLists" >> beam.Flatten()
-
-
-def _shard_index(file_name: str) -> int:
-  # "...tfrecord-00003-of-00008" -> 3
-  return int(file_name.rsplit("-", 3)[-3])
-
-
 def group_shards(shards: Iterable[Mapping[str, Any]], out_dir: str) -> dict[str, list[dict]]:
   """Groups shard descriptions by split in shard order, deleting splits with no records."""
   by_split: dict[str, list[dict]] = {}
   for shard in shards:
     by_split.setdefault(shard["split"], []).append(dict(shard))
   result = {}
-  for split in SPLITS:
-    entries = sorted(by_split.get(split, []), key=lambda s: _shard_index(s["file"]))
+  for split in layout.SPLITS:
+    entries = sorted(by_split.get(split, []), key=lambda s: layout.shard_index(s["file"]))
     if sum(s["num_examples"] for s in entries) == 0:
       for entry in entries:
         tf.io.gfile.remove(f"{out_dir}/{entry['file']}")
@@ -227,7 +133,7 @@ def finalize_dataset(out_dir: str, name: str, features: Any,
   from tensorflow_datasets.core import naming
 
   template = naming.ShardedFileTemplate(
-      data_dir=out_dir, template=_TFDS_FILENAME_TEMPLATE, dataset_name=name,
+      data_dir=out_dir, template=layout.TFDS_FILENAME_TEMPLATE, dataset_name=name,
       filetype_suffix="tfrecord")
   split_infos = [
       tfds.core.SplitInfo(name=split, shard_lengths=[s["num_examples"] for s in entries],
@@ -241,8 +147,8 @@ def finalize_dataset(out_dir: str, name: str, features: Any,
       data_dir=out_dir, features=features, split_infos=split_infos, filename_template=template,
       check_data=False, description=description)
   manifest = {
-      "schema_version": SCHEMA_VERSION,
-      "code_version": CODE_VERSION,
+      "schema_version": layout.SCHEMA_VERSION,
+      "code_version": layout.CODE_VERSION,
       "name": name,
       "splits": {
           split: {"num_examples": sum(s["num_examples"] for s in entries),
@@ -251,7 +157,7 @@ def finalize_dataset(out_dir: str, name: str, features: Any,
       },
       **extra,
   }
-  write_json(f"{out_dir}/{MANIFEST_NAME}", manifest)
+  write_json(f"{out_dir}/{layout.MANIFEST_NAME}", manifest)
   return manifest
 
 
@@ -261,7 +167,7 @@ def finalize_dataset(out_dir: str, name: str, features: Any,
 
 def has_manifest(data_dir: str) -> bool:
   """True when `data_dir` holds a complete dataset (its manifest was written)."""
-  return tf.io.gfile.exists(f"{data_dir.rstrip('/')}/{MANIFEST_NAME}")
+  return tf.io.gfile.exists(f"{data_dir.rstrip('/')}/{layout.MANIFEST_NAME}")
 
 
 def read_manifest(data_dir: str) -> dict[str, Any]:
@@ -270,19 +176,19 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
   Raises:
     DatasetError: the manifest is missing or unreadable (an interrupted job or not a dataset).
   """
-  path = f"{data_dir.rstrip('/')}/{MANIFEST_NAME}"
+  path = f"{data_dir.rstrip('/')}/{layout.MANIFEST_NAME}"
   if not tf.io.gfile.exists(path):
     raise DatasetError(
-        f"{data_dir!r} has no {MANIFEST_NAME}: it is not a complete headstart dataset "
+        f"{data_dir!r} has no {layout.MANIFEST_NAME}: it is not a complete headstart dataset "
         "(the job that wrote it did not finish, or the path is wrong)")
   try:
     with tf.io.gfile.GFile(path, "r") as f:
       manifest = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise DatasetError(f"{path!r} is not valid JSON: {error}") from error
-  if manifest.get("schema_version") != SCHEMA_VERSION:
+  if manifest.get("schema_version") != layout.SCHEMA_VERSION:
     raise DatasetError(f"{path!r} has schema version {manifest.get('schema_version')!r}; "
-                       f"this headstart reads version {SCHEMA_VERSION}")
+                       f"this headstart reads version {layout.SCHEMA_VERSION}")
   return manifest
 
 
@@ -292,7 +198,7 @@ def shard_paths(data_dir: str, manifest: Mapping[str, Any], split: str) -> list[
   Raises:
     DatasetError: the split is not in the dataset.
   """
-  split = canonical_split(split)
+  split = layout.canonical_split(split)
   if split not in manifest["splits"]:
     raise DatasetError(f"split {split!r} is not in {data_dir!r}; it has "
                        f"{', '.join(manifest['splits'])}")
@@ -309,7 +215,7 @@ def check_shards(data_dir: str, manifest: Mapping[str, Any], split: str) -> None
   Raises:
     DatasetError: naming the shard and what is wrong with it.
   """
-  entries = manifest["splits"][canonical_split(split)]["shards"]
+  entries = manifest["splits"][layout.canonical_split(split)]["shards"]
   for path, entry in zip(shard_paths(data_dir, manifest, split), entries):
     if not tf.io.gfile.exists(path):
       raise DatasetError(f"shard {path!r} listed in the manifest is missing")
@@ -321,3 +227,74 @@ def check_shards(data_dir: str, manifest: Mapping[str, Any], split: str) -> None
     if count != entry["num_examples"]:
       raise DatasetError(f"shard {path!r} has {count} records; its manifest says "
                          f"{entry['num_examples']} (truncated or replaced)")
+
+
+def read_json(path: str) -> Any:
+  """A JSON file through `tf.io.gfile`.
+
+  Raises:
+    DatasetError: missing or not valid JSON, naming the file.
+  """
+  if not tf.io.gfile.exists(path):
+    raise DatasetError(f"{path!r} does not exist")
+  try:
+    with tf.io.gfile.GFile(path, "r") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise DatasetError(f"{path!r} is not valid JSON: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# index.json: the feature datasets under one `headstart extract --out` folder
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexEntry:
+  """One feature dataset listed in `index.json`; `dir_name` is relative to the index's folder."""
+  dir_name: str
+  path: str
+  backbone: str
+  weights_kind: str
+  cache_key: str
+  manifest: Mapping[str, Any] = dataclasses.field(repr=False, compare=False)
+
+
+def read_index(features_dir: str) -> list[IndexEntry]:
+  """The complete feature datasets listed in `features_dir/index.json`, in index order.
+
+  Raises:
+    DatasetError: no index (not an extract --out folder) or a listed dataset is incomplete.
+  """
+  features_dir = features_dir.rstrip("/")
+  path = f"{features_dir}/{layout.INDEX_NAME}"
+  if not tf.io.gfile.exists(path):
+    raise DatasetError(f"--features {features_dir!r} has no {layout.INDEX_NAME}; point it at "
+                       "the --out folder of headstart extract")
+  entries = []
+  for item in read_json(path).get("datasets", []):
+    data_dir = f"{features_dir}/{item['dir']}"
+    manifest = read_manifest(data_dir)
+    entries.append(IndexEntry(item["dir"], data_dir, item.get("backbone") or manifest["backbone"],
+                              item.get("weights_kind") or manifest.get("weights_kind", ""),
+                              item.get("cache_key") or manifest.get("cache_key", ""), manifest))
+  return entries
+
+
+def write_index(out: str, new_entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """Updates `out/index.json` with `new_entries` (`dir`, `backbone`, `weights_kind`,
+  `cache_key`), listed first; entries of earlier calls stay while their manifest exists."""
+  out = out.rstrip("/")
+  path = f"{out}/{layout.INDEX_NAME}"
+  entries = {entry["dir"]: dict(entry) for entry in new_entries
+             if has_manifest(f"{out}/{entry['dir']}")}
+  try:
+    previous = read_json(path).get("datasets", []) if tf.io.gfile.exists(path) else []
+  except DatasetError:
+    previous = []   # a damaged index is rebuilt from the datasets that are there
+  for entry in previous:
+    if entry.get("dir") not in entries and has_manifest(f"{out}/{entry.get('dir')}"):
+      entries[entry["dir"]] = entry
+  index = {"datasets": list(entries.values())}
+  tf.io.gfile.makedirs(out)
+  write_json(path, index)
+  return index

@@ -1,7 +1,7 @@
 """Caching pay-off (benchmark R5): the same head trained from cached features vs end to end
 through the frozen backbone on the same images, same batch size, same device.
 
-    python -m heads.payoff --features DATA/features/mobilenet-imagenet-8a3abaab --head gap_dense
+    python -m benchmarks.payoff --features DATA/features/mobilenet-imagenet-8a3abaab --head gap_dense
 
 Both sides cache their input after the first epoch (features, or decoded images), so the
 steady-state rate (epochs after the first) compares head work against backbone+head work, not
@@ -61,7 +61,7 @@ def measure(features_dir: str, head: str, *, epochs: int = 3, batch_size: int = 
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(prog="python -m heads.payoff",
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.payoff",
                                    description=__doc__.split("\n")[0])
   parser.add_argument("--features", required=True)
   parser.add_argument("--head", default="gap_dense", choices=zoo.HEADS)

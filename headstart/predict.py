@@ -1,7 +1,11 @@
 """Predicts new images with a run's exported `model.keras` (backbone + head in one model).
 
     headstart predict --model runs/gender_vgg16 --images some/folder --out predictions.csv
+    headstart predict --model runs/x --images urls.csv --allow-network 10.0.0.0/8   # URLs too
 
+Sources are what `headstart ingest` accepts: a folder (recursive) or a CSV whose `image_url`
+(else first) column holds local paths, `gs://` objects or http(s) URLs, fetched by ingest's
+fetcher with the same address guard, timeouts and byte cap.
 Images are prepared exactly like the training images: `pipeline.image_decode.decode_and_resize`
 with the image dataset's size, resize mode and pad colour, then encoded in the dataset's format
 and decoded again (JPEG is lossy, and the backbone saw the stored JPEG), then run through the
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -22,8 +27,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from contracts import cli
 from heads import export, training
-from pipeline import image_decode, sources
+from pipeline import fetch, image_decode, sources
 
 _URL_COLUMN = "image_url"
 
@@ -50,9 +56,8 @@ def _list_csv(path: str) -> Iterator[tuple[str, str, str]]:
     if not row or not row[column].strip():
       continue
     source = row[column].strip()
-    if urllib.parse.urlsplit(source).scheme in ("http", "https"):
-      # The id matches ingest's (the URL as written); predict reads local or gs:// files only.
-      yield "", source, "remote_not_fetched"
+    if urllib.parse.urlsplit(source).scheme.lower() in sources.REMOTE_SCHEMES:
+      yield source, source, ""   # the id is ingest's: the URL as written
       continue
     try:
       # Absolute paths are the user's own files here, so any root is allowed.
@@ -95,15 +100,16 @@ def prepare_image(data: bytes, settings: dict[str, Any]) -> np.ndarray:
   return rgb.astype(np.float32)
 
 
-def predict_images(run_dir: str, images: str, out_path: str, *,
-                   batch_size: int = 32) -> dict[str, Any]:
+def predict_images(run_dir: str, images: str, out_path: str, *, batch_size: int = 32,
+                   fetch_config: fetch.FetchConfig = fetch.FetchConfig()) -> dict[str, Any]:
   """Writes `id,source,error,label,prob_<class>...` (or keypoint columns) for every image.
 
   Args:
     run_dir: a finished `headstart train` run with `model.keras`.
-    images: folder of images or CSV whose `image_url` (else first) column holds paths.
+    images: folder of images or CSV whose `image_url` (else first) column holds paths or URLs.
     out_path: the CSV to write.
     batch_size: images per model call.
+    fetch_config: limits and address guard of downloads (ingest's fetcher).
 
   Returns:
     A summary: rows written, images predicted, images in error.
@@ -123,6 +129,7 @@ def predict_images(run_dir: str, images: str, out_path: str, *,
   if not listed:
     raise ValueError(f"no images found in {images!r}")
   model = keras.models.load_model(model_path, compile=False)
+  fetcher = fetch.Fetcher(fetch_config)
   ids, sources_written, errors, outputs = [], [], [], []
   pending: list[np.ndarray] = []
   pending_rows: list[int] = []
@@ -143,13 +150,10 @@ def predict_images(run_dir: str, images: str, out_path: str, *,
     if reason:
       continue
     try:
-      with tf.io.gfile.GFile(location, "rb") as f:
-        pending.append(prepare_image(f.read(), settings))
+      pending.append(prepare_image(fetcher.fetch(location), settings))
       pending_rows.append(len(ids) - 1)
-    except image_decode.ImageError as error:
+    except (fetch.FetchError, image_decode.ImageError) as error:
       errors[-1] = error.reason
-    except tf.errors.OpError as error:     # missing or unreadable file
-      errors[-1] = type(error).__name__
     if len(pending) == batch_size:
       flush()
   flush()
@@ -168,3 +172,23 @@ def predict_images(run_dir: str, images: str, out_path: str, *,
   with tf.io.gfile.GFile(out_path, "w") as f:
     f.write(text + buffer.getvalue())
   return {"rows": len(listed), "predicted": len(good), "errors": len(bad), "out": out_path}
+
+
+def main(argv: list[str]) -> int:
+  """`headstart predict`: exported model over a folder or CSV of images -> predictions CSV."""
+  parser = cli.Parser(prog="headstart predict", description=__doc__.splitlines()[0])
+  parser.add_argument("--model", required=True, help="run directory written by headstart train")
+  parser.add_argument("--images", required=True,
+                      help="folder of images, or CSV of image paths, gs:// objects or URLs")
+  parser.add_argument("--out", default="predictions.csv")
+  parser.add_argument("--batch-size", type=cli.positive_int, default=32)
+  parser.add_argument("--timeout", type=cli.positive_float, default=fetch.FetchConfig.deadline,
+                      help="total seconds allowed per download")
+  parser.add_argument("--allow-network", action="append", default=[],
+                      help="CIDR allowed despite the address guard (as in headstart ingest)")
+  args = parser.parse_args(argv)
+  config = fetch.FetchConfig(deadline=args.timeout, allowed_networks=tuple(args.allow_network))
+  summary = predict_images(args.model, args.images, args.out, batch_size=args.batch_size,
+                           fetch_config=config)
+  print(json.dumps(summary))
+  return 0
