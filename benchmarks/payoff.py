@@ -16,7 +16,7 @@ from typing import Any
 import keras
 
 from heads import config as config_lib
-from heads import export, reader, training, zoo
+from heads import export, fitting, reader, training, zoo
 
 
 def _rate(model: keras.Model, spec: reader.DatasetSpec, input_kind: str, *, epochs: int,
@@ -25,7 +25,7 @@ def _rate(model: keras.Model, spec: reader.DatasetSpec, input_kind: str, *, epoc
   batches = reader.make_for_train(reader.read_split(spec, "train", input_kind=input_kind),
                                   batch_size=batch_size, shuffle_buffer=count + 1, seed=seed,
                                   num_examples=count)
-  timer = training.EpochTimer()
+  timer = fitting.EpochTimer()
   model.fit(batches, epochs=epochs, callbacks=[timer], verbose=0, shuffle=False)
   steady = sum(timer.seconds[1:])
   return {"examples": count, "epoch_seconds": timer.seconds,

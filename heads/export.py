@@ -24,9 +24,6 @@ import numpy as np
 from heads import zoo
 from heads.reader import DatasetSpec
 
-MODEL_NAME = "model.keras"
-
-
 class ExportUnavailable(RuntimeError):
   """The backbone cannot be rebuilt here (stage 2's loader is missing or failed)."""
 

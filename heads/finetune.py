@@ -11,14 +11,14 @@ and trains on the stored images at a low learning rate. Writes a run directory o
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
 
-from contracts import datasets, layout
-from heads import export, reader, training
+from contracts import layout, runs
+from heads import evaluation, fitting, reader, training
 from heads.config import from_dict
 
 
@@ -64,6 +64,24 @@ def unfreeze_last(backbone: keras.Model, count: int) -> list[str]:
   return chosen
 
 
+def _image_dataset(images_dir: str, run_config: dict[str, Any]) -> reader.DatasetSpec:
+  """The image dataset to fine-tune on, checked against the run's model.
+
+  Raises:
+    ValueError: not an image dataset, another image size, or no train split.
+  """
+  spec = reader.load_spec(images_dir)
+  if spec.kind != "images":
+    raise ValueError(f"--images {images_dir!r} is a {spec.kind} dataset; fine-tuning trains on "
+                     "the image dataset (headstart ingest output)")
+  if spec.image_size != run_config["image"]["image_size"]:
+    raise ValueError(f"image dataset {images_dir!r} has image size {spec.image_size!r}, the run's "
+                     f"model takes {run_config['image']['image_size']!r}")
+  if "train" not in spec.splits:
+    raise layout.DatasetError(f"image dataset {images_dir!r} has no train split")
+  return spec
+
+
 def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | None = None,
              epochs: int = 5, learning_rate: float | None = None, batch_size: int | None = None,
              callbacks: Sequence[keras.callbacks.Callback] = (),
@@ -84,59 +102,39 @@ def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | Non
   Raises:
     ValueError: not a run, no exported model, image dataset of another size, bad `unfreeze`.
   """
-  run_dir = run_dir.rstrip("/")
-  out_dir = (out_dir or f"{run_dir}/finetune").rstrip("/")
-  run = training.load_run(run_dir)
-  config = from_dict(run)
-  model_path = f"{run_dir}/{export.MODEL_NAME}"
-  if not tf.io.gfile.exists(model_path):
-    raise ValueError(f"run {run_dir!r} has no {export.MODEL_NAME} to fine-tune")
-  spec = reader.load_spec(images_dir)
-  if spec.kind != "images":
-    raise ValueError(f"--images {images_dir!r} is a {spec.kind} dataset; fine-tuning trains on "
-                     "the image dataset (headstart ingest output)")
-  if spec.image_size != run["image"]["image_size"]:
-    raise ValueError(f"image dataset {images_dir!r} has image size {spec.image_size!r}, the run's "
-                     f"model takes {run['image']['image_size']!r}")
-  if "train" not in spec.splits:
-    raise layout.DatasetError(f"image dataset {images_dir!r} has no train split")
-  notes = [f"no {split} split in the dataset: not evaluated"
-           for split in ("validation", "test") if split not in spec.splits]
-  if run.get("image_fingerprint") and run["image_fingerprint"] != spec.cache_key:
+  started = time.perf_counter()
+  base = runs.RunDir(run_dir)
+  out = runs.RunDir(out_dir or base.file("finetune"))
+  run_config, _ = base.load()
+  config = from_dict(run_config)
+  if not base.exists(runs.MODEL_NAME):
+    raise ValueError(f"run {base.path!r} has no {runs.MODEL_NAME} to fine-tune")
+  spec = _image_dataset(images_dir, run_config)
+  notes = evaluation.missing_split_notes(spec)
+  if run_config.get("image_fingerprint") and run_config["image_fingerprint"] != spec.cache_key:
     notes.append("these images are not the ones the run's features were extracted from")
   keras.utils.set_random_seed(config.train.seed)
-  model = keras.models.load_model(model_path, compile=False)
+  model = keras.models.load_model(base.model_path, compile=False)
   trainable = unfreeze_last(find_backbone(model), unfreeze)
   rate = learning_rate or config.train.learning_rate * config.train.finetune_lr_scale
   batch_size = batch_size or config.train.batch_size
   training.compile_head(model, spec.task, keras.optimizers.Adam(rate))
-  tf.io.gfile.makedirs(out_dir)
-  datasets.write_json(f"{out_dir}/{training.CONFIG_NAME}", {
-      **run, "finetune": {"base_run": run_dir, "images": spec.data_dir, "unfreeze": unfreeze,
-                          "trainable_layers": trainable, "learning_rate": rate,
-                          "epochs": epochs, "batch_size": batch_size}})
-  num_train = spec.num_examples("train")
-  train_batches = reader.make_for_train(
-      reader.read_split(spec, "train", input_kind="image"), batch_size=batch_size,
-      shuffle_buffer=config.train.shuffle_buffer, seed=config.train.seed, num_examples=num_train)
-  val_batches = (reader.make_for_eval(reader.read_split(spec, "validation", input_kind="image"),
-                                      batch_size=batch_size,
-                                      num_examples=spec.num_examples("validation"))
-                 if "validation" in spec.splits else None)
-  fitted = training.fit(model, train_batches, val_batches, out_dir, epochs=epochs,
-                        callbacks=callbacks, verbose=verbose)
-  model.save(f"{out_dir}/{export.MODEL_NAME}")
-  result: dict[str, Any] = {
-      "task": spec.task, "head": run["head_name"], "backbone": run["backbone"],
-      "weights_kind": run["weights_kind"], "cache_key": run["cache_key"],
-      "finetuned_from": run_dir, "unfreeze": unfreeze, "trainable_layers": trainable,
+  out.write_config({
+      **run_config, "finetune": {"base_run": base.path, "images": spec.data_dir,
+                                 "unfreeze": unfreeze, "trainable_layers": trainable,
+                                 "learning_rate": rate, "epochs": epochs,
+                                 "batch_size": batch_size}})
+  inputs = fitting.make_inputs(spec, "image", reader.read_split(spec, "train", input_kind="image"),
+                               batch_size=batch_size, train=config.train,
+                               settings=run_config["image"])
+  describe = {
+      "task": spec.task, "head": run_config["head_name"], "backbone": run_config["backbone"],
+      "weights_kind": run_config["weights_kind"], "cache_key": run_config["cache_key"],
+      "finetuned_from": base.path, "unfreeze": unfreeze, "trainable_layers": trainable,
       "learning_rate": rate, "params": int(model.count_params()),
       "trainable_params": int(sum(keras.ops.size(w) for w in model.trainable_weights)),
-      "class_names": list(spec.class_names), "num_train_examples": num_train,
-      **training.throughput(fitted, num_train), "batch_size": batch_size,
-  }
-  result.update(training.evaluate_and_write(model, spec, "image", out_dir,
-                                            batch_size=batch_size, settings=run["image"]))
-  result["notes"] = notes
-  datasets.write_json(f"{out_dir}/{training.METRICS_NAME}", result)
-  return result
+      "class_names": list(spec.class_names), "num_train_examples": inputs.num_train}
+  # The fitted model takes stored images already: it is saved as model.keras, ready to predict.
+  return fitting.train_and_evaluate(
+      model, out, inputs, fitting.FitOptions(epochs, callbacks=callbacks, verbose=verbose),
+      describe=describe, notes=notes, started=started, saved_as=runs.MODEL_NAME)

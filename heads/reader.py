@@ -210,7 +210,7 @@ def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer:
 
   `num_examples` (from `count_examples`) declares the cardinality the view filter hides, so Keras
   knows the epoch length from the first epoch on. With `epoch` (an int64 variable the trainer
-  sets at each epoch's start, see `training.EpochSeed`), epoch k's order is a function of
+  sets at each epoch's start, see `fitting.EpochSeed`), epoch k's order is a function of
   (seed, k) alone, so a run resumed in a new process replays exactly the order an uninterrupted
   run would have used; without it, each new iterator draws the next order of this process.
   """
@@ -250,3 +250,48 @@ def load_arrays(dataset: tf.data.Dataset, keys: tuple[str, ...] = ("x", "y")
     for key in keys:
       columns[key].append(batch[key])
   return {key: np.concatenate(parts) if parts else np.zeros((0,)) for key, parts in columns.items()}
+
+
+def source_sizes(image_dir: str, split: str) -> dict[bytes, tuple[int, int]] | None:
+  """`id -> (height, width)` of the source images of one split of an image dataset.
+
+  Parses only the three small keys (the image bytes are read from disk but never decoded).
+  None when the image dataset or its split is unreachable.
+  """
+  if not image_dir or not datasets.has_manifest(image_dir):
+    return None
+  try:
+    spec = load_spec(image_dir)
+    files = datasets.shard_paths(image_dir, spec.manifest, split)
+  except ValueError:
+    return None
+  parse = spec.schema.batch_parser(("id", "height", "width"))
+  sizes = {}
+  batches = tf.data.TFRecordDataset(files).batch(1024).map(
+      parse, num_parallel_calls=tf.data.AUTOTUNE)
+  for batch in batches.as_numpy_iterator():
+    sizes.update(zip(batch["id"], zip(batch["height"], batch["width"])))
+  return sizes
+
+
+def load_split_images(image_dir: str, split: str = "test") -> dict[str, dict[str, Any]]:
+  """`id -> {"image": uint8 HxWx3, "label" | "targets"}` for one split of an image dataset.
+
+  Read through the manifest's shard list (like every reader here), decoded with TF; for the
+  report's example grids, so the split is small enough to hold.
+
+  Raises:
+    ValueError: no manifest or no such split.
+  """
+  spec = load_spec(image_dir)
+  if split not in spec.splits:
+    raise ValueError(f"image dataset {image_dir!r} has no {split!r} split")
+  files = datasets.shard_paths(image_dir, spec.manifest, split)
+  parse = spec.schema.batch_parser(("id", "image", spec.target_key))
+  examples = {}
+  for batch in tf.data.TFRecordDataset(files).batch(256).map(parse).as_numpy_iterator():
+    for index, identifier in enumerate(batch["id"]):
+      image = tf.io.decode_image(batch["image"][index], channels=3, expand_animations=False)
+      examples[identifier.decode()] = {"image": image.numpy(),
+                                       spec.target_key: batch[spec.target_key][index]}
+  return examples

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from contracts import cli
+from contracts import cli, runs
 from heads import config as config_lib
 from heads import zoo
 
@@ -63,7 +63,7 @@ def train_main(argv: list[str]) -> int:
   result = training.train(args.features, args.head, args.out, config, sweep_l2=args.sweep,
                           verbose=0 if args.quiet else 2)
   print(json.dumps(_summary(result)))
-  print(f"wrote {args.out.rstrip('/')}/{training.METRICS_NAME}")
+  print(f"wrote {runs.RunDir(args.out).metrics_path}")
   return 0
 
 
@@ -102,7 +102,7 @@ def finetune_main(argv: list[str]) -> int:
 
 def compare_main(argv: list[str]) -> int:
   """`headstart compare`: every head x every feature dataset x seeds -> leaderboard + report."""
-  from heads import compare
+  from heads import compare, grid, leaderboard
 
   parser = cli.Parser(prog="headstart compare")
   parser.add_argument("--features", required=True,
@@ -117,13 +117,13 @@ def compare_main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   config = config_lib.load_file(args.config) if args.config else None
   result = compare.compare(
-      args.features, compare.parse_heads(args.heads), args.out, seeds=args.seeds,
+      args.features, grid.parse_heads(args.heads), args.out, seeds=args.seeds,
       backbones=[b.strip() for b in args.backbones.split(",") if b.strip()]
       if args.backbones else None,
       epochs=args.epochs, config=config, report=not args.no_report)
-  print(compare.markdown_table(result.rows))
-  print("\n".join(compare.ledger_lines(result.ledger)))
-  print(f"wrote {result.out_dir}/{compare.LEADERBOARD_CSV}"
+  print(leaderboard.markdown_table(result.rows))
+  print("\n".join(leaderboard.ledger_lines(result.ledger)))
+  print(f"wrote {result.out_dir}/{leaderboard.LEADERBOARD_CSV}"
         + (f" and {result.report}" if result.report else ""))
   return 0
 

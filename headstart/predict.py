@@ -27,8 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contracts import cli
-from heads import export, training
+from contracts import cli, runs
+from heads import export
 from pipeline import fetch, image_decode, sources
 
 _URL_COLUMN = "image_url"
@@ -118,17 +118,17 @@ def predict_images(run_dir: str, images: str, out_path: str, *, batch_size: int 
     ValueError: not a run, no exported model, or no images found.
   """
   run_dir = run_dir.rstrip("/")
-  run = training.load_run(run_dir)
-  model_path = f"{run_dir}/{export.MODEL_NAME}"
-  if not tf.io.gfile.exists(model_path):
-    raise ValueError(f"run {run_dir!r} has no {export.MODEL_NAME} (see notes in its metrics.json)")
+  trained = runs.RunDir(run_dir)
+  run, _ = trained.load()
+  if not trained.exists(runs.MODEL_NAME):
+    raise ValueError(f"run {run_dir!r} has no {runs.MODEL_NAME} (see notes in its metrics.json)")
   settings = dict(run["image"])
   if not settings.get("image_size"):
     raise ValueError(f"run {run_dir!r} does not record the image size its model expects")
   listed = list_images(images)
   if not listed:
     raise ValueError(f"no images found in {images!r}")
-  model = keras.models.load_model(model_path, compile=False)
+  model = keras.models.load_model(trained.model_path, compile=False)
   fetcher = fetch.Fetcher(fetch_config)
   ids, sources_written, errors, outputs = [], [], [], []
   pending: list[np.ndarray] = []

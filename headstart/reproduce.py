@@ -37,6 +37,7 @@ import tensorflow as tf
 from contracts import cli
 from heads import compare as compare_lib
 from heads import config as config_lib
+from heads import leaderboard
 
 REQUIRED_KEYS = ("name", "published", "data", "ingest", "extract", "compare", "expect")
 SPLIT_COLUMNS = {"test": "test_mean", "validation": "val_mean"}
@@ -145,7 +146,7 @@ def find_cell(rows: Sequence[Mapping[str, Any]],
       continue
     if spec.get("backbone") and spec["head"] != "scratch" and row["backbone"] != spec["backbone"]:
       continue
-    if spec.get("weights") and row["weights"] != compare_lib.weights_label(spec["weights"]):
+    if spec.get("weights") and row["weights"] != leaderboard.weights_label(spec["weights"]):
       continue
     return row
   return None
@@ -154,7 +155,7 @@ def find_cell(rows: Sequence[Mapping[str, Any]],
 def _cell_name(spec: Mapping[str, Any]) -> str:
   if spec["head"] == "scratch":
     return "from-scratch CNN"
-  weights = f" [{compare_lib.weights_label(spec['weights'])}]" if spec.get("weights") else ""
+  weights = f" [{leaderboard.weights_label(spec['weights'])}]" if spec.get("weights") else ""
   return f"{spec.get('backbone', '?')}{weights} / {spec['head']}"
 
 
@@ -257,7 +258,7 @@ def reproduce(config_path: str, *, tiny: bool = False, source: str | None = None
       epochs=settings.get("epochs"), config=config,
       pairs=[tuple(pair) for pair in settings["pairs"]] if settings.get("pairs") else None,
       log=log)
-  log(compare_lib.markdown_table(result.rows))
+  log(leaderboard.markdown_table(result.rows))
   checks = tuple(check_expectation(result.rows, spec) for spec in experiment["expect"])
   for check in checks:
     log(check.line())

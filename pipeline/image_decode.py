@@ -29,7 +29,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-RESIZE_MODES = ("stretch", "pad", "crop")
+from contracts.layout import RESIZE_MODES
+
 FORMATS = ("jpeg", "png")
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MIN_SIDE = 32

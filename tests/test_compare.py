@@ -16,7 +16,7 @@ import re
 import pandas as pd
 import pytest
 
-from heads import compare, config as config_lib, report, run
+from heads import compare, config as config_lib, grid as grid_lib, leaderboard, report, run
 
 HEADS = ["linear", "mlp", "conv", "scratch"]
 
@@ -28,16 +28,16 @@ HEADS = ["linear", "mlp", "conv", "scratch"]
 def _seed(dataset, head, seed, test, val, *, task="binary", weights="imagenet", seconds=1.0,
           epochs=3):
   return {"dataset": dataset, "backbone": dataset.split("-")[0],
-          "weights": compare.weights_label(weights), "head": head, "seed": seed, "task": task,
-          "metric": compare.metric_of(task)[0], "test": test, "val": val, "params": 10,
+          "weights": leaderboard.weights_label(weights), "head": head, "seed": seed, "task": task,
+          "metric": leaderboard.metric_of(task)[0], "test": test, "val": val, "params": 10,
           "epochs": epochs, "train_seconds": seconds, "examples_per_second": 100.0,
           "run_dir": f"cells/{dataset}/{head}/seed{seed}"}
 
 
 def test_weights_label_spells_out_random_init():
-  assert compare.weights_label("none") == "none (random init)"
-  assert compare.weights_label("imagenet") == "imagenet"
-  assert "scratch" in compare.weights_label("scratch")
+  assert leaderboard.weights_label("none") == "none (random init)"
+  assert leaderboard.weights_label("imagenet") == "imagenet"
+  assert "scratch" in leaderboard.weights_label("scratch")
 
 
 def test_aggregate_one_row_per_cell_with_mean_std_and_rank():
@@ -45,7 +45,7 @@ def test_aggregate_one_row_per_cell_with_mean_std_and_rank():
   seeds += [_seed("b-none-2", "linear", s, t, 0.9, weights="none")
             for s, t in enumerate((0.5, 0.5))]
   seeds += [_seed("a-imagenet-1", "conv", 0, 0.9, 0.4)]
-  rows = compare.aggregate(seeds)
+  rows = leaderboard.aggregate(seeds)
   assert [(r["dataset"], r["head"]) for r in rows] == [
       ("a-imagenet-1", "conv"), ("a-imagenet-1", "linear"), ("b-none-2", "linear")]
   linear = rows[1]
@@ -55,17 +55,17 @@ def test_aggregate_one_row_per_cell_with_mean_std_and_rank():
   assert rows[0]["test_std"] is None                               # one seed: undefined
   assert rows[2]["weights"] == "none (random init)"
   # The report's best cell is chosen on validation, not on test.
-  best = compare.best_run(rows, seeds)
+  best = leaderboard.best_run(rows, seeds)
   assert (best["dataset"], best["head"]) == ("b-none-2", "linear")
 
 
 def test_keypoints_rank_lower_error_first():
   seeds = [_seed("a-x-1", "keypoints", 0, 9.0, 9.0, task="keypoints"),
            _seed("b-x-2", "keypoints", 0, 3.0, 4.0, task="keypoints")]
-  rows = compare.aggregate(seeds)
+  rows = leaderboard.aggregate(seeds)
   assert [r["dataset"] for r in rows] == ["b-x-2", "a-x-1"]
   assert rows[0]["metric"] == "mae_px" and rows[0]["better"] == "lower"
-  assert compare.split_metric({"mae_px": 2.0, "mae_px_source": 3.0}, "keypoints") == 3.0
+  assert leaderboard.split_metric({"mae_px": 2.0, "mae_px_source": 3.0}, "keypoints") == 3.0
 
 
 def test_cost_ledger_counts_extraction_once_and_backbone_per_epoch():
@@ -73,25 +73,25 @@ def test_cost_ledger_counts_extraction_once_and_backbone_per_epoch():
                          "test": {"num_examples": 10}},
               "extraction_seconds": 20.0, "images_per_second": 5.0,
               "forward_images_per_second": 10.0}
-  entry = compare.FeatureEntry("a-imagenet-1", "/x/a", "a", "imagenet", "k", manifest)
+  entry = grid_lib.FeatureEntry("a-imagenet-1", "/x/a", "a", "imagenet", "k", manifest)
   seeds = [_seed("a-imagenet-1", head, 0, 0.5, 0.5, seconds=2.0, epochs=4)
            for head in ("linear", "mlp")]
-  ledger = compare.cost_ledger([entry], seeds)
+  ledger = leaderboard.cost_ledger([entry], seeds)
   totals = ledger["totals"]
   assert totals["extraction_seconds"] == 20.0 and totals["head_seconds"] == 4.0
   # Each run: (80 + 10) x 4 epochs + 10 test = 370 images at 10 images/s = 37 s, plus 2 s head.
   assert totals["backbone_every_epoch_seconds"] == pytest.approx(2 * (37.0 + 2.0))
   assert totals["speedup"] == pytest.approx(78.0 / 24.0)
-  assert any("speed-up" in line for line in compare.ledger_lines(ledger))
+  assert any("speed-up" in line for line in leaderboard.ledger_lines(ledger))
 
 
 def test_bad_arguments_raise_value_errors(tmp_path):
   with pytest.raises(ValueError, match="'nope'"):
-    compare.parse_heads("linear,nope")
+    grid_lib.parse_heads("linear,nope")
   with pytest.raises(ValueError, match="repeats"):
-    compare.parse_heads("linear,linear")
+    grid_lib.parse_heads("linear,linear")
   with pytest.raises(ValueError, match="index.json"):
-    compare.read_index(str(tmp_path))
+    grid_lib.read_index(str(tmp_path))
   with pytest.raises(ValueError, match="--seeds"):
     compare.compare(str(tmp_path), ["linear"], str(tmp_path / "out"), seeds=0)
 
@@ -204,10 +204,10 @@ def test_report_on_one_run(grid):
 
 
 def test_backbone_filter(feature_dir):
-  entries = compare.read_index(str(feature_dir), ["mobilenet"])
+  entries = grid_lib.read_index(str(feature_dir), ["mobilenet"])
   assert len(entries) == 2
   with pytest.raises(ValueError, match="'vgg16'"):
-    compare.read_index(str(feature_dir), ["vgg16"])
+    grid_lib.read_index(str(feature_dir), ["vgg16"])
 
 
 def test_only_the_best_run_is_exported(grid):

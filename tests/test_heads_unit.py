@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from contracts import datasets, layout
+from contracts import datasets, layout, runs
 from contracts import schema as schema_lib
 from heads import config as config_lib
 from heads import metrics, reader, run, sweep, training, zoo
@@ -383,7 +383,7 @@ def test_run_refuses_features_with_another_cache_key(binary_dir, tmp_path):
     training.train(str(other), "linear", str(out), tiny(epochs=1), verbose=0)
   assert "\n" not in str(caught.value)
   with pytest.raises(ValueError, match="is not a finished headstart run"):
-    training.load_run(str(tmp_path / "nowhere"))
+    runs.RunDir(str(tmp_path / "nowhere")).load()
 
 
 @pytest.mark.parametrize("size_in,size_out,method,max_mismatch", [

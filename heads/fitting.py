@@ -1,0 +1,253 @@
+"""The run routine `headstart train` and `headstart finetune` share: fit, save, evaluate, record.
+
+    result = fitting.train_and_evaluate(model, runs.RunDir("runs/x"), inputs,
+                                        describe={"task": ..., "head": ...}, epochs=30,
+                                        notes=[], started=time.perf_counter())
+
+`fit` is `model.fit` with resume (`keras.callbacks.BackupAndRestore` in `RUN_DIR/backup/`), the
+best-on-validation checkpoint, `history.csv` and early stopping. `train_and_evaluate` then saves
+the model, evaluates the validation and test splits (`heads.evaluation`, which writes
+`predictions_test.csv`) and writes `metrics.json` last, so its presence means "finished".
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from contracts import layout, runs
+from heads import evaluation, reader
+from heads.config import TrainConfig
+
+
+class EpochTimer(keras.callbacks.Callback):
+  """Records wall seconds per epoch, so throughput can leave out the cache-filling first epoch."""
+
+  def __init__(self):
+    super().__init__()
+    self.seconds: list[float] = []
+    self._start = 0.0
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._start = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.seconds.append(time.perf_counter() - self._start)
+
+
+class EpochSeed(keras.callbacks.Callback):
+  """Publishes the epoch about to run to the input pipeline (`reader.make_for_train(epoch=)`).
+
+  Keras builds each epoch's iterator after `on_epoch_begin`, so epoch k shuffles with (seed, k)
+  even when a resumed fit starts at k in a fresh process (F14: resume ends where an
+  uninterrupted run ends).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.epoch.assign(epoch)
+
+
+class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
+  """BackupAndRestore that refuses a damaged backup in one sentence.
+
+  Keras raises h5py's OSError deep inside `fit`; worse, deleting the backup by hand to get past
+  it would silently restart from random weights. The run stops instead, naming the folder.
+  """
+
+  def on_train_begin(self, logs=None):
+    try:
+      super().on_train_begin(logs)
+    except (OSError, ValueError, KeyError) as error:
+      raise layout.DatasetError(
+          f"resume checkpoint {self.backup_dir!r} is damaged ({type(error).__name__}: "
+          f"{str(error).splitlines()[0][:120]}); restore it, or delete it to retrain this run "
+          "from scratch") from error
+
+
+def _best_so_far(history_path: str, monitor: str) -> float | None:
+  """Best monitored value in an existing history, so a resumed run keeps the better checkpoint."""
+  if not tf.io.gfile.exists(history_path):
+    return None
+  with tf.io.gfile.GFile(history_path, "r") as f:
+    values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)]
+  return min(values) if values else None
+
+
+def _dedupe_history(history_path: str) -> int:
+  """Keeps the last row per epoch (an epoch cut short and redone appears twice); returns rows."""
+  if not tf.io.gfile.exists(history_path):
+    return 0
+  with tf.io.gfile.GFile(history_path, "r") as f:
+    rows = list(csv.DictReader(f))
+  if not rows:
+    return 0
+  by_epoch = {int(row["epoch"]): row for row in rows}
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+  writer.writeheader()
+  writer.writerows(by_epoch[epoch] for epoch in sorted(by_epoch))
+  with tf.io.gfile.GFile(history_path, "w") as f:
+    f.write(buffer.getvalue())
+  return len(by_epoch)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+  """What `fit` did: epochs in the history, epochs run now, their wall times, resumed or not."""
+  epochs: int
+  epoch_seconds: tuple[float, ...]
+  train_seconds: float
+  resumed: bool
+
+
+def fit(model: keras.Model, train_batches: tf.data.Dataset,
+        val_batches: tf.data.Dataset | None, run: runs.RunDir, *, epochs: int,
+        early_stopping: int = 0, class_weight: dict[int, float] | None = None,
+        callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int = 2) -> FitResult:
+  """`model.fit` with resume, best-on-validation checkpoint, history.csv and early stopping.
+
+  An unfinished fit in `run` (its `backup/` exists) resumes from its last finished epoch; the
+  best weights (validation loss, else training loss) are loaded back into `model` at the end.
+  """
+  monitor = "val_loss" if val_batches is not None else "loss"
+  tf.io.gfile.makedirs(run.best_weights_path.rsplit("/", 1)[0])
+  resumed = run.unfinished
+  if not resumed and run.exists(runs.HISTORY_NAME):
+    tf.io.gfile.remove(run.history_path)   # a finished earlier run: start the history afresh
+  timer = EpochTimer()
+  run_callbacks = [
+      CheckedBackupAndRestore(run.backup_dir),
+      keras.callbacks.ModelCheckpoint(
+          run.best_weights_path, monitor=monitor, save_best_only=True, save_weights_only=True,
+          # A resumed fit must not overwrite the best checkpoint with a worse epoch.
+          initial_value_threshold=_best_so_far(run.history_path, monitor) if resumed else None),
+      keras.callbacks.CSVLogger(run.history_path, append=True),
+      timer,
+  ]
+  if early_stopping:
+    run_callbacks.append(keras.callbacks.EarlyStopping(
+        monitor=monitor, patience=early_stopping, restore_best_weights=True))
+  started = time.perf_counter()
+  model.fit(train_batches, validation_data=val_batches, epochs=epochs, class_weight=class_weight,
+            callbacks=[*run_callbacks, *callbacks], verbose=verbose,
+            shuffle=False)   # the dataset shuffles itself
+  train_seconds = time.perf_counter() - started
+  epochs_done = _dedupe_history(run.history_path)
+  if run.exists(runs.BEST_WEIGHTS):
+    model.load_weights(run.best_weights_path)
+  return FitResult(epochs_done, tuple(timer.seconds), train_seconds, resumed)
+
+
+def throughput(fitted: FitResult, num_train: int) -> dict[str, Any]:
+  """Epoch counts, wall time and training examples per second for `metrics.json`."""
+  epochs_now = len(fitted.epoch_seconds)
+  later = sum(fitted.epoch_seconds[1:])
+  return {
+      "epochs": fitted.epochs, "epochs_this_session": epochs_now, "resumed": fitted.resumed,
+      "train_seconds": fitted.train_seconds,
+      "examples_per_second": (num_train * epochs_now / fitted.train_seconds
+                              if fitted.train_seconds else None),
+      # The first epoch fills the cache and traces the graph; later ones show the cached rate.
+      "examples_per_second_cached": (num_train * (epochs_now - 1) / later
+                                     if epochs_now > 1 and later else None),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+  """What a run fits on and is evaluated on."""
+  spec: reader.DatasetSpec
+  input_kind: str                          # pooled, map or image
+  train: tf.data.Dataset                   # shuffled (x, y) batches
+  validation: tf.data.Dataset | None       # (x, y) batches, or None without a validation split
+  num_train: int
+  batch_size: int
+  settings: Mapping[str, Any]              # image settings (keypoint errors in pixels)
+
+
+def make_inputs(spec: reader.DatasetSpec, input_kind: str, train_records: tf.data.Dataset, *,
+                batch_size: int, train: TrainConfig, settings: Mapping[str, Any],
+                epoch: tf.Variable | None = None) -> RunInputs:
+  """Shuffled train batches and validation batches of `spec` (see `reader.make_for_train`).
+
+  Args:
+    spec: the dataset.
+    input_kind: what the model reads.
+    train_records: the train split from `reader.read_split` (with or without views).
+    batch_size: examples per batch.
+    train: shuffle buffer, seed and whether views are in `train_records`.
+    settings: the run's image settings.
+    epoch: `EpochSeed.epoch`, so each epoch's order depends on (seed, epoch) alone.
+  """
+  num_train = reader.count_examples(spec, "train", views=train.views)
+  train_batches = reader.make_for_train(train_records, batch_size=batch_size,
+                                        shuffle_buffer=train.shuffle_buffer, seed=train.seed,
+                                        num_examples=num_train, epoch=epoch)
+  val_batches = reader.make_for_eval(
+      reader.read_split(spec, "validation", input_kind=input_kind), batch_size=batch_size,
+      num_examples=reader.count_examples(spec, "validation")
+  ) if "validation" in spec.splits else None
+  return RunInputs(spec, input_kind, train_batches, val_batches, num_train, batch_size, settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+  """How `train_and_evaluate` fits (see `fit`)."""
+  epochs: int
+  early_stopping: int = 0
+  class_weight: dict[int, float] | None = None
+  callbacks: Sequence[keras.callbacks.Callback] = ()
+  verbose: int = 2
+
+
+def train_and_evaluate(model: keras.Model, run: runs.RunDir, inputs: RunInputs,
+                       options: FitOptions, *, describe: Mapping[str, Any], notes: list[str],
+                       started: float, extra: Mapping[str, Any] | None = None,
+                       saved_as: str = runs.HEAD_NAME, baseline: np.ndarray | None = None,
+                       export: Callable[[keras.Model, list[str]], str | None] | None = None
+                       ) -> dict[str, Any]:
+  """Fits a compiled model, saves it, evaluates it and writes `metrics.json` (last).
+
+  Args:
+    model: compiled, with `config.json` already written to `run`.
+    run: the run directory (an unfinished fit there is resumed).
+    inputs: batches and dataset.
+    options: epochs, early stopping, class weights, callbacks, verbosity.
+    describe: the leading `metrics.json` entries (task, head, backbone, params...).
+    notes: notes so far; `export` may add to them; written as `notes`.
+    started: `time.perf_counter()` at the run's start, for `wall_seconds`.
+    extra: entries after the throughput block (e.g. `l2`, `sweep`).
+    saved_as: the file the fitted model is saved to (`head.keras`, or `model.keras` when it
+      takes raw images).
+    baseline: keypoints: the mean training targets (computed when None).
+    export: writes further files from the fitted model; returns `metrics.json`'s `exported`.
+
+  Returns:
+    The metrics also written to `metrics.json`.
+  """
+  fitted = fit(model, inputs.train, inputs.validation, run, epochs=options.epochs,
+               early_stopping=options.early_stopping, class_weight=options.class_weight,
+               callbacks=options.callbacks, verbose=options.verbose)
+  model.save(run.file(saved_as))
+  result: dict[str, Any] = {**describe, **throughput(fitted, inputs.num_train),
+                            "batch_size": inputs.batch_size, **(extra or {})}
+  result.update(evaluation.evaluate_and_write(
+      model, inputs.spec, inputs.input_kind, run, batch_size=inputs.batch_size,
+      settings=inputs.settings, baseline=baseline))
+  if export is not None:
+    result["exported"] = export(model, notes)
+  result["notes"] = notes
+  result["wall_seconds"] = time.perf_counter() - started   # sweep, fit, evaluation and export
+  run.write_metrics(result)
+  return result
