@@ -88,6 +88,20 @@ def _dense_dropout(x, config: HeadConfig):
   return keras.layers.Dropout(config.dropout, name="dropout")(x)
 
 
+def _check_fits(head: str, kind: str, spec: DatasetSpec) -> None:
+  """Raises ValueError when `head` (reading `kind` inputs) does not fit `spec`."""
+  if head == "keypoints" and spec.task != "keypoints":
+    raise ValueError(f"head 'keypoints' needs a keypoints dataset, {spec.data_dir!r} is "
+                     f"{spec.task!r}")
+  if kind == "image" and spec.image_size is None:
+    raise ValueError(f"head 'scratch' needs an image dataset with image_size; {spec.data_dir!r} "
+                     "has none")
+  if kind == "map" and spec.feature_map_shape is None:
+    raise ValueError(f"head {head!r} reads the feature map, but {spec.data_dir!r} stores none")
+  if kind == "pooled" and spec.pooled_dim is None:
+    raise ValueError(f"head {head!r} reads the pooled vector, but {spec.data_dir!r} stores none")
+
+
 def build_head(head: str, spec: DatasetSpec, config: HeadConfig = HeadConfig(), *,
                target_mean: np.ndarray | None = None,
                input_stats: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
@@ -112,16 +126,7 @@ def build_head(head: str, spec: DatasetSpec, config: HeadConfig = HeadConfig(), 
       classification dataset, a map head on pooled-only features).
   """
   kind = input_kind(head)
-  if head == "keypoints" and spec.task != "keypoints":
-    raise ValueError(f"head 'keypoints' needs a keypoints dataset, {spec.data_dir!r} is "
-                     f"{spec.task!r}")
-  if kind == "image" and spec.image_size is None:
-    raise ValueError(f"head 'scratch' needs an image dataset with image_size; {spec.data_dir!r} "
-                     "has none")
-  if kind == "map" and spec.feature_map_shape is None:
-    raise ValueError(f"head {head!r} reads the feature map, but {spec.data_dir!r} stores none")
-  if kind == "pooled" and spec.pooled_dim is None:
-    raise ValueError(f"head {head!r} reads the pooled vector, but {spec.data_dir!r} stores none")
+  _check_fits(head, kind, spec)
   inputs = keras.Input(input_shape(head, spec), name="features" if kind != "image" else "image")
   x = inputs
   if kind == "pooled" and input_stats is not None:

@@ -10,12 +10,16 @@ the `tiny` head config for 2 epochs and 2 seeds.
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
+from contracts import progress
 from heads import compare, config as config_lib, grid as grid_lib, leaderboard, report, run
 
 HEADS = ["linear", "mlp", "conv", "scratch"]
@@ -83,6 +87,15 @@ def test_cost_ledger_counts_extraction_once_and_backbone_per_epoch():
   assert totals["backbone_every_epoch_seconds"] == pytest.approx(2 * (37.0 + 2.0))
   assert totals["speedup"] == pytest.approx(78.0 / 24.0)
   assert any("speed-up" in line for line in leaderboard.ledger_lines(ledger))
+
+
+def test_leaderboard_module_is_pure():
+  """Leaderboard, ranking and ledger load neither TensorFlow nor matplotlib (a fresh process)."""
+  code = ("import sys, heads.leaderboard; "
+          "print(sorted({'tensorflow', 'matplotlib', 'keras'} & set(sys.modules)))")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                        cwd=pathlib.Path(__file__).resolve().parent.parent)
+  assert done.stdout.strip() == "[]"
 
 
 def test_bad_arguments_raise_value_errors(tmp_path):
@@ -181,6 +194,45 @@ def test_rerun_skips_finished_cells_and_prints_leaderboard(grid, feature_dir, tm
   assert printed.count("finished earlier, skipped") == 14
   assert "| # | backbone |" in printed and "speed-up" in printed
   assert (out / "leaderboard_seeds.csv").read_text() == before
+
+
+def test_grid_reports_one_progress_step_per_run(grid, feature_dir):
+  """`contracts.progress` records (headstart's progress bar draws them): sized, one per run,
+  closed at the end."""
+  out, _, _ = grid
+  events = []
+  handler = logging.Handler()
+  handler.emit = lambda record: events.append(record.progress)
+  logger = logging.getLogger(progress.LOGGER)
+  level = logger.level
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  try:   # every seed finished earlier: a rerun walks the grid without training
+    compare.compare(str(feature_dir), HEADS, str(out), seeds=2, epochs=2,
+                    config=config_lib.tiny(), report=False, log=lambda line: None)
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+  assert events[0]["task"] == "compare" and events[0]["total"] == 14
+  assert events[0]["unit"] == "run"
+  assert [e["advance"] for e in events[1:-1]] == [1] * 14
+  assert events[-1]["done"]
+
+
+def test_grid_trains_each_cell_through_the_given_trainer(feature_dir, tmp_path):
+  calls = []
+
+  def trainer(cell, seed, run_dir, run_config):
+    calls.append((cell.dataset, cell.head, seed, run_config.train.seed))
+    return compare.train_cell(cell, seed, run_dir, run_config)
+
+  result = compare.compare(str(feature_dir), ["linear"], str(tmp_path / "cmp"), seeds=1,
+                           epochs=1, config=config_lib.tiny(), report=False,
+                           log=lambda line: None, train_one=trainer)
+  assert calls == [(row["dataset"], "linear", 0, 0) for row in result.seed_rows]
+  assert len(calls) == 2
+  for row in result.seed_rows:
+    assert (pathlib.Path(row["run_dir"]) / "metrics.json").exists()
 
 
 def test_rerun_with_other_settings_is_refused(grid, feature_dir):

@@ -24,7 +24,7 @@ import tensorflow as tf
 from contracts import datasets, layout, runs
 from contracts import schema as schema_lib
 from heads import config as config_lib
-from heads import metrics, reader, run, sweep, training, zoo
+from heads import evaluation, metrics, reader, run, sweep, training, zoo
 
 MAP_SHAPE = (3, 3, 4)
 
@@ -286,6 +286,51 @@ def test_train_writes_history_metrics_and_predictions(binary_dir, tmp_path):
   assert len((out / "history.csv").read_text().strip().splitlines()) == 5
   # Without a backbone loader for the synthetic "tiny" backbone, export is skipped and said so.
   assert any("model.keras" in note for note in written["notes"]) or (out / "model.keras").exists()
+
+
+def test_evaluation_reads_each_split_once(multiclass_dir, tmp_path, monkeypatch):
+  """Ids, targets and outputs come from one pass: records read = validation + test records."""
+  spec = reader.load_spec(str(multiclass_dir))
+  model = zoo.build_head("mlp", spec, config_lib.tiny().head)
+  read = tf.Variable(0, dtype=tf.int64)
+  real = tf.data.TFRecordDataset
+
+  def count(record):
+    with tf.control_dependencies([read.assign_add(1)]):
+      return tf.identity(record)
+
+  monkeypatch.setattr(tf.data, "TFRecordDataset",
+                      lambda *args, **kwargs: real(*args, **kwargs).map(count))
+  result = evaluation.evaluate_and_write(model, spec, "pooled", runs.RunDir(str(tmp_path)),
+                                         batch_size=5, settings={})
+  assert int(read.numpy()) == 8 + 8
+  assert result["validation"]["num_examples"] == 8 and result["test"]["num_examples"] == 8
+  rows = list(csv.DictReader((tmp_path / "predictions_test.csv").open()))
+  assert [row["id"] for row in rows] == [f"test-{index}" for index in range(8)]
+  # The outputs are the model's own: the CSV's probabilities are what Keras predicts.
+  x = reader.load_arrays(reader.read_split(spec, "test", input_kind="pooled"), ("x",))["x"]
+  np.testing.assert_allclose([[float(row[f"prob_{name}"]) for name in spec.class_names]
+                              for row in rows], model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_evaluating_many_models_prints_no_retracing_warning(multiclass_dir, tmp_path):
+  """One forward function per model, traced once for every batch of both splits: TensorFlow's
+  "N out of the last M calls ... triggered tf.function retracing" never fires in a grid.
+  A fresh process, so the warning (printed at most twice per process) is not used up."""
+  code = ("import keras, os\n"
+          "from contracts import runs\n"
+          "from heads import config, evaluation, reader, zoo\n"
+          f"spec = reader.load_spec({str(multiclass_dir)!r})\n"
+          "for index in range(6):\n"
+          f"  run = runs.RunDir(os.path.join({str(tmp_path)!r}, str(index)))\n"
+          "  os.makedirs(run.path)\n"
+          "  model = zoo.build_head('mlp', spec, config.tiny().head)\n"
+          "  evaluation.evaluate_and_write(model, spec, 'pooled', run, batch_size=5, "
+          "settings={})\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=True, cwd=pathlib.Path(__file__).resolve().parent.parent)
+  assert "retracing" not in done.stderr
+  assert len(list(tmp_path.glob("*/predictions_test.csv"))) == 6
 
 
 def test_train_with_only_a_train_split_says_what_it_skipped(tmp_path):
