@@ -27,6 +27,9 @@ from features import records
 from features import weights as weights_lib
 
 RANDOM_WEIGHTS_NAME = layout.RANDOM_WEIGHTS_NAME
+# Work items (record ranges) a job is cut into at most: enough for as many busy workers, while a
+# range never holds less than one batch.
+MAX_RANGES = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,7 @@ class ExtractConfig:
   precision: str = "float32"
   jit_compile: bool = False
   max_error_fraction: float = 0.5
+  share_models: str = "process"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +103,12 @@ class ExtractPlan:
   config: ExtractConfig
   shards: tuple[tuple[str, int], ...]
   jobs: tuple[FeatureJob, ...]
+
+  @property
+  def records_per_range(self) -> int:
+    """Records per work item: at least a batch, at most 1/MAX_RANGES of the image records."""
+    total = sum(count for _, count in self.shards)
+    return max(self.config.batch_size, -(-total // MAX_RANGES))
 
 
 def _image_fingerprint(manifest: Mapping[str, Any]) -> str:
@@ -261,8 +271,12 @@ def write_errors(out_dir: str, dead_letters: Sequence[Mapping[str, Any]]) -> Non
 
 def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
              job: FeatureJob, *, dead_letters: Sequence[Mapping[str, Any]] = (),
-             input_records: int | None = None) -> dict[str, Any] | None:
+             input_records: int | None = None,
+             usage: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
   """Writes one feature dataset's `errors.jsonl`, TFDS metadata and, last, its manifest.
+
+  `usage` (`model_sharing`, `model_copies`, `workers`: records per SDK process) says how the
+  job was spread; it goes into the manifest as is.
 
   Returns:
     The manifest, or None when more than `max_error_fraction` of the image records were
@@ -324,6 +338,7 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
       "forward_images_per_second": (round(health.get("examples", 0) / forward_seconds, 3)
                                     if forward_seconds else None),
       "backbone_weights_file": RANDOM_WEIGHTS_NAME if job.weights.kind == "none" else None,
+      **(usage or {}),
   }
   return datasets.finalize_dataset(
       job.out_dir, layout.FEATURES_NAME, features, grouped, extra,

@@ -16,7 +16,7 @@ from typing import Any
 
 from contracts import cli, progress
 from features import backbones as backbones_lib
-from features import records
+from features import model_host, records
 
 _WEIGHTS_HELP = "imagenet (default), none (seeded random init) or the path of a weights file"
 
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
   parser.add_argument("--jit-compile", action="store_true", help="compile the forward with XLA")
   parser.add_argument("--max-error-fraction", type=cli.fraction, default=0.5,
                       help="fail when more image records than this are unusable (dead-lettered)")
+  parser.add_argument("--share-models", choices=model_host.SHARING_CHOICES, default="process",
+                      help="one copy of each backbone per SDK process (default) or per machine, "
+                      "shared by all its processes (GPU workers: one copy per GPU)")
   known, beam_args = parser.parse_known_args(argv)
   config = jobs_lib.ExtractConfig(
       images=known.images.rstrip("/"), out=known.out.rstrip("/"),
@@ -57,19 +60,22 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
       input_size=known.input_size, weights=known.weights, weights_dir=known.weights_dir,
       batch_size=known.batch_size, store=known.store, views=known.views, force=known.force,
       seed=known.seed, precision=known.precision, jit_compile=known.jit_compile,
-      max_error_fraction=known.max_error_fraction)
+      max_error_fraction=known.max_error_fraction, share_models=known.share_models)
   return config, cli.with_default_runner(beam_args)
 
 
-def build_pipeline(root: Any, plan: Any) -> list[Any]:
+def build_pipeline(root: Any, plan: Any, run_tag: str | None = None) -> list[Any]:
   """Adds the extraction of every job in `plan` to `root`; returns the per-dataset outputs.
 
   Images are read and decoded once per input size; all backbones of that size see the same
-  batches in one worker pass.
+  batches in one worker pass. `run_tag` names this run's shared model copies (`--share-models
+  machine`); a fresh one is made when None.
   """
   from features import transforms
+  run_tag = run_tag or model_host.new_run_tag()
   config = plan.config
-  image_records = root | "ReadImages" >> transforms.ReadImageRecords(plan.shards)
+  image_records = root | "ReadImages" >> transforms.ReadImageRecords(
+      plan.shards, plan.records_per_range)
   by_size: dict[int, list[Any]] = {}
   for job in plan.jobs:
     by_size.setdefault(job.input_size, []).append(job)
@@ -77,7 +83,8 @@ def build_pipeline(root: Any, plan: Any) -> list[Any]:
   for size, jobs in by_size.items():
     outputs += image_records | f"Extract[{size}px]" >> transforms.ExtractFeatures(
         jobs, batch_size=config.batch_size, views=config.views, seed=config.seed,
-        jit_compile=config.jit_compile)
+        jit_compile=config.jit_compile, share_models=config.share_models,
+        tag=f"{run_tag}-{size}")
   return outputs
 
 
@@ -113,10 +120,14 @@ def run(argv: list[str] | None = None) -> Any:
       print(f"extracting {job.backbone} -> {job.out_dir} (weights {job.weights.kind} from "
             f"{job.weights.source}: {job.weights.path}, sha256 {job.weights.sha256})")
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(pipeline, dataclasses.replace(plan, jobs=tuple(missing)))
+    run_tag = model_host.new_run_tag()
+    build_pipeline(pipeline, dataclasses.replace(plan, jobs=tuple(missing)), run_tag)
     progress.report("extract", total=sum(count for _, count in plan.shards), unit="img")
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+      result = pipeline.run()
+      result.wait_until_finish()
+    finally:
+      model_host.remove_rendezvous_files(run_tag)
     progress.report("extract", done=True)
     failed = [job for job in missing if not datasets.has_manifest(job.out_dir)]
     for job in missing:

@@ -3,16 +3,14 @@ backbone on the same batch, write one TFDS feature dataset per backbone.
 
     headstart extract --images out/images --out out/features --backbones vgg16,mobilenet_v2
 
-Models are built in `DoFn.setup()` through a `Shared` handle (once per worker process, however
-many threads), and run batched through a compiled `tf.function` (optionally XLA), never a
-per-image `predict`.
+Work is spread by record ranges of the image shards, not whole shards, so more workers than
+shards have work. Models are built in `DoFn.setup()` once per worker process, or once per
+machine with `--share-models machine` (`features/model_host.py`), and run batched through a
+compiled `tf.function` (optionally XLA), never a per-image `predict`.
 """
 from __future__ import annotations
 
 import concurrent.futures
-import logging
-import re
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,74 +23,53 @@ from contracts import layout, progress
 from contracts import schema as schema_lib
 from features import health as health_lib
 from features import jobs as jobs_lib
-from features import records
+from features import model_host, records
 from features import views as views_lib
-from pipeline import sinks
+from pipeline import sharding
 
 
 DEAD_LETTERS = "dead_letters"
 
 
-class ReadShardFn(beam.DoFn):
-  """(shard path, record count from the manifest) -> (shard file name, serialized image Example).
+class ReadRangeFn(beam.DoFn):
+  """(shard path, start, stop, records in the shard) -> (shard file name, serialized image
+  Example) for records [start, stop).
 
   A damaged shard is an infrastructure problem, not a data one: it fails the job, naming the
-  file (and, for a CRC error, the offset), instead of silently dropping records.
+  file and the byte offset, instead of silently dropping records.
   """
 
   def __init__(self):
     super().__init__()
     self._records = beam.metrics.Metrics.counter("extract", "image_records_read")
 
-  def setup(self):
-    import tensorflow as tf
-    # tf_record_iterator is marked deprecated in favour of tf.data; it is chosen on purpose
-    # (see `process`), so its one-time notice would only mislead the user. One filter object
-    # for the process: addFilter ignores it when the logger already has it.
-    tf.get_logger().addFilter(_RECORD_ITERATOR_NOTICE)
-
-  def process(self, shard: tuple[str, int]) -> Iterator[tuple[str, bytes]]:
-    import tensorflow as tf
-    path, expected = shard
+  def process(self, record_range: tuple[str, int, int, int]) -> Iterator[tuple[str, bytes]]:
+    path, start, stop, expected = record_range
     name = path.rsplit("/", 1)[-1]
-    count = 0
-    try:
-      # A plain record reader, not tf.data: a suspended tf.data iterator on this thread while
-      # RunBackbonesFn's forward thread runs the backbone stalled the job for up to 35 s at a
-      # time with idle cores (MobileNetV2@224 on 5000 images: 114 s; 70 s with this reader).
-      for serialized in tf.compat.v1.io.tf_record_iterator(path):
-        count += 1
-        self._records.inc()
-        yield name, serialized
-    except tf.errors.DataLossError as error:
-      # TF's message wraps "corrupted record at <offset>" in op-internal noise; keep the offset.
-      found = re.search(r"corrupted record at \d+|truncated record at \d+", error.message)
-      raise ValueError(f"image shard {path!r} is corrupt after {count} records "
-                       f"({found.group(0) if found else error.message}); run `headstart verify` "
-                       "on the image dataset or re-run ingest") from None
-    if count != expected:
-      raise ValueError(f"image shard {path!r} holds {count} records but its manifest says "
-                       f"{expected}; the image dataset changed or is damaged (headstart verify)")
+    for serialized in sharding.read_range(path, start, stop, expected):
+      self._records.inc()
+      yield name, serialized
 
 
 class ReadImageRecords(beam.PTransform):
   """(shard path, record count) from the image manifest (never a glob) -> (shard file name,
   serialized image Example).
 
-  Shards, not records, are spread over workers: reading then fuses with decoding, inference and
-  writing, so records stream through instead of being materialised between stages (Beam's
-  ReadAllFromTFRecord reshuffles every record, which the local runner holds in memory).
+  Each shard is cut into record ranges of at most `records_per_range` and the ranges, not the
+  records, are spread over workers (a Reshuffle of a few small tuples): N workers have work with
+  fewer than N shards, while reading still fuses with decoding, inference and writing, so
+  records stream through instead of being materialised between stages.
   """
 
-  def __init__(self, shards: Sequence[tuple[str, int]]):
+  def __init__(self, shards: Sequence[tuple[str, int]], records_per_range: int):
     super().__init__()
-    self._shards = [tuple(shard) for shard in shards]
+    self._ranges = sharding.record_ranges([tuple(shard) for shard in shards], records_per_range)
 
   def expand(self, root):
     return (root
-            | "ListShards" >> beam.Create(self._shards)
-            | "SpreadShards" >> beam.Reshuffle()
-            | "ReadShards" >> beam.ParDo(ReadShardFn()))
+            | "ListRanges" >> beam.Create(self._ranges)
+            | "SpreadRanges" >> beam.Reshuffle()
+            | "ReadRanges" >> beam.ParDo(ReadRangeFn()))
 
 
 def dead_letter(reason: str, row: Mapping[str, Any], message: str) -> dict[str, Any]:
@@ -146,48 +123,12 @@ class DecodeImageFn(beam.DoFn):
           views_lib.augment_image(image, fields["id"], view, self._seed), fields["label"], targets)
 
 
-class _LoadedBackbones:
-  """The compiled forward functions of every job, built once per process (weak-referenceable,
-  as `Shared` requires)."""
-
-  def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], jit_compile: bool, batch_size: int):
-    import tensorflow as tf
-
-    from features import forward as forward_lib
-    self.forwards = {}
-    # One tf.function per backbone, each traced once: TF's "N calls triggered retracing"
-    # warning counts these as retraces of one function, so it is muted while warming up.
-    retracing_filter = _DropTfWarnings("triggered tf.function retracing")
-    tf.get_logger().addFilter(retracing_filter)
-    try:
-      for job in jobs:
-        function = forward_lib.load_forward(job, jit_compile=jit_compile)
-        # Trace (and XLA-compile, at the one padded batch shape) now, so per-batch timings and
-        # the first bundle do not carry the one-off compilation.
-        warmup = batch_size if jit_compile else 1
-        function(tf.zeros((warmup, job.input_size, job.input_size, 3), tf.uint8))
-        self.forwards[job.tag] = function
-    finally:
-      tf.get_logger().removeFilter(retracing_filter)
-
-
-class _DropTfWarnings(logging.Filter):
-  """Drops log records containing `fragment` (TensorFlow notices that do not apply here)."""
-
-  def __init__(self, fragment: str):
-    super().__init__()
-    self._fragment = fragment
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return self._fragment not in record.getMessage()
-
-
-_RECORD_ITERATOR_NOTICE = _DropTfWarnings("tf_record_iterator (from")
+USAGE = "usage"
 
 
 class RunBackbonesFn(beam.DoFn):
-  """Batch of ImageRecords -> per backbone tag: (split, serialized feature Example), and
-  `health_<tag>`: partial health sums of the batch.
+  """Batch of ImageRecords -> per backbone tag: (split, serialized feature Example);
+  `health_<tag>`: partial health sums of the batch; `usage`: (worker, model copy, records).
 
   The forward of batch k runs on a background thread while this bundle's thread goes back to
   decoding the images of batch k+1 (TensorFlow and OpenCV both release the GIL); batch k's
@@ -197,19 +138,25 @@ class RunBackbonesFn(beam.DoFn):
   """
 
   def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], *, batch_size: int, jit_compile: bool,
-               shared_handle: shared.Shared):
+               sharing: str, tag: str, shared_handle: shared.Shared):
     super().__init__()
     self._jobs = list(jobs)
     self._batch_size = batch_size
     self._jit_compile = jit_compile
+    self._sharing = sharing
+    self._tag = tag
     self._shared_handle = shared_handle
-    self._loaded = None
+    self._models = None
     self._batches = beam.metrics.Metrics.counter("extract", "batches")
 
   def setup(self):
-    tag = "|".join(f"{job.tag}:{job.cache_key}" for job in self._jobs)
-    self._loaded = self._shared_handle.acquire(
-        lambda: _LoadedBackbones(self._jobs, self._jit_compile, self._batch_size), tag=tag)
+    # Before any TensorFlow op of this process: the GPU is shared with the VM's other processes.
+    model_host.enable_gpu_memory_growth()
+    # Builds (or reaches) the backbones before any image is read: missing weights fail here.
+    self._models = model_host.acquire(
+        self._jobs, jit_compile=self._jit_compile, batch_size=self._batch_size,
+        sharing=self._sharing, tag=self._tag, handle=self._shared_handle)
+    self._worker = model_host.worker_id()
     self._schemas = {job.tag: job.schema() for job in self._jobs}
     # One thread: forwards stay in batch order and at most one waits behind the running one.
     self._forward_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="forward")
@@ -242,20 +189,16 @@ class RunBackbonesFn(beam.DoFn):
 
   def _run(self, batch: list[records.ImageRecord]) -> list[tuple[str, Any]]:
     """Forward of every backbone on one batch -> [(output tag, value)], on the forward thread."""
-    import tensorflow as tf
     images = np.stack([record.image for record in batch])
     count = len(batch)
     if self._jit_compile and count < self._batch_size:
       # XLA compiles once per shape: pad the last batch instead of compiling a second program.
       images = np.concatenate([images, np.zeros((self._batch_size - count, *images.shape[1:]),
                                                 images.dtype)])
-    tensor = tf.constant(images)  # one host->device copy shared by every backbone
-    outputs = []
+    copy_id, results = self._models.forward(images, count)
+    outputs: list[tuple[str, Any]] = [(USAGE, (self._worker, copy_id, count))]
     for job in self._jobs:
-      start = time.perf_counter()
-      maps, pooled, sums = self._loaded.forwards[job.tag](tensor)
-      maps, pooled, sums = maps.numpy()[:count], pooled.numpy()[:count], sums.numpy()[:count]
-      seconds = time.perf_counter() - start
+      maps, pooled, sums, seconds = results[job.tag]
       outputs.append((f"health_{job.tag}", health_lib.health_from_sums(
           sums, int(np.prod(maps.shape[1:])), seconds)))
       schema = self._schemas[job.tag]
@@ -283,46 +226,84 @@ class MergeHealthFn(beam.CombineFn):
     return accumulator
 
 
+class SummarizeUsageFn(beam.CombineFn):
+  """(worker, model copy, records) per batch -> `workers` ({worker: records}), `model_copies`
+  (distinct backbone copies that ran) and `model_sharing`, for the manifest."""
+
+  def __init__(self, sharing: str):
+    super().__init__()
+    self._sharing = sharing
+
+  def create_accumulator(self) -> tuple[dict[str, int], set[str]]:
+    return {}, set()
+
+  def add_input(self, accumulator, element):
+    workers, copies = accumulator
+    worker, copy_id, count = element
+    workers[worker] = workers.get(worker, 0) + count
+    copies.add(copy_id)
+    return workers, copies
+
+  def merge_accumulators(self, accumulators):
+    workers, copies = self.create_accumulator()
+    for other_workers, other_copies in accumulators:
+      for worker, count in other_workers.items():
+        workers[worker] = workers.get(worker, 0) + count
+      copies |= other_copies
+    return workers, copies
+
+  def extract_output(self, accumulator) -> dict[str, Any]:
+    workers, copies = accumulator
+    return {"model_sharing": self._sharing, "model_copies": len(copies),
+            "workers": dict(sorted(workers.items()))}
+
+
 def _finalize(shards: list[dict[str, Any]], health: Mapping[str, float],
-              dead_letters: list[dict[str, Any]], input_records: int,
+              dead_letters: list[dict[str, Any]], input_records: int, usage: Mapping[str, Any],
               job: jobs_lib.FeatureJob) -> str:
-  jobs_lib.finalize(shards, health, job, dead_letters=dead_letters, input_records=input_records)
+  jobs_lib.finalize(shards, health, job, dead_letters=dead_letters, input_records=input_records,
+                    usage=usage)
   return job.out_dir
 
 
 class WriteFeatureDataset(beam.PTransform):
   """((split, serialized feature Example), partial health sums, dead letters, input record
-  count) -> the dataset directory, once its shards, `errors.jsonl`, TFDS metadata and (last)
-  manifest are written."""
+  count, usage summary) -> the dataset directory, once its shards, `errors.jsonl`, TFDS metadata
+  and (last) manifest are written. Shards follow the image shards' size rule."""
 
   def __init__(self, job: jobs_lib.FeatureJob):
     super().__init__()
     self._job = job
 
   def expand(self, pcolls):
-    features, health, dead_letters, input_count = pcolls
-    shards = features | "WriteSplits" >> sinks.WriteSplits(self._job.out_dir,
-                                                                layout.FEATURES_NAME)
+    features, health, dead_letters, input_count, usage = pcolls
+    shards = features | "WriteSplits" >> sharding.WriteSplits(self._job.out_dir,
+                                                              layout.FEATURES_NAME)
     merged = health | "MergeHealth" >> beam.CombineGlobally(MergeHealthFn())
     return (shards
             | "CollectShards" >> beam.combiners.ToList()
             | "WriteManifest" >> beam.Map(
                 _finalize, health=beam.pvalue.AsSingleton(merged),
                 dead_letters=beam.pvalue.AsSingleton(dead_letters),
-                input_records=beam.pvalue.AsSingleton(input_count), job=self._job))
+                input_records=beam.pvalue.AsSingleton(input_count),
+                usage=beam.pvalue.AsSingleton(usage), job=self._job))
 
 
 class ExtractFeatures(beam.PTransform):
   """(split, serialized image Example) -> one written feature dataset per job of one input size."""
 
   def __init__(self, jobs: Sequence[jobs_lib.FeatureJob], *, batch_size: int, views: int,
-               seed: int, jit_compile: bool):
+               seed: int, jit_compile: bool, share_models: str = "process",
+               tag: str | None = None):
     super().__init__()
     self._jobs = list(jobs)
     self._batch_size = batch_size
     self._views = views
     self._seed = seed
     self._jit_compile = jit_compile
+    self._share_models = share_models
+    # Processes of one run share a copy by this tag; a new run never meets a stale server.
+    self._tag = tag or model_host.new_run_tag()
 
   def expand(self, image_records):
     input_size = self._jobs[0].input_size
@@ -340,6 +321,10 @@ class ExtractFeatures(beam.PTransform):
                                               max_batch_size=self._batch_size)
         | "RunBackbones" >> beam.ParDo(RunBackbonesFn(
             self._jobs, batch_size=self._batch_size, jit_compile=self._jit_compile,
-            shared_handle=shared.Shared())).with_outputs(*tags, *[f"health_{t}" for t in tags]))
-    return [(outputs[job.tag], outputs[f"health_{job.tag}"], dead_letters, input_count)
+            sharing=self._share_models, tag=self._tag,
+            shared_handle=shared.Shared())).with_outputs(
+                USAGE, *tags, *[f"health_{t}" for t in tags]))
+    usage = outputs[USAGE] | "SummarizeUsage" >> beam.CombineGlobally(
+        SummarizeUsageFn(self._share_models))
+    return [(outputs[job.tag], outputs[f"health_{job.tag}"], dead_letters, input_count, usage)
             | f"WriteFeatures[{job.dir_name}]" >> WriteFeatureDataset(job) for job in self._jobs]

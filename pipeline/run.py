@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--classes", default=None,
                       help="comma list fixing the class names; other labels are dead-lettered")
   parser.add_argument("--splits", default="train=80,val=10,test=10")
+  parser.add_argument("--num-shards", type=cli.non_negative_int, default=0,
+                      help="shards per split (fewer when a split has fewer records); default 0: "
+                      "one shard per 200 MiB of a split's records, so shards hold 100-200 MiB")
   parser.add_argument("--resize", choices=image_decode.RESIZE_MODES, default="stretch")
   parser.add_argument("--format", choices=image_decode.FORMATS, default="jpeg")
   parser.add_argument("--background", type=_rgb, default=(255, 255, 255),
@@ -116,12 +119,15 @@ def _clear_previous_output(out_dir: str) -> None:
       tf.io.gfile.remove(f"{out_dir}/{name}")
   for path in tf.io.gfile.glob(f"{out_dir}/{layout.IMAGES_NAME}-*.tfrecord-*"):
     tf.io.gfile.remove(path)
+  parts = f"{out_dir}/{layout.IMAGES_NAME}{sinks.PARTS_DIR_SUFFIX}"
+  if tf.io.gfile.exists(parts):  # left by a job that died while writing
+    tf.io.gfile.rmtree(parts)
 
 
 def build_pipeline(root: beam.Pipeline, *, out_dir: str,
                    cfg: transforms.IngestConfig, spec: sources.CsvSpec | None,
                    folder_rows: list[dict] | None, max_error_fraction: float,
-                   settings: dict) -> beam.PCollection:
+                   settings: dict, num_shards: int = 0) -> beam.PCollection:
   """Adds the ingest job to `root`: read -> dedupe -> fetch/decode -> split -> write.
 
   Returns:
@@ -149,7 +155,8 @@ def build_pipeline(root: beam.Pipeline, *, out_dir: str,
   examples = images | "ToExample" >> beam.ParDo(
       transforms.ToExampleFn(cfg), beam.pvalue.AsSingleton(class_names)).with_outputs(
           transforms.DEAD, transforms.STATS, main="examples")
-  shards = examples.examples | "WriteImages" >> sinks.WriteSplits(out_dir, layout.IMAGES_NAME)
+  shards = examples.examples | "WriteImages" >> sinks.WriteSplits(
+      out_dir, layout.IMAGES_NAME, num_shards=num_shards)
 
   dead = (parse_dead, fetch_dead, examples[transforms.DEAD]) | "MergeDead" >> beam.Flatten()
   _ = dead | "WriteErrors" >> beam.io.WriteToText(
@@ -211,7 +218,7 @@ def run(argv: list[str] | None = None) -> dict:
   root = beam.Pipeline(options=PipelineOptions(cli.with_default_runner(pipeline_args)))
   build_pipeline(root, out_dir=out_dir, cfg=cfg, spec=spec,
                  folder_rows=folder_rows, max_error_fraction=args.max_error_fraction,
-                 settings=settings)
+                 settings=settings, num_shards=args.num_shards)
   root.run().wait_until_finish()
   progress.report("ingest", done=True)
   seconds = time.monotonic() - started
