@@ -64,6 +64,19 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
   return config, cli.with_default_runner(beam_args)
 
 
+# Runners whose workers share this machine's disk and Keras cache (Beam's names, lower case).
+_LOCAL_RUNNERS = ("directrunner", "fnapirunner", "bundlebaseddirectrunner",
+                  "switchingdirectrunner", "prismrunner", "interactiverunner")
+
+
+def _runs_remotely(beam_args: list[str]) -> bool:
+  from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+  runner = (PipelineOptions(beam_args).view_as(StandardOptions).runner or "direct").lower()
+  runner = runner.rsplit(".", 1)[-1]  # Beam also takes a module path
+  # Beam accepts `dataflow` for `DataflowRunner`.
+  return (runner if runner.endswith("runner") else f"{runner}runner") not in _LOCAL_RUNNERS
+
+
 def build_pipeline(root: Any, plan: Any, run_tag: str | None = None) -> list[Any]:
   """Adds the extraction of every job in `plan` to `root`; returns the per-dataset outputs.
 
@@ -100,8 +113,12 @@ def run(argv: list[str] | None = None) -> Any:
   import dataclasses
 
   from features import jobs as jobs_lib
+  from features import weights as weights_lib
   config, beam_args = parse_args(argv)
   plan = jobs_lib.plan(config)
+  if _runs_remotely(beam_args):
+    weights_lib.check_for_remote_workers(
+        [(job.backbone, job.weights) for job in plan.jobs if not job.hit], config.weights_dir)
   for job in plan.jobs:
     if job.hit:
       print(f"cache hit: {job.out_dir}")

@@ -22,7 +22,7 @@ import hashlib
 import os
 import pathlib
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from features.backbones import BACKBONES, BackboneSpec
@@ -209,13 +209,50 @@ def local_copy(path: str) -> str:
   return target
 
 
+def check_for_remote_workers(choices: Sequence[tuple[str, WeightsChoice]],
+                             weights_dir: str | None) -> None:
+  """Checks, on the driver, that remote workers will find every backbone's weights.
+
+  Workers of a remote runner see the weights dir and the package, not this machine's Keras
+  cache or disk, so every ImageNet backbone must come from the dir (or the package) and a
+  `--weights` file must be on shared storage.
+
+  Raises:
+    ValueError: one sentence naming the backbones to stage and the command that stages them.
+  """
+  staged = weights_dir_from(weights_dir)
+  missing = [backbone for backbone, choice in choices
+             if choice.kind == "imagenet" and choice.source not in ("dir", "shipped")]
+  if missing:
+    where = f"--weights-dir {staged}" if staged else "a --weights-dir"
+    raise ValueError(
+        f"remote workers would not find the ImageNet weights of {', '.join(missing)}: they are "
+        f"not in {where}; run `headstart weights stage --backbones {','.join(missing)} --to "
+        f"{staged or 'gs://BUCKET/weights'}` and pass --weights-dir with that folder")
+  local_files = [choice.path for _, choice in choices
+                 if choice.kind == "file" and choice.source == "file" and "://" not in
+                 str(choice.path)]
+  if local_files:
+    raise ValueError(f"--weights {local_files[0]!r} is a local file remote workers cannot "
+                     "read; copy it to gs:// and pass that path")
+
+
+def missing_on_worker(backbone: str, file_name: str, weights_dir: str) -> str:
+  """The one sentence a worker fails with when a backbone's staged weights are not there."""
+  return (f"weights for backbone {backbone!r} are missing on this worker: {file_name} is not in "
+          f"--weights-dir {weights_dir} (nor in the Keras cache or the package); stage them with "
+          f"`headstart weights stage --backbones {backbone} --to {weights_dir}`")
+
+
 def localize(choice: WeightsChoice, *, backbone: str, input_size: int,
              weights_dir: str | None = None) -> str | None:
   """Finds the chosen weights on this machine (a worker) and returns a local file path.
 
   The driver's path is used when this machine sees it; otherwise the file is looked up by name
-  in `--weights-dir`/the env var, the Keras cache and the package, or downloaded. Whatever is
-  found must have the driver's sha256.
+  in `--weights-dir`/the env var, the Keras cache and the package. Without a weights dir it is
+  downloaded; with one, staged weights were meant, so a missing file fails here (a worker's
+  `setup()`, before any image is read) instead of each worker downloading. Whatever is found
+  must have the driver's sha256.
 
   Raises:
     ValueError: the file cannot be found, or it differs from what the driver resolved.
@@ -227,8 +264,14 @@ def localize(choice: WeightsChoice, *, backbone: str, input_size: int,
     path = choice.path
   elif choice.kind == "imagenet":
     spec = BACKBONES[backbone]
-    found = find_imagenet(spec, input_size, weights_dir_from(weights_dir))
-    path = found[1] if found else download_imagenet(spec, input_size)
+    staged = weights_dir_from(weights_dir)
+    found = find_imagenet(spec, input_size, staged)
+    if found:
+      path = found[1]
+    elif staged:
+      raise ValueError(missing_on_worker(backbone, spec.keras_file_name(input_size), staged))
+    else:
+      path = download_imagenet(spec, input_size)
   else:
     raise ValueError(f"weights file {choice.path!r} is not readable on this machine")
   # Verified even at the driver's own path: another machine may hold other bytes there.

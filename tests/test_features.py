@@ -319,6 +319,9 @@ def test_custom_keras_backbone_under_multi_processing(tiny_image_dataset, tiny_k
   assert path.name.startswith("tiny_net-file-") and manifest["weights_source"] == "model"
   assert manifest["feature_map_shape"] == [8, 8, 8] and manifest["preprocess"] == "none"
   assert sum(v["num_examples"] for v in manifest["splits"].values()) == 24
+  # By default each SDK process builds its own copy (--share-models process).
+  assert manifest["model_sharing"] == "process"
+  assert manifest["model_copies"] == len(manifest["workers"]) == 2
 
 
 def _tampered_copy(source: pathlib.Path, target: pathlib.Path, extra: list[bytes]) -> pathlib.Path:

@@ -5,6 +5,7 @@ MobileNet file end to end, and (real_weights) real ImageNet features beating ran
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import cv2
@@ -172,3 +173,44 @@ def test_real_mobilenet_features_beat_random_ones():
   real = accuracy(weights_file=str(weights_file))
   random = np.mean([accuracy(seed=seed) for seed in range(3)])
   assert real >= 0.7 and real - random >= 0.15, (real, random)
+
+
+def test_a_worker_without_the_staged_weights_fails_at_setup_before_reading_images(
+    offline, tiny_image_dataset, monkeypatch):
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+
+  from features import jobs as jobs_lib
+  from pipeline import sharding
+  staged = offline / "staged"
+  staged.mkdir()
+  name = backbones.BACKBONES["vgg16"].keras_file_name(32)
+  (staged / name).write_bytes(b"staged where the driver sees it")
+  config, beam_args = extract.parse_args([
+      "--images", str(tiny_image_dataset), "--out", str(offline / "features"), "--backbones",
+      "vgg16", "--input-size", "32", "--weights-dir", str(staged)])
+  plan = jobs_lib.plan(config)
+  jobs = tuple(jobs_lib.prepare(job) for job in plan.jobs)
+  (staged / name).unlink()  # what the workers see: the file never reached the weights dir
+  reads = []
+  real_read_range = sharding.read_range
+  monkeypatch.setattr(sharding, "read_range",
+                      lambda *args: reads.append(args) or real_read_range(*args))
+  pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+  extract.build_pipeline(pipeline, dataclasses.replace(plan, jobs=jobs))
+  with pytest.raises(Exception) as error:
+    pipeline.run().wait_until_finish()
+  sentence = weights_lib.missing_on_worker("vgg16", name, str(staged))
+  assert sentence in str(error.value) and "\n" not in sentence
+  assert reads == []  # setup() failed before the first record range was read
+
+
+def test_remote_runs_refuse_weights_workers_cannot_reach(offline, tiny_image_dataset):
+  cache = offline / "keras_home" / "models"
+  cache.mkdir(parents=True)
+  (cache / backbones.BACKBONES["vgg16"].keras_file_name(32)).write_bytes(b"driver's cache only")
+  args = ["--images", str(tiny_image_dataset), "--out", str(offline / "features"), "--input-size",
+          "32", "--runner", "DataflowRunner", "--backbones"]
+  with pytest.raises(ValueError, match=r"would not find the ImageNet weights of vgg16: .*"
+                                       r"headstart weights stage --backbones vgg16"):
+    extract.run([*args, "vgg16,mobilenet"])  # mobilenet ships with the package: not named
