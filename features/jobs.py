@@ -51,6 +51,9 @@ class ExtractConfig:
   jit_compile: bool = False
   max_error_fraction: float = 0.5
   share_models: str = "process"
+  estimate: bool = False
+  estimate_images: int = 128
+  price_per_hour: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,7 @@ class FeatureJob:
   pooled_dim: int = 0
   start_time: float = 0.0
   max_error_fraction: float = 0.5
+  estimate: Mapping[str, Any] | None = None  # from `--estimate`, kept beside the measured figures
 
   @property
   def dir_name(self) -> str:
@@ -338,6 +342,7 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
       "forward_images_per_second": (round(health.get("examples", 0) / forward_seconds, 3)
                                     if forward_seconds else None),
       "backbone_weights_file": RANDOM_WEIGHTS_NAME if job.weights.kind == "none" else None,
+      "estimate": dict(job.estimate) if job.estimate else None,
       **(usage or {}),
   }
   return datasets.finalize_dataset(

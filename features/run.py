@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
   parser.add_argument("--jit-compile", action="store_true", help="compile the forward with XLA")
   parser.add_argument("--max-error-fraction", type=cli.fraction, default=0.5,
                       help="fail when more image records than this are unusable (dead-lettered)")
+  parser.add_argument("--estimate", action="store_true",
+                      help="run each backbone on a sample here and print images/s, worker-hours "
+                      "and cost of the full extraction instead of running it")
+  parser.add_argument("--estimate-images", type=cli.positive_int, default=128,
+                      help="sample size of --estimate")
+  parser.add_argument("--price-per-hour", type=cli.non_negative_float, default=None,
+                      help="price of one worker-hour (any currency), for --estimate's cost")
   parser.add_argument("--share-models", choices=model_host.SHARING_CHOICES, default="process",
                       help="one copy of each backbone per SDK process (default) or per machine, "
                       "shared by all its processes (GPU workers: one copy per GPU)")
@@ -60,7 +67,9 @@ def parse_args(argv: list[str] | None) -> tuple[Any, list[str]]:
       input_size=known.input_size, weights=known.weights, weights_dir=known.weights_dir,
       batch_size=known.batch_size, store=known.store, views=known.views, force=known.force,
       seed=known.seed, precision=known.precision, jit_compile=known.jit_compile,
-      max_error_fraction=known.max_error_fraction, share_models=known.share_models)
+      max_error_fraction=known.max_error_fraction, share_models=known.share_models,
+      estimate=known.estimate, estimate_images=known.estimate_images,
+      price_per_hour=known.price_per_hour)
   return config, cli.with_default_runner(beam_args)
 
 
@@ -101,6 +110,20 @@ def build_pipeline(root: Any, plan: Any, run_tag: str | None = None) -> list[Any
   return outputs
 
 
+def _estimate(plan: Any) -> None:
+  """Prints and writes the estimate of the jobs that would run (cache hits cost nothing)."""
+  from features import estimate as estimate_lib
+  if not plan.jobs:
+    print("nothing to estimate: every backbone is a cache hit")
+    return
+  result = estimate_lib.estimate(plan, sample=plan.config.estimate_images,
+                                 price_per_hour=plan.config.price_per_hour)
+  for line in estimate_lib.estimate_lines(result):
+    print(line)
+  print(f"estimate: {estimate_lib.write(plan.config.out, result)} (a real run of the same call "
+        "keeps it beside the measured figures)")
+
+
 def run(argv: list[str] | None = None) -> Any:
   """Plans, reuses cached datasets, extracts the missing ones and updates `index.json`.
 
@@ -112,6 +135,7 @@ def run(argv: list[str] | None = None) -> Any:
   """
   import dataclasses
 
+  from features import estimate as estimate_lib
   from features import jobs as jobs_lib
   from features import weights as weights_lib
   config, beam_args = parse_args(argv)
@@ -124,6 +148,11 @@ def run(argv: list[str] | None = None) -> Any:
       print(f"cache hit: {job.out_dir}")
   hits = [job for job in plan.jobs if job.hit]
   missing = [job for job in plan.jobs if not job.hit]
+  if config.estimate:
+    _estimate(dataclasses.replace(plan, jobs=tuple(missing)))
+    return None
+  missing = [dataclasses.replace(job, estimate=estimate_lib.for_job(config.out, job.cache_key))
+             for job in missing]
   failed = []
   result = None
   if missing:

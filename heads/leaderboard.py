@@ -170,6 +170,8 @@ def _backbone_costs(entries: Sequence[IndexEntry]) -> list[dict[str, Any]]:
         "extraction_seconds": manifest.get("extraction_seconds"),
         "images_per_second": manifest.get("images_per_second"),
         "forward_images_per_second": rate,
+        # `extract --estimate`'s prediction for this backbone, kept beside the measured figures.
+        "estimate": manifest.get("estimate"),
     })
   return backbones
 
@@ -231,6 +233,15 @@ def cost_ledger(entries: Sequence[IndexEntry],
   }
 
 
+def _estimate_text(estimate: Mapping[str, Any] | None) -> str:
+  if not estimate:
+    return ""
+  cost = f", cost {estimate['cost']:.4g}" if estimate.get("cost") is not None else ""
+  return (f"; estimated beforehand on {estimate['device']}: forward "
+          f"{fmt(estimate['forward_images_per_second'], 1)} images/s, "
+          f"{estimate['worker_hours']:.3g} worker-hours for the call{cost}")
+
+
 def ledger_lines(ledger: Mapping[str, Any]) -> list[str]:
   """Human lines of the cost ledger (printed and added to leaderboard.md)."""
   totals = ledger["totals"]
@@ -239,7 +250,7 @@ def ledger_lines(ledger: Mapping[str, Any]) -> list[str]:
     rate = b["forward_images_per_second"]
     lines.append(f"- extraction {b['dataset']} ({b['backbone']}, {b['weights']}): "
                  f"{fmt(b['extraction_seconds'], 1)} s once for {b['images']} images "
-                 f"(forward {fmt(rate, 1)} images/s)")
+                 f"(forward {fmt(rate, 1)} images/s)" + _estimate_text(b.get("estimate")))
   lines.append(f"- heads: {totals['runs']} runs, {fmt(totals['head_seconds'], 1)} s")
   lines.append(f"- cached total: {fmt(totals['cached_seconds'], 1)} s; backbone in every epoch: "
                f"{fmt(totals['backbone_every_epoch_seconds'], 1)} s; speed-up "
