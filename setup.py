@@ -1,30 +1,33 @@
 """Installs headstart: the `contracts`, `pipeline`, `features`, `heads` and `headstart` packages
 and the `headstart` script.
 
-    pip install -e '.[test]'          # developers (what run_tests.sh does)
-    pip install '.[gcp]'              # adds Dataflow / gs:// support for Beam
+    pip install -c requirements/constraints.txt -e '.[test]'   # developers (what setup_env.sh does)
+    pip install '.[gcp]'                                       # adds Dataflow / gs:// support for Beam
 
-This file is also the Beam `--setup_file` that Dataflow workers install, so it only declares
-packages and pinned requirements (no build-time side effects).
+Requirements are compatible ranges, so headstart installs into an existing environment; the
+exact set that was tested is `requirements/constraints.txt` (setup_env.sh, CI and the worker
+containers install with it). Every package the code imports is declared here, and nothing else.
+This file is also usable as Beam's `--setup_file` (no build-time side effects), though the
+containers in `containers/` make that unnecessary.
 """
 import setuptools
 
-# Pinned to versions that install together on Python 3.11 (checked by `.ci/run`).
 REQUIRED_PACKAGES = [
-    "tensorflow==2.21.0",
-    "keras==3.15.1",
+    "tensorflow>=2.21,<2.22",
+    "keras>=3.15,<3.16",
     # The tfrecord extra brings crcmod/google-crc32c: without it WriteToTFRecord fails at the
-    # first record ("Could not find python-snappy, google-crc32c, or crcmod").
-    "apache-beam[tfrecord]==2.77.0",
-    "google-crc32c==1.9.0",  # fast TFRecord CRCs in Beam (else a slow fallback)
-    "tensorflow-datasets==4.9.10",
-    "opencv-python-headless==5.0.0.93",
-    "numpy==2.4.6",
-    "protobuf==6.33.6",
-    "pandas==3.1.1",
-    "pillow==12.3.0",
-    "matplotlib==3.11.2",
-    "tqdm==4.70.1",
+    # first record ("Could not find python-snappy, google-crc32c, or crcmod"). The minor version
+    # is pinned: a Dataflow worker container must carry the very SDK version that launched it.
+    "apache-beam[tfrecord]>=2.77,<2.78",
+    "google-crc32c>=1.9,<2",  # TFRecord CRCs: Beam's fast path and pipeline/sharding.py
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "opencv-python-headless>=5.0,<6",
+    "numpy>=2.4,<3",
+    "protobuf>=6.33,<7",
+    "pillow>=12.3,<13",
+    "matplotlib>=3.11,<4",
+    "urllib3>=2.8,<3",  # pipeline/fetch.py
+    "tqdm>=4.70,<5",  # progress bars of the command line
 ]
 
 setuptools.setup(
@@ -38,8 +41,10 @@ setuptools.setup(
     package_data={"features": ["weights/*.h5", "weights/*.md"]},
     install_requires=REQUIRED_PACKAGES,
     extras_require={
-        "gcp": ["apache-beam[gcp,tfrecord]==2.77.0"],
-        "test": ["pytest==9.2.0"],
+        "gcp": ["apache-beam[gcp,tfrecord]>=2.77,<2.78"],
+        # pandas: the tests' and ../shared/checks' table reading; psutil: benchmarks/measure.py;
+        # packaging: tests/test_dependencies.py.
+        "test": ["pytest>=9.2,<10", "pandas>=3.1,<4", "psutil>=7.2,<8", "packaging>=26"],
     },
     entry_points={"console_scripts": ["headstart=headstart.cli:main"]},
 )
