@@ -202,3 +202,45 @@ def child_extract(image_dirs: dict[int, str], out_root: pathlib.Path, backbone: 
           "extract_rate": marginal_rate({k: v["wall_seconds"] for k, v in by_size.items()}),
           "extract_images_per_cpu_second": marginal_rate(
               {k: v["cpu_seconds"] for k, v in by_size.items()})}
+
+
+def worker_scaling(images_dir: pathlib.Path, out_root: pathlib.Path, backbone: str,
+                   input_size: int, batch_size: int,
+                   workers: tuple[int, ...] = (1, 2)) -> dict[str, Any]:
+  """Extract images/s with 1 and 2 local worker processes (`multi_processing`, child runs) on an
+  image dataset of ONE shard (fewer shards than workers).
+
+  The rate is records / the job's `processing_seconds` (first batch's forward to the last
+  batch's outputs, over all workers, from the manifest): worker start-up and model builds, which
+  swing by several seconds per run on this machine, are left out. The records each worker
+  process handled come from the manifest's `workers`.
+  """
+  image_shards = sum(len(split["shards"]) for split in json.loads(
+      (images_dir / "manifest.json").read_text())["splits"].values())
+  runs: dict[str, Any] = {}
+  for count_workers in workers:
+    out = out_root / f"features_{backbone}_{count_workers}w"
+    child = measure.run_child("extract", [
+        *extract_args(images_dir, out, backbone, input_size, batch_size),
+        "--direct_running_mode=multi_processing", f"--direct_num_workers={count_workers}"])
+    manifest = json.loads((feature_dir(out) / "manifest.json").read_text())
+    records = sum(manifest["workers"].values())
+    runs[str(count_workers)] = {
+        "images_per_second": records / manifest["processing_seconds"],
+        "processing_seconds": manifest["processing_seconds"], "records": records,
+        "records_by_worker": manifest["workers"], "model_copies": manifest["model_copies"],
+        "wall_seconds": child.wall_seconds, "cpu_seconds": child.cpu_seconds}
+  one, two = (runs[str(w)]["images_per_second"] for w in workers[:2])
+  return {"backbone": backbone, "input_size": input_size, "batch_size": batch_size,
+          "image_shards": image_shards, "runs": runs, "ratio": measure.ratio_or_none(two, one)}
+
+
+def scaling_line(result: dict[str, Any]) -> str:
+  """One printable line: both rates, their ratio and the records per worker of the 2-worker run."""
+  runs = result["runs"]
+  per_worker = sorted(runs["2"]["records_by_worker"].values())
+  verdict = "not lower" if (result["ratio"] or 0) >= 1.0 else "LOWER"
+  return (f"SCALE extract {result['backbone']}@{result['input_size']} on "
+          f"{result['image_shards']} image shard: 1 worker {runs['1']['images_per_second']:.4g} "
+          f"img/s, 2 workers {runs['2']['images_per_second']:.4g} img/s "
+          f"({result['ratio'] or 0:.3f}x, {verdict}); records per worker with 2: {per_worker}")

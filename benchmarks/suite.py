@@ -1,4 +1,5 @@
-"""The benchmark run: every ratio R1-R7 plus peak RSS, one line each, and a JSON record.
+"""The benchmark run: every ratio R1-R7, peak RSS and extract's 1- vs 2-worker rate on one
+image shard, one line each, and a JSON record.
 
     python -m benchmarks --quick --json out/bench.json     # < 5 min on 2 cores
     python -m benchmarks --json out/bench_full.json        # full sizes (VGG16@300, 5000 images), ~9 min
@@ -49,6 +50,7 @@ class SuiteConfig:
   r6_epochs: int
   r6_passes: int
   extract_repeats: int   # R1 extract runs per size (fastest counts)
+  scaling: tuple[str, int, int]  # (backbone, input size, images) of the 1-shard worker runs
 
   @classmethod
   def quick_config(cls) -> SuiteConfig:
@@ -61,7 +63,7 @@ class SuiteConfig:
         ingest_runs=(ingest_bench.IngestRun("multi_threading", 2, memory, repeats=2),),
         mobilenet_size=96, vgg_size=96, vgg_source_size=(320, 240), vgg_counts=(64, 256),
         batch_size=64, naive_count=24, bare_seconds=2.0, e2e_images=64, cached_epochs=5,
-        r6_epochs=10, r6_passes=5, extract_repeats=2)
+        r6_epochs=10, r6_passes=5, extract_repeats=2, scaling=("mobilenet_v2", 96, 2048))
 
   @classmethod
   def full_config(cls) -> SuiteConfig:
@@ -77,7 +79,7 @@ class SuiteConfig:
                      ingest_bench.IngestRun("multi_processing", 2, other)),
         mobilenet_size=224, vgg_size=300, vgg_source_size=(640, 480), vgg_counts=(64, 192),
         batch_size=32, naive_count=40, bare_seconds=6.0, e2e_images=64, cached_epochs=5,
-        r6_epochs=10, r6_passes=5, extract_repeats=1)
+        r6_epochs=10, r6_passes=5, extract_repeats=1, scaling=("mobilenet_v2", 224, 2000))
 
 
 def _progress(message: str) -> None:
@@ -106,11 +108,11 @@ def _memory_line(entry: dict[str, Any]) -> str:
 
 
 def _ingest_small_dataset(source_dir: pathlib.Path, jpegs: list[bytes], count: int,
-                          out: pathlib.Path, size: int) -> pathlib.Path:
+                          out: pathlib.Path, size: int, *flags: str) -> pathlib.Path:
   from pipeline import run as ingest
   manifest = images.write_corpus(source_dir, jpegs, count)
   with measure.quiet():
-    ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", str(size)])
+    ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", str(size), *flags])
   return out
 
 
@@ -160,6 +162,13 @@ def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
   r1 = extract_bench.r1(vgg, mobile, config.quick)
   r2 = extract_bench.r2(mobile, config.quick)
 
+  backbone, size, count = config.scaling
+  _progress(f"SCALE: extract {backbone}@{size}, {count} images in one shard, 1 and 2 workers")
+  one_shard = _ingest_small_dataset(work / "vgg_corpus", vgg_jpegs, count,
+                                    work / f"one_shard_images_{size}", size,
+                                    "--splits", "train=100", "--num-shards", "1")
+  scaling = extract_bench.worker_scaling(one_shard, work, backbone, size, config.batch_size)
+
   _progress("R5: end-to-end vs cached head epochs")
   vgg_features = vgg["feature_dirs"][max(config.vgg_counts)]
   r5 = heads_bench.r5(vgg_features, batch_size=config.batch_size, e2e_images=config.e2e_images,
@@ -177,10 +186,11 @@ def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
   for ratio in (r1, r2, r3, r4, r5, r6, r7):
     result[ratio.key] = ratio.to_dict()
   result["memory"] = memory
+  result["extract_workers"] = scaling
   result["seconds"] = time.perf_counter() - started
   result["load_average_at_end"] = os.getloadavg()
   result["lines"] = [r.line() for r in (r1, r2, r3, r4, r5, r6, r7)] + [
-      _memory_line(m) for m in memory]
+      _memory_line(m) for m in memory] + [extract_bench.scaling_line(scaling)]
   return result
 
 

@@ -11,6 +11,7 @@ compiled `tf.function` (optionally XLA), never a per-image `predict`.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -195,8 +196,9 @@ class RunBackbonesFn(beam.DoFn):
       # XLA compiles once per shape: pad the last batch instead of compiling a second program.
       images = np.concatenate([images, np.zeros((self._batch_size - count, *images.shape[1:]),
                                                 images.dtype)])
+    started = time.time()  # wall clock: spans are compared across processes and machines
     copy_id, results = self._models.forward(images, count)
-    outputs: list[tuple[str, Any]] = [(USAGE, (self._worker, copy_id, count))]
+    outputs: list[tuple[str, Any]] = []
     for job in self._jobs:
       maps, pooled, sums, seconds = results[job.tag]
       outputs.append((f"health_{job.tag}", health_lib.health_from_sums(
@@ -204,6 +206,7 @@ class RunBackbonesFn(beam.DoFn):
       schema = self._schemas[job.tag]
       outputs.extend((job.tag, (record.split, records.encode_feature_record(
           schema, record, maps[index], pooled[index]))) for index, record in enumerate(batch))
+    outputs.append((USAGE, (self._worker, copy_id, count, started, time.time())))
     return outputs
 
 
@@ -227,35 +230,36 @@ class MergeHealthFn(beam.CombineFn):
 
 
 class SummarizeUsageFn(beam.CombineFn):
-  """(worker, model copy, records) per batch -> `workers` ({worker: records}), `model_copies`
-  (distinct backbone copies that ran) and `model_sharing`, for the manifest."""
+  """(worker, model copy, records, batch start, batch end) per batch -> for the manifest:
+  `workers` ({worker: records}), `model_copies` (distinct backbone copies that ran),
+  `model_sharing`, and `processing_seconds`, from the first batch's forward to the last batch's
+  outputs over all workers (worker start-up and model builds excluded)."""
 
   def __init__(self, sharing: str):
     super().__init__()
     self._sharing = sharing
 
-  def create_accumulator(self) -> tuple[dict[str, int], set[str]]:
-    return {}, set()
+  def create_accumulator(self) -> tuple[dict[str, int], set[str], float, float]:
+    return {}, set(), float("inf"), float("-inf")
 
   def add_input(self, accumulator, element):
-    workers, copies = accumulator
-    worker, copy_id, count = element
-    workers[worker] = workers.get(worker, 0) + count
-    copies.add(copy_id)
-    return workers, copies
+    return self.merge_accumulators([accumulator, ({element[0]: element[2]}, {element[1]},
+                                                  element[3], element[4])])
 
   def merge_accumulators(self, accumulators):
-    workers, copies = self.create_accumulator()
-    for other_workers, other_copies in accumulators:
+    workers, copies, first, last = self.create_accumulator()
+    for other_workers, other_copies, other_first, other_last in accumulators:
       for worker, count in other_workers.items():
         workers[worker] = workers.get(worker, 0) + count
       copies |= other_copies
-    return workers, copies
+      first, last = min(first, other_first), max(last, other_last)
+    return workers, copies, first, last
 
   def extract_output(self, accumulator) -> dict[str, Any]:
-    workers, copies = accumulator
+    workers, copies, first, last = accumulator
     return {"model_sharing": self._sharing, "model_copies": len(copies),
-            "workers": dict(sorted(workers.items()))}
+            "workers": dict(sorted(workers.items())),
+            "processing_seconds": round(last - first, 3) if copies else None}
 
 
 def _finalize(shards: list[dict[str, Any]], health: Mapping[str, float],

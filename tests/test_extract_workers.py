@@ -51,6 +51,7 @@ def test_two_workers_share_one_model_copy_and_both_work_on_one_shard(one_shard_i
     assert sum(manifest["workers"].values()) == manifest["splits"]["train"]["num_examples"] == 16
     # ...through one copy of the backbones, built by whichever process came first.
     assert manifest["model_sharing"] == "machine" and manifest["model_copies"] == 1
+    assert 0 < manifest["processing_seconds"] < manifest["extraction_seconds"]
     assert len(manifest["splits"]["train"]["shards"]) == 1  # 16 small records: one shard
   assert not list(tmp_path.glob("features/*/features.parts"))
 
@@ -100,5 +101,6 @@ def test_setup_turns_on_gpu_memory_growth_before_building(monkeypatch):
   assert list(fn.process(batch, timestamp=Timestamp(0), window=GlobalWindow())) == []
   outputs = [(o.tag, o.value.value) for o in fn.finish_bundle()]
   fn.teardown()
-  assert outputs[0] == (transforms.USAGE, (model_host.worker_id(), "copy-1", 2))
-  assert [tag for tag, _ in outputs[1:]] == ["health_b0", "b0", "b0"]
+  assert [tag for tag, _ in outputs] == ["health_b0", "b0", "b0", transforms.USAGE]
+  worker, copy_id, count, started, ended = outputs[-1][1]
+  assert (worker, copy_id, count) == (model_host.worker_id(), "copy-1", 2) and started <= ended
