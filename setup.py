@@ -27,7 +27,8 @@ REQUIRED_PACKAGES = [
     "pillow>=12.3,<13",
     "matplotlib>=3.11,<4",
     "urllib3>=2.8,<3",  # pipeline/fetch.py
-    "tqdm>=4.70,<5",  # progress bars of the command line
+    "tqdm>=4.70,<5",  # progress bars of the command line (headstart/logs.py)
+    "absl-py>=2.5,<3",  # headstart/logs.py quiets absl's start-up lines
 ]
 
 setuptools.setup(

@@ -51,6 +51,11 @@ def shard_prefix(out_dir: str, name: str, split: str) -> str:
   return f"{out_dir.rstrip('/')}/{name}-{split}"
 
 
+def shard_file_name(name: str, split: str, index: int, count: int) -> str:
+  """`{name}-{split}.tfrecord-{index:05d}-of-{count:05d}` (what the template above names)."""
+  return f"{name}-{split}.tfrecord-{index:05d}-of-{count:05d}"
+
+
 def split_of_shard(file_name: str) -> str:
   """`.../images-train.tfrecord-00000-of-00002` -> `train`."""
   base = file_name.rstrip("/").rsplit("/", 1)[-1]

@@ -26,7 +26,7 @@ from features import health as health_lib
 from features import jobs as jobs_lib
 from features import model_host, records
 from features import views as views_lib
-from pipeline import sharding
+from pipeline import sharding, sinks
 
 
 DEAD_LETTERS = "dead_letters"
@@ -281,8 +281,8 @@ class WriteFeatureDataset(beam.PTransform):
 
   def expand(self, pcolls):
     features, health, dead_letters, input_count, usage = pcolls
-    shards = features | "WriteSplits" >> sharding.WriteSplits(self._job.out_dir,
-                                                              layout.FEATURES_NAME)
+    shards = features | "WriteSplits" >> sinks.WriteSplits(self._job.out_dir,
+                                                           layout.FEATURES_NAME)
     merged = health | "MergeHealth" >> beam.CombineGlobally(MergeHealthFn())
     return (shards
             | "CollectShards" >> beam.combiners.ToList()

@@ -1,47 +1,145 @@
-"""The Beam sink of stages 1 and 2: (split, serialized Example) -> TFDS-named shards per split.
+"""The Beam sink of stages 1 and 2: (split, serialized Example) -> TFDS-named shards per split,
+as many as the shard rule says (`pipeline/sharding.py`: `--num-shards N`, else 100-200 MiB each).
 
-    files = examples | sinks.WriteSplits(out_dir, layout.IMAGES_NAME, num_shards=0)
+    files = examples | sinks.WriteSplits(out_dir, layout.IMAGES_NAME, num_shards=4)
+
+The sink learns a split's exact record count and bytes without reading the data twice and
+without holding records in memory (a GroupByKey into fixed shards, as Beam's own writer does,
+would hold every record on the local runner): each bundle streams its records into a part file
+and notes every record's end offset; once all parts exist, each shard is cut from the
+concatenated parts at record boundaries and copied, hashed on the way, one shard per worker.
+Parts are deleted at the end; a failed bundle's orphan part is never listed, so never copied.
 
 The shard descriptions it yields (count, size, sha256) go to `contracts.datasets.group_shards`
 and `finalize_dataset`, which write the TFDS metadata and the manifest (see contracts/).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
-from contracts import datasets, layout
+from pipeline import sharding
+
+PARTS_DIR_SUFFIX = ".parts"
+_COPY_CHUNK_BYTES = 8 << 20
+
+
+
+class WritePartsFn(beam.DoFn):
+  """(split, serialized record) -> one part description per split seen in the bundle.
+
+  Each part is a TFRecord file plus `<part>.ends`, the end offset of every record (int64 little
+  endian), so a shard can start at any record without scanning the part.
+  """
+
+  def __init__(self, parts_dir: str):
+    super().__init__()
+    self._parts_dir = parts_dir
+
+  def setup(self):
+    tf.io.gfile.makedirs(self._parts_dir)
+
+  def start_bundle(self):
+    self._open: dict[str, dict[str, Any]] = {}
+
+  def process(self, element: tuple[str, bytes]) -> None:
+    split, record = element
+    part = self._open.get(split)
+    if part is None:
+      path = f"{self._parts_dir}/{split}-{uuid.uuid4().hex}.tfrecord"
+      part = self._open[split] = {"path": path, "writer": tf.io.TFRecordWriter(path),
+                                  "ends": [], "order": hashlib.sha256(record).hexdigest()}
+    part["writer"].write(record)
+    end = part["ends"][-1] if part["ends"] else 0
+    part["ends"].append(end + sharding.HEADER_BYTES + len(record) + sharding.FOOTER_BYTES)
+
+  def finish_bundle(self) -> Iterator[WindowedValue]:
+    for split, part in self._open.items():
+      part["writer"].close()
+      with tf.io.gfile.GFile(f"{part['path']}.ends", "wb") as f:
+        f.write(np.asarray(part["ends"], "<i8").tobytes())
+      description = {"split": split, "path": part["path"], "records": len(part["ends"]),
+                     "bytes": part["ends"][-1], "order": part["order"]}
+      yield WindowedValue(description, MIN_TIMESTAMP, [GlobalWindow()])
+    self._open = {}
+
+
+def _offset(part_path: str, record: int) -> int:
+  """Byte offset where local record `record` of a part starts (its `.ends` file, one read)."""
+  if record == 0:
+    return 0
+  with tf.io.gfile.GFile(f"{part_path}.ends", "rb") as f:
+    f.seek(8 * (record - 1))
+    return int.from_bytes(f.read(8), "little")
+
+
+class AssembleShardFn(beam.DoFn):
+  """Shard plan -> the shard file copied from its part ranges, and its description
+  (`split`, `file`, `num_examples`, `num_bytes`, `sha256`), hashed while copying."""
+
+  def __init__(self, out_dir: str):
+    super().__init__()
+    self._out_dir = out_dir.rstrip("/")
+
+  def process(self, plan: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    digest, size = hashlib.sha256(), 0
+    with tf.io.gfile.GFile(f"{self._out_dir}/{plan['file']}", "wb") as out:
+      for part_path, start, stop in plan["segments"]:
+        begin, end = _offset(part_path, start), _offset(part_path, stop)
+        with tf.io.gfile.GFile(part_path, "rb") as part:
+          part.seek(begin)
+          left = end - begin
+          while left > 0:
+            chunk = part.read(min(left, _COPY_CHUNK_BYTES))
+            if not chunk:
+              raise sharding.ShardError(f"part {part_path!r} ended {left} bytes early")
+            out.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+        size += end - begin
+    yield {"split": plan["split"], "file": plan["file"], "num_examples": plan["records"],
+           "num_bytes": size, "sha256": digest.hexdigest()}
+
+
+def _remove_parts(descriptions: list[dict[str, Any]], parts_dir: str) -> list[dict[str, Any]]:
+  if tf.io.gfile.exists(parts_dir):
+    tf.io.gfile.rmtree(parts_dir)
+  return descriptions
 
 
 class WriteSplits(beam.PTransform):
-  """(split, serialized Example) -> one shard description dict per shard written.
+  """(split, serialized record) -> one description per shard written (`split`, `file`,
+  `num_examples`, `num_bytes`, `sha256`), once every shard is complete.
 
-  Each split goes to its own TFDS-named shard set. Splits that get no records still produce one
-  empty shard from Beam's sink; `datasets.group_shards` deletes those so empty splits never appear.
+  Splits without records get no shard. `num_shards` = shards per split (0: the size rule).
   """
 
-  def __init__(self, out_dir: str, name: str, *, splits: Sequence[str] = layout.SPLITS,
-               num_shards: int = 0):
+  def __init__(self, out_dir: str, name: str, *, num_shards: int = 0):
     super().__init__()
-    self._out_dir = out_dir
+    if num_shards < 0:
+      raise ValueError(f"num_shards must be >= 0, got {num_shards!r}")
+    self._out_dir = out_dir.rstrip("/")
     self._name = name
-    self._splits = tuple(splits)
     self._num_shards = num_shards
 
-  def expand(self, pcoll):
-    splits = self._splits
-    parts = pcoll | "PartitionBySplit" >> beam.Partition(
-        lambda kv, _: splits.index(kv[0]), len(splits))
-    described = []
-    for split, part in zip(splits, parts):
-      files = (
-          part
-          | f"DropSplitKey[{split}]" >> beam.Values()
-          | f"WriteShards[{split}]" >> beam.io.WriteToTFRecord(
-              layout.shard_prefix(self._out_dir, self._name, split),
-              shard_name_template=layout.SHARD_NAME_TEMPLATE,
-              num_shards=self._num_shards))
-      described.append(files | f"DescribeShards[{split}]" >> beam.Map(datasets.describe_shard,
-                                                                       split=split))
-    return described | "MergeShardLists" >> beam.Flatten()
+  def expand(self, records):
+    parts_dir = f"{self._out_dir}/{self._name}{PARTS_DIR_SUFFIX}"
+    return (records
+            | "WriteParts" >> beam.ParDo(WritePartsFn(parts_dir))
+            | "CollectParts" >> beam.combiners.ToList()
+            | "PlanShards" >> beam.FlatMap(sharding.plan_shards, name=self._name,
+                                           num_shards=self._num_shards)
+            # One shard per element spread over workers: shards are copied in parallel.
+            | "SpreadShards" >> beam.Reshuffle()
+            | "AssembleShards" >> beam.ParDo(AssembleShardFn(self._out_dir))
+            | "CollectShards" >> beam.combiners.ToList()
+            | "RemoveParts" >> beam.FlatMap(_remove_parts, parts_dir=parts_dir))

@@ -12,10 +12,10 @@ import pytest
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
+from contracts import datasets, layout
 from features import jobs as jobs_lib
 from features import model_host, records, transforms
 from features import run as extract
-from pipeline import dataset_io
 from pipeline import run as ingest
 from tests.conftest import write_image_set
 
@@ -30,13 +30,13 @@ def one_shard_images(tmp_path_factory):
   out = folder / "images"
   ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", str(SIZE),
               "--splits", "train=100", "--num-shards", "1"])
-  assert len(dataset_io.read_manifest(str(out))["splits"]["train"]["shards"]) == 1
+  assert len(datasets.read_manifest(str(out))["splits"]["train"]["shards"]) == 1
   return out
 
 
 def _manifests(out) -> list[dict]:
-  index = json.loads((out / jobs_lib.INDEX_NAME).read_text())["datasets"]
-  return [dataset_io.read_manifest(str(out / entry["dir"])) for entry in index]
+  index = json.loads((out / layout.INDEX_NAME).read_text())["datasets"]
+  return [datasets.read_manifest(str(out / entry["dir"])) for entry in index]
 
 
 def test_two_workers_share_one_model_copy_and_both_work_on_one_shard(one_shard_images, tmp_path):
@@ -88,7 +88,8 @@ def test_setup_turns_on_gpu_memory_growth_before_building(monkeypatch):
   job = jobs_lib.FeatureJob(
       backbone="fake", tag="b0", out_dir="unused", cache_key="k", cache_key_fields={},
       weights=None, input_size=4, layer=None, preprocess="none", precision="float32", seed=0,
-      store="pooled", views=0, image_info={})
+      store="pooled", views=0, image_info={"class_names": ["a", "b"], "num_keypoints": 0},
+      map_shape=(1, 1, 2), pooled_dim=2)
   fn = transforms.RunBackbonesFn([job], batch_size=2, jit_compile=False, sharing="machine",
                                  tag="t", shared_handle=None)
   fn.setup()

@@ -1,5 +1,5 @@
-"""Shard layout tests: the shard-count rule, cutting parts into balanced shards, the Beam sink,
-record-range reads, and `headstart ingest --num-shards`.
+"""Shard layout tests: the shard-count rule, cutting parts into balanced shards, the Beam sink
+(`pipeline/sinks.py`), record-range reads, and `headstart ingest --num-shards`.
 
     .venv/bin/python -m pytest tests/test_sharding.py -q
 """
@@ -14,8 +14,9 @@ import tensorflow as tf
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import dataset_io, sharding
+from contracts import datasets
 from pipeline import run as ingest
+from pipeline import sharding, sinks
 from tests.conftest import write_image_set
 
 MIB = 1 << 20
@@ -56,7 +57,7 @@ def _written(tmp_path, records, num_shards):
       ["--runner=FnApiRunner"])) as root:
     described = (root
                  | beam.Create(records)
-                 | sharding.WriteSplits(str(out), "things", num_shards=num_shards))
+                 | sinks.WriteSplits(str(out), "things", num_shards=num_shards))
     assert_that(described | beam.Map(lambda d: (d["split"], d["num_examples"])),
                 equal_to([("train", 4), ("train", 3), ("train", 3), ("test", 1), ("test", 1)]))
   return out
@@ -74,7 +75,7 @@ def test_sink_writes_exact_shards_that_read_back_whole_and_by_range(tmp_path):
   assert sorted(read) == sorted(r for s, r in records if s == "train")
   first = [r.numpy() for r in tf.data.TFRecordDataset(train[0])]
   assert list(sharding.read_range(train[0], 1, 3, len(first))) == first[1:3]
-  described = dataset_io.describe_shard(train[0], "train")
+  described = datasets.describe_shard(train[0], "train")
   assert described["num_examples"] == len(first)
 
 
@@ -108,5 +109,5 @@ def test_ingest_num_shards_per_split_and_fewer_for_small_splits(tmp_path):
   assert max(counts) - min(counts) <= 1 and all(s["num_examples"] == 1 for s in test["shards"])
   assert sorted(p.name for p in out.glob("images-*")) == sorted(
       s["file"] for split in splits.values() for s in split["shards"])
-  with pytest.raises(SystemExit):
+  with pytest.raises(ValueError, match="--num-shards: '-2' must be >= 0"):
     ingest.run(["--source", str(manifest), "--out", str(out), "--num-shards", "-2"])
