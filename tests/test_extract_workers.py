@@ -56,14 +56,27 @@ def test_two_workers_share_one_model_copy_and_both_work_on_one_shard(one_shard_i
   assert not list(tmp_path.glob("features/*/features.parts"))
 
 
-def test_sharing_gives_the_same_features_as_one_copy_per_process(one_shard_images, tmp_path):
-  args = ["--images", str(one_shard_images), "--backbones", "mobilenet_v2", "--weights", "none",
-          "--input-size", str(SIZE), "--batch-size", "4"]
-  extract.run([*args, "--out", str(tmp_path / "own")])
-  extract.run([*args, "--out", str(tmp_path / "shared"), "--share-models", "machine"])
-  (own,), (shared,) = _manifests(tmp_path / "own"), _manifests(tmp_path / "shared")
-  assert own["model_sharing"] == "process" and shared["model_sharing"] == "machine"
-  assert own["health"] == shared["health"] and own["cache_key"] == shared["cache_key"]
+def test_a_copy_shared_over_the_socket_computes_what_a_local_copy_computes(tiny_image_dataset,
+                                                                          tmp_path):
+  from apache_beam.utils import shared
+  config, _ = extract.parse_args([
+      "--images", str(tiny_image_dataset), "--out", str(tmp_path), "--backbones", "mobilenet",
+      "--weights", "imagenet", "--input-size", str(SIZE)])  # the shipped weights: no download
+  (job,) = [jobs_lib.prepare(job) for job in jobs_lib.plan(config).jobs]
+  images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), np.uint8)
+  tag = model_host.new_run_tag()
+  try:
+    local = model_host.acquire([job], jit_compile=False, batch_size=3, sharing="process",
+                               tag=tag, handle=shared.Shared())
+    served = model_host.acquire([job], jit_compile=False, batch_size=3, sharing="machine",
+                                tag=tag, handle=None)
+    (local_copy, local_out), (served_copy, served_out) = (
+        local.forward(images, 2), served.forward(images, 2))
+  finally:
+    model_host.remove_rendezvous_files(tag)
+  assert local_copy != served_copy  # two copies: one here, one behind the socket
+  for mine, theirs in zip(local_out[job.tag][:3], served_out[job.tag][:3]):
+    assert len(mine) == 2 and np.array_equal(mine, theirs)  # padding row dropped, same values
 
 
 def test_setup_turns_on_gpu_memory_growth_before_building(monkeypatch):
