@@ -215,15 +215,16 @@ def worker_scaling(images_dir: pathlib.Path, out_root: pathlib.Path, backbone: s
   swing by several seconds per run on this machine, are left out. The records each worker
   process handled come from the manifest's `workers`.
   """
-  image_shards = sum(len(split["shards"]) for split in json.loads(
-      (images_dir / "manifest.json").read_text())["splits"].values())
+  from contracts import datasets
+  image_shards = sum(len(split["shards"])
+                     for split in datasets.read_manifest(str(images_dir))["splits"].values())
   runs: dict[str, Any] = {}
   for count_workers in workers:
     out = out_root / f"features_{backbone}_{count_workers}w"
     child = measure.run_child("extract", [
         *extract_args(images_dir, out, backbone, input_size, batch_size),
         "--direct_running_mode=multi_processing", f"--direct_num_workers={count_workers}"])
-    manifest = json.loads((feature_dir(out) / "manifest.json").read_text())
+    manifest = datasets.read_manifest(str(feature_dir(out)))
     records = sum(manifest["workers"].values())
     runs[str(count_workers)] = {
         "images_per_second": records / manifest["processing_seconds"],
