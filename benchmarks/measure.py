@@ -143,6 +143,7 @@ class ChildResult:
   tree_rss_mb: float
   processes: int
   output: str
+  usage: dict[str, Any] = dataclasses.field(default_factory=dict)  # the child's report
 
 
 class _TreeSampler:
@@ -215,7 +216,7 @@ def run_child(stage: str, argv: Sequence[str], *, timeout: float = 1800,
   cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
   cpu = max(cpu, sum(sampler.cpu_by_pid.values()))
   return ChildResult(wall, cpu, float(usage.get("self_mb", float("nan"))),
-                     sampler.peak_rss / 2**20, len(sampler.cpu_by_pid), output)
+                     sampler.peak_rss / 2**20, len(sampler.cpu_by_pid), output, usage)
 
 
 def machine() -> dict[str, Any]:

@@ -2,9 +2,13 @@
 
     python -m benchmarks.subjob ingest --source m.csv --out out/images --image-size 300
     python -m benchmarks.subjob extract --images out/images --out out/features --weights none
+    python -m benchmarks.subjob plan --source m.csv --out out/images --image-size 300
 
 The last stdout line is `BENCH_RUSAGE {"max_rss_mb": ...}`: the larger of this process's and
-its reaped children's (Beam multi_processing workers) peak resident set size.
+its reaped children's (Beam multi_processing workers) peak resident set size. `plan` does the
+ingest launcher's work only (flags, source inspection, pipeline construction) and adds
+`proto_bytes`, the size of the serialised pipeline a runner is sent, and `hwm_mb`, its own
+peak RSS from /proc (see `_high_water_mb`).
 """
 from __future__ import annotations
 
@@ -13,11 +17,24 @@ import logging
 import resource
 import sys
 
-STAGES = ("ingest", "extract")
+STAGES = ("ingest", "extract", "plan")
+
+
+def _high_water_mb() -> float | None:
+  """This process's own peak RSS (VmHWM), or None off Linux.
+
+  Unlike ru_maxrss, which Linux carries across exec, it does not count the pages of the
+  process that forked this one (a benchmark run holding GBs would inflate every child).
+  """
+  try:
+    with open("/proc/self/status") as f:
+      return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+  except (OSError, StopIteration):
+    return None
 
 
 def main(argv: list[str]) -> int:
-  """Runs `ingest` or `extract` with the remaining arguments; returns 0.
+  """Runs `ingest`, `extract` or `plan` with the remaining arguments; returns 0.
 
   Raises:
     ValueError: an unknown stage name.
@@ -25,16 +42,24 @@ def main(argv: list[str]) -> int:
   if not argv or argv[0] not in STAGES:
     raise ValueError(f"first argument must be one of {STAGES}, got {argv[:1]!r}")
   logging.getLogger().setLevel(logging.WARNING)
-  if argv[0] == "ingest":
-    from pipeline import run as stage
+  report = {}
+  if argv[0] == "plan":
+    from pipeline import run as ingest
+    job = ingest.plan(argv[1:])
+    report["proto_bytes"] = len(job.pipeline.to_runner_api().SerializeToString())
+    report["hwm_mb"] = _high_water_mb()
+  elif argv[0] == "ingest":
+    from pipeline import run as ingest
+    ingest.run(argv[1:])
   else:
-    from features import run as stage
-  stage.run(argv[1:])
+    from features import run as extract
+    extract.run(argv[1:])
   own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   from benchmarks import measure
   print(measure.RUSAGE_MARKER + json.dumps({"max_rss_mb": max(own, children) / 1024,
-                                            "self_mb": own / 1024, "children_mb": children / 1024}))
+                                            "self_mb": own / 1024, "children_mb": children / 1024,
+                                            **report}))
   sys.stdout.flush()
   return 0
 

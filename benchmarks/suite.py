@@ -24,7 +24,7 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import (  # noqa: E402 (after the environment setting above)
-    extract_bench, heads_bench, images, ingest_bench, measure, storage_bench)
+    driver_bench, extract_bench, heads_bench, images, ingest_bench, measure, storage_bench)
 
 # Peak RSS counts as flat when the larger dataset grows it by at most this fraction.
 FLAT_RSS_TOLERANCE = 0.10
@@ -51,6 +51,9 @@ class SuiteConfig:
   r6_passes: int
   extract_repeats: int   # R1 extract runs per size (fastest counts)
   scaling: tuple[str, int, int]  # (backbone, input size, images) of the 1-shard worker runs
+  # The ingest launcher at two source sizes (issue 16.2): the same in both modes, it is cheap.
+  driver_tree_sizes: tuple[int, int] = (2_000, 20_000)
+  driver_csv_sizes: tuple[int, int] = (20_000, 200_000)
 
   @classmethod
   def quick_config(cls) -> SuiteConfig:
@@ -183,14 +186,21 @@ def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
   _progress("R7: storage")
   r7 = storage_bench.r7(work, [vgg_features, mobile_features])
 
+  _progress(f"DRIVER: ingest launcher for trees of {config.driver_tree_sizes} files and CSVs of "
+            f"{config.driver_csv_sizes} rows")
+  driver = driver_bench.measure_launcher(work / "driver", config.driver_tree_sizes,
+                                         config.driver_csv_sizes)
+
   for ratio in (r1, r2, r3, r4, r5, r6, r7):
     result[ratio.key] = ratio.to_dict()
   result["memory"] = memory
   result["extract_workers"] = scaling
+  result["driver"] = driver
   result["seconds"] = time.perf_counter() - started
   result["load_average_at_end"] = os.getloadavg()
   result["lines"] = [r.line() for r in (r1, r2, r3, r4, r5, r6, r7)] + [
-      _memory_line(m) for m in memory] + [extract_bench.scaling_line(scaling)]
+      _memory_line(m) for m in memory] + [extract_bench.scaling_line(scaling)] + [
+          driver_bench.line(d) for d in driver]
   return result
 
 
@@ -211,6 +221,14 @@ def markdown_table(result: dict[str, Any]) -> str:
     rows.append(f"| peak RSS {entry['stage']} | {entry['growth_mb_per_1000_images']:+.1f} MB per "
                 f"1000 images | flat (+{FLAT_RSS_TOLERANCE:.0%}) | "
                 f"{'meets' if entry['flat'] else '**misses**'} | {sizes} | process tree |")
+  for entry in result.get("driver", []):
+    small, large = (str(n) for n in entry["sizes"])
+    rows.append(f"| ingest launcher, {entry['source']} | RSS {entry['rss_growth']:+.1%}, proto "
+                f"{entry['proto_growth']:+.1%} | flat (+{driver_bench.FLAT_TOLERANCE:.0%}) | "
+                f"{'meets' if entry['flat'] else '**misses**'} | {small} rows: "
+                f"{entry['max_rss_mb'][small]:.0f} MB, {entry['proto_bytes'][small] / 1024:.0f} "
+                f"KiB | {large} rows: {entry['max_rss_mb'][large]:.0f} MB, "
+                f"{entry['proto_bytes'][large] / 1024:.0f} KiB |")
   return "\n".join(rows) + "\n"
 
 

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from contracts import cli, runs
 from heads import export
-from pipeline import fetch, image_decode, sources
+from pipeline import fetch, image_decode, paths, redact, sources
 
 _URL_COLUMN = "image_url"
 
@@ -45,7 +45,7 @@ def _list_folder(folder: str) -> Iterator[tuple[str, str, str]]:
 
 
 def _list_csv(path: str) -> Iterator[tuple[str, str, str]]:
-  base_dir = path.rsplit("/", 1)[0] if "/" in path else "."
+  base_dir = paths.real_path(path.rsplit("/", 1)[0] if "/" in path else ".")
   with tf.io.gfile.GFile(path, "r") as f:
     rows = list(csv.reader(f))
   if not rows:
@@ -144,7 +144,7 @@ def predict_images(run_dir: str, images: str, out_path: str, *, batch_size: int 
 
   for location, canonical, reason in listed:
     ids.append(sources.source_id(canonical))
-    sources_written.append(canonical)
+    sources_written.append(redact.redact(canonical))  # ids hash the URL; outputs never show secrets
     outputs.append(None)
     errors.append(reason)
     if reason:

@@ -3,10 +3,15 @@
     python -m pipeline.decode_worker      # started by IsolatedDecoder, not by hand
 
 Protocol, one call at a time: the parent writes an 8-byte big-endian length and a pickle of
-`(module, function name, args)`; the child answers with a length and a pickle of
-`(True, result)` or `(False, exception)`. It is a plain interpreter started with `-m`, so it
-imports only what the function needs (OpenCV, Pillow, NumPy) and never re-runs the parent's
-main script, as multiprocessing's spawn does.
+`(module, function name, args)`; the child answers with a reply frame of raw bytes (see
+`encode_reply`: a header of fixed size, JSON fields, raw bytes values) that the parent parses
+without unpickling anything, within the call's deadline. It is a plain interpreter started with
+`-m`, so it imports only what the function needs (OpenCV, Pillow, NumPy) and never re-runs the
+parent's main script, as multiprocessing's spawn does.
+
+Limits: the worker caps its own address space (`--max-memory-bytes`, RLIMIT_AS) before serving,
+and the CPU time of each call (`--cpu-seconds`, RLIMIT_CPU moved before every call), so a
+hostile image that makes a decoder allocate or spin without bound is stopped by the kernel.
 
 Large `bytes` arguments (source images) do not go through the pipe: the parent copies them into
 a buffer shared with this worker (a Linux memfd passed as `--buffer-fd`) and sends a
@@ -19,9 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
+import math
 import mmap
 import os
 import pickle
+import resource
 import struct
 import sys
 
@@ -87,7 +95,12 @@ class SharedBuffer:
 
 
 def read_message(stream) -> object | None:
-  """One length-prefixed pickle from a binary stream; None at end of stream."""
+  """One length-prefixed pickle from a binary stream; None at end of stream.
+
+  Only for requests: the child unpickles what its parent sent. Replies travel as `Reply`
+  frames the parent parses without unpickling (a decoder subverted by a hostile image could
+  otherwise run code in the parent).
+  """
   header = stream.read(_LENGTH.size)
   if len(header) < _LENGTH.size:
     return None
@@ -99,14 +112,127 @@ def read_message(stream) -> object | None:
 
 
 def write_message(stream, message: object) -> None:
-  """Writes one length-prefixed pickle and flushes."""
-  try:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-  except (pickle.PicklingError, TypeError, AttributeError) as error:
-    # An exception type that cannot cross processes still has to report what happened.
-    payload = pickle.dumps((False, RuntimeError(f"unpicklable reply: {error!r}")))
+  """Writes one length-prefixed pickle (a request) and flushes."""
+  payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
   stream.write(_LENGTH.pack(len(payload)) + payload)
   stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies: fixed framing of raw bytes, parsed by the parent without unpickling.
+#
+#   header  = struct ">BII": kind (0 result, 1 error), JSON length, blob length
+#   JSON    = the result dict, each top-level bytes value replaced by {"$bytes": [offset, size]}
+#             into the blob; or, for an error, {"type", "reason", "message"}
+#   blob    = the raw bytes values, concatenated
+
+REPLY_HEADER = struct.Struct(">BII")
+MAX_REPLY_JSON = 16 << 20
+MAX_REPLY_BLOB = 512 << 20
+_RESULT, _ERROR = 0, 1
+_BYTES_KEY = "$bytes"
+
+
+class BadReply(ValueError):
+  """A reply that breaks the framing: the worker is not trusted any more."""
+
+
+def _plain(value):
+  """JSON fallback for NumPy scalars and arrays a decoder may return."""
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  raise TypeError(f"a {type(value).__name__} cannot be sent back from the decoder")
+
+
+def encode_reply(ok: bool, value) -> bytes:
+  """The frame of one reply: a result dict, or an exception."""
+  if ok:
+    if not isinstance(value, dict):
+      return encode_reply(False, TypeError(f"the decoder returned a {type(value).__name__}, "
+                                           "not a dict"))
+    fields, chunks, offset = {}, [], 0
+    for key, item in value.items():
+      if isinstance(item, (bytes, bytearray, memoryview)):
+        item = bytes(item)
+        fields[key] = {_BYTES_KEY: [offset, len(item)]}
+        chunks.append(item)
+        offset += len(item)
+      else:
+        fields[key] = item
+    try:
+      text = json.dumps(fields, default=_plain).encode("utf-8")
+    except (TypeError, ValueError) as error:
+      return encode_reply(False, error)
+    kind, blob = _RESULT, b"".join(chunks)
+  else:
+    kind = ("ImageError" if hasattr(value, "reason") else
+            "MemoryError" if isinstance(value, MemoryError) else type(value).__name__)
+    text = json.dumps({"type": kind, "reason": str(getattr(value, "reason", "")),
+                       "message": str(value)[:2000]}).encode("utf-8")
+    kind, blob = _ERROR, b""
+  return REPLY_HEADER.pack(kind, len(text), len(blob)) + text + blob
+
+
+def reply_sizes(header: bytes) -> tuple[int, int, int]:
+  """(kind, JSON length, blob length) of a reply header, checked against the limits.
+
+  Raises:
+    BadReply: unknown kind or sizes above the limits.
+  """
+  kind, text_size, blob_size = REPLY_HEADER.unpack(header)
+  if kind not in (_RESULT, _ERROR) or text_size > MAX_REPLY_JSON or blob_size > MAX_REPLY_BLOB:
+    raise BadReply(f"reply header {header.hex()} is out of bounds")
+  return kind, text_size, blob_size
+
+
+def decode_reply(kind: int, text: bytes, blob: bytes) -> tuple[bool, object]:
+  """(True, result dict) or (False, {"type", "reason", "message"}) from a reply's parts.
+
+  Raises:
+    BadReply: the JSON or a bytes reference is malformed.
+  """
+  try:
+    fields = json.loads(text.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise BadReply(f"reply is not JSON: {error}") from None
+  if not isinstance(fields, dict):
+    raise BadReply("reply is not a JSON object")
+  if kind == _ERROR:
+    return False, {k: str(fields.get(k, "")) for k in ("type", "reason", "message")}
+  for key, item in fields.items():
+    if isinstance(item, dict) and set(item) == {_BYTES_KEY}:
+      offset, size = item[_BYTES_KEY]
+      if not (isinstance(offset, int) and isinstance(size, int)
+              and 0 <= offset <= offset + size <= len(blob)):
+        raise BadReply(f"bytes field {key!r} points outside the reply")
+      fields[key] = blob[offset:offset + size]
+  return True, fields
+
+
+_reply_stream = None
+
+
+def reply_stream():
+  """The stream replies go to (what a misbehaving decoder in this process could write to;
+  tests use it to act as one)."""
+  return _reply_stream
+
+
+def _limit_memory(max_bytes: int) -> None:
+  """Caps this process's address space: a decoder that allocates without bound gets a
+  MemoryError (or dies) instead of taking the machine's memory from every other worker."""
+  if max_bytes > 0:
+    resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
+
+
+def _limit_cpu(seconds: float) -> None:
+  """Lets the next call use at most `seconds` more CPU time; then the kernel sends SIGXCPU,
+  which ends this process. RLIMIT_CPU counts the process's whole life, so the soft limit is
+  moved before every call (and stays under the unlimited hard limit, so it can move again)."""
+  if seconds > 0:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime + seconds)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.getrlimit(resource.RLIMIT_CPU)[1]))
 
 
 def _one_thread_per_worker() -> None:
@@ -122,29 +248,37 @@ def _one_thread_per_worker() -> None:
 
 def main(argv: list[str] | None = None) -> None:
   """Serves calls until stdin closes."""
+  global _reply_stream
   parser = argparse.ArgumentParser(prog="python -m pipeline.decode_worker")
   parser.add_argument("--buffer-fd", type=int, default=None,
                       help="file descriptor of the buffer shared with the parent")
+  parser.add_argument("--max-memory-bytes", type=int, default=0,
+                      help="address-space limit of this process (0: none)")
+  parser.add_argument("--cpu-seconds", type=float, default=0.0,
+                      help="CPU time each call may use before the kernel ends the process")
   options = parser.parse_args(argv)
   shared = SharedBuffer(options.buffer_fd) if options.buffer_fd is not None else None
   # The protocol owns the original stdout; anything a library prints goes to stderr instead.
-  channel = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+  _reply_stream = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
   os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
   requests = sys.stdin.buffer
   _one_thread_per_worker()
+  _limit_memory(options.max_memory_bytes)
   functions = {}
   while (request := read_message(requests)) is not None:
     module_name, function_name, args = request
     key = (module_name, function_name)
+    _limit_cpu(options.cpu_seconds)
     try:
       if shared is not None:
         args = tuple(shared.get(a) if isinstance(a, SharedBytes) else a for a in args)
       if key not in functions:
         functions[key] = getattr(importlib.import_module(module_name), function_name)
-      reply = (True, functions[key](*args))
+      reply = encode_reply(True, functions[key](*args))
     except Exception as error:  # noqa: BLE001 - every failure goes back to the parent
-      reply = (False, error)
-    write_message(channel, reply)
+      reply = encode_reply(False, error)
+    _reply_stream.write(reply)
+    _reply_stream.flush()
 
 
 if __name__ == "__main__":

@@ -11,40 +11,63 @@ dies or overruns is killed and replaced. A crash is retried once in a fresh work
 the machine's fault, not the input's) before the input is dead-lettered as `decoder_crash`; a
 hang becomes `decode_timeout` at once. Other calls in flight are unaffected: each worker serves
 one call at a time.
+
+A hostile image is contained, not trusted: each worker runs under an address-space limit
+(`max_memory_bytes`: unbounded allocation ends in `decode_out_of_memory`) and a CPU-time limit
+per call (SIGXCPU from the kernel: `decode_timeout`); its reply is a frame of raw bytes parsed
+here without unpickling (`decode_worker.decode_reply`), read under the same deadline as the
+call, so a child that writes half a reply and stalls is killed like one that never answers, and
+a reply that breaks the framing kills the worker (`decoder_crash`).
 """
 from __future__ import annotations
 
 import os
-import pickle
 import queue
+import re
 import select
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from pipeline import decode_worker, image_decode
 
 _ATTEMPTS = 2
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
+_READ_BYTES = 1 << 20
 
 
 # Bytes arguments at least this long go through the shared buffer, not the pipe.
 _SHARED_MIN_BYTES = 64 * 1024
 
 
+def _error_of(reply: dict) -> image_decode.ImageError:
+  """The dead-letter error for a worker's error reply (plain fields, never an object)."""
+  if reply["type"] == "ImageError" and _REASON.fullmatch(reply["reason"]):
+    return image_decode.ImageError(reply["reason"], reply["message"])
+  if reply["type"] == "MemoryError":
+    return image_decode.ImageError("decode_out_of_memory", "decoding needed more memory than "
+                                   f"the worker's limit: {reply['message']}")
+  # Any other exception is the decoder failing on this input: a data problem, not the job's.
+  return image_decode.ImageError("decode_failed", f"{reply['type']}: {reply['message']}")
+
+
 class _Worker:
   """One child process, its pipes and (on Linux) the buffer shared with it for big arguments."""
 
-  def __init__(self, share_bytes: bool = True):
+  def __init__(self, share_bytes: bool = True, limits: tuple[int, float] = (0, 0.0)):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    command = [sys.executable, "-m", "pipeline.decode_worker"]
+    command = [sys.executable, "-m", "pipeline.decode_worker",
+               "--max-memory-bytes", str(limits[0]), "--cpu-seconds", str(limits[1])]
     self.shared = None
     if share_bytes and hasattr(os, "memfd_create"):
       self.shared = decode_worker.SharedBuffer(os.memfd_create("headstart-decode"))
       command += ["--buffer-fd", str(self.shared.fd)]
     try:
       self.process = subprocess.Popen(
-          command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+          command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0,
           pass_fds=(self.shared.fd,) if self.shared else ())
     except BaseException:
       if self.shared is not None:
@@ -61,16 +84,44 @@ class _Worker:
     places = dict(zip(big, self.shared.put([args[i] for i in big])))
     return module, function, tuple(places.get(i, arg) for i, arg in enumerate(args))
 
-  def call(self, request: tuple, timeout: float):
-    """Sends one request; returns the reply, or raises TimeoutError / EOFError."""
+  def _read(self, size: int, deadline: float) -> bytes:
+    """Exactly `size` reply bytes before `deadline`; a child that stops half way is no
+    different from one that never answers.
+
+    Raises:
+      TimeoutError: the deadline passed; EOFError: the child closed its end (it died).
+    """
+    fd, chunks, missing = self.process.stdout.fileno(), [], size
+    while missing:
+      left = deadline - time.monotonic()
+      if left <= 0 or not select.select([fd], [], [], left)[0]:
+        raise TimeoutError
+      chunk = os.read(fd, min(missing, _READ_BYTES))
+      if not chunk:
+        raise EOFError
+      chunks.append(chunk)
+      missing -= len(chunk)
+    return b"".join(chunks)
+
+  def call(self, request: tuple, timeout: float) -> tuple[bool, object]:
+    """Sends one request; returns the parsed reply (see `decode_worker.decode_reply`).
+
+    Raises:
+      TimeoutError, EOFError (see `_read`); decode_worker.BadReply: a reply breaking the framing.
+    """
+    deadline = time.monotonic() + timeout
     decode_worker.write_message(self.process.stdin, self._share(request))
-    ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-    if not ready:
-      raise TimeoutError
-    reply = decode_worker.read_message(self.process.stdout)
-    if reply is None:
-      raise EOFError
-    return reply
+    kind, text_size, blob_size = decode_worker.reply_sizes(
+        self._read(decode_worker.REPLY_HEADER.size, deadline))
+    return decode_worker.decode_reply(kind, self._read(text_size, deadline),
+                                      self._read(blob_size, deadline))
+
+  def died_of_cpu_limit(self) -> bool:
+    """True when the kernel ended the child for using up its CPU time (SIGXCPU)."""
+    try:
+      return self.process.wait(timeout=1.0) == -signal.SIGXCPU
+    except subprocess.TimeoutExpired:
+      return False
 
   def kill(self) -> None:
     self.process.kill()
@@ -84,11 +135,14 @@ class IsolatedDecoder:
   """Callable running `function(*args)` in worker processes with a per-call timeout."""
 
   def __init__(self, function: Callable, *, processes: int, timeout: float,
-               share_bytes: bool = True):
+               share_bytes: bool = True, max_memory_bytes: int = 0,
+               cpu_seconds: float | None = None):
     if processes < 1 or timeout <= 0:
       raise ValueError(f"need processes >= 1 and timeout > 0, got {processes!r}, {timeout!r}")
     self._name = (function.__module__, function.__name__)
     self._timeout = timeout
+    # Per call: the wall-clock deadline here, and the kernel's CPU-time limit in the child.
+    self._limits = (max_memory_bytes, timeout if cpu_seconds is None else cpu_seconds)
     self._share_bytes = share_bytes  # False: big arguments go through the pipe too
     self._idle: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
     for _ in range(processes):
@@ -98,7 +152,7 @@ class IsolatedDecoder:
 
   def _start(self) -> _Worker:
     try:
-      worker = _Worker(self._share_bytes)
+      worker = _Worker(self._share_bytes, self._limits)
     except BaseException:
       self._idle.put(None)  # keep the slot, or every later call would wait for it forever
       raise
@@ -115,7 +169,8 @@ class IsolatedDecoder:
     """Runs the function on `args` in a worker.
 
     Raises:
-      image_decode.ImageError: `decode_timeout` or `decoder_crash`, or the function's own.
+      image_decode.ImageError: `decode_timeout`, `decode_out_of_memory`, `decoder_crash`, or
+        the function's own.
     """
     request = (*self._name, args)
     for _ in range(_ATTEMPTS):
@@ -127,8 +182,17 @@ class IsolatedDecoder:
         raise image_decode.ImageError(
             "decode_timeout", f"decoding took longer than {self._timeout:g}s; the worker was "
             "killed") from None
-      except (EOFError, BrokenPipeError, pickle.UnpicklingError):
+      except decode_worker.BadReply as error:
         self._retire(worker)
+        raise image_decode.ImageError("decoder_crash", f"the decoder process sent a malformed "
+                                      f"reply ({error}); it was killed") from None
+      except (EOFError, BrokenPipeError):
+        cpu = worker.died_of_cpu_limit()
+        self._retire(worker)
+        if cpu:
+          raise image_decode.ImageError(
+              "decode_timeout", f"decoding used more than {self._limits[1]:g}s of CPU time; "
+              "the kernel ended the worker") from None
         continue  # retried once in a fresh worker: the crash may not be the input's fault
       finally:
         if worker.process.poll() is None:
@@ -137,10 +201,7 @@ class IsolatedDecoder:
           self._idle.put(None)
       if ok:
         return value
-      if isinstance(value, image_decode.ImageError):
-        raise value
-      # Any other exception is the decoder failing on this input: a data problem, not the job's.
-      raise image_decode.ImageError("decode_failed", f"{type(value).__name__}: {value}")
+      raise _error_of(value)
     raise image_decode.ImageError("decoder_crash", "the decoder process died on this input "
                                   f"({_ATTEMPTS} attempts)")
 

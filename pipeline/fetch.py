@@ -4,42 +4,64 @@
     data = fetcher.fetch("https://example.org/cat.jpg")   # bytes, or raises FetchError
 
 HTTP(S) guards: connect/read timeouts and a total deadline per download, a byte cap (checked on
-Content-Length and while streaming), bounded retries with exponential backoff for 429, 5xx and
-connection errors, and an address guard: every hop's host is resolved and loopback, private,
-link-local (169.254.169.254 metadata), multicast, reserved and unspecified addresses are refused
-unless `allowed_networks` names them. The connection then goes to the vetted address itself,
-so a second DNS answer cannot swap it (DNS rebinding). Redirects are followed by hand, each hop
-vetted the same way.
+Content-Length and while streaming), bounded retries with jittered exponential backoff for 429,
+5xx and connection errors (never sooner than a Retry-After, in seconds or as an HTTP-date), and
+an address guard (`address_guard`): every hop's host is resolved within the deadline and every
+answer vetted, unless `allowed_networks` names it. The connection then goes to a vetted address
+itself, so a second DNS answer cannot swap it (DNS rebinding); a refused connection moves on to
+the next vetted address. Redirects are followed by hand, each hop vetted the same way.
+
+Manners (`hosts`): at most `max_per_host` requests in flight per host from this process (one
+`Fetcher` serves all of a worker's threads, see `transforms.FetchDecodeBatchFn`), a host that
+answers Retry-After is paused for every thread, the client names itself (`user_agent`:
+headstart and its version), and a response carrying `X-Robots-Tag: noai`, `noimageai`,
+`noindex` or `none` is `opted_out` (its body is not read) unless `respect_opt_out` is off.
+Connection pools are bounded (`max_pools`, least recently used closed) and sized to the
+requests one host may have in flight, so none is ever "full".
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import hashlib
 import ipaddress
+import itertools
+import random
 import socket
 import time
 import urllib.parse
-import uuid
 from collections.abc import Sequence
 
 import tensorflow as tf
 import urllib3
 
-from pipeline import sources
+from contracts import layout
+from pipeline import address_guard, hosts, redact, sources
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _CHUNK_BYTES = 64 << 10
-_MAX_RETRY_AFTER_SECONDS = 10.0
+USER_AGENT = f"headstart/{layout.CODE_VERSION} (image dataset ingest)"
+# Dead-letter reasons a later `--retry-failed` fetches again: the source may well answer then.
+TRANSIENT_REASONS = frozenset({"timeout", "dns_timeout", "connection_error", "rate_limited",
+                               "http_429"})
+# urllib3 logs request lines (query strings and all) at DEBUG: signed URLs must not reach logs.
+redact.install_log_filter()
 
 
 class FetchError(ValueError):
   """A source that could not be fetched; `reason` is the dead-letter code."""
 
-  def __init__(self, reason: str, message: str, *, retryable: bool = False):
+  def __init__(self, reason: str, message: str, *, retryable: bool = False,
+               retry_after: float | None = None):
     super().__init__(message)
     self.reason = reason
     self.retryable = retryable
+    self.retry_after = retry_after
+
+
+def is_transient(reason: str) -> bool:
+  """True for dead-letter reasons worth fetching again later (timeouts, 429/5xx, connection)."""
+  return reason in TRANSIENT_REASONS or (reason.startswith("http_5") and reason[5:].isdigit())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,28 +75,43 @@ class FetchConfig:
   backoff: float = 0.5
   max_redirects: int = 5
   allowed_networks: tuple[str, ...] = ()
-  user_agent: str = "headstart/0.1 (+https://github.com/headstart)"
+  threads: int = 16          # downloads in flight in one process (sizes the DNS pool)
+  max_per_host: int = 8      # requests in flight per host, per process
+  max_pools: int = 64        # connection pools kept open (least recently used closed)
+  user_agent: str = USER_AGENT
+  respect_opt_out: bool = True
+
+  @property
+  def pool_size(self) -> int:
+    """Connections one pool keeps: as many as requests one host may have in flight."""
+    return min(self.threads, self.max_per_host)
 
 
-def _vet_address(address: str, allowed: Sequence[ipaddress._BaseNetwork]) -> None:
-  ip = ipaddress.ip_address(address.split("%", 1)[0])
-  if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-    ip = ip.ipv4_mapped
-  if any(ip in network for network in allowed):
-    return
-  if (ip.is_loopback or ip.is_private or ip.is_link_local or ip.is_multicast or ip.is_reserved
-      or ip.is_unspecified or not ip.is_global):
-    raise FetchError("blocked_address", f"address {ip} is loopback, private, link-local or "
-                     "otherwise not public; refused (allow it explicitly with --allow-network)")
+def _vet(address: str, allowed: Sequence[address_guard.Network]) -> None:
+  why = address_guard.refusal(address, allowed)
+  if why is not None:
+    raise FetchError("blocked_address", f"address {address} is {why}: not public; refused "
+                     "(allow it explicitly with --allow-network)")
 
 
 class Fetcher:
-  """Fetches bytes; holds one connection pool per vetted (scheme, address, port, host)."""
+  """Fetches bytes for any number of threads; holds the per-host limits and the bounded set of
+  connection pools (one per vetted scheme, address, port and host)."""
 
   def __init__(self, config: FetchConfig):
     self.config = config
     self._allowed = tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks)
-    self._pools: dict[tuple, urllib3.connectionpool.HTTPConnectionPool] = {}
+    self._hosts = hosts.HostLimiter(config.max_per_host)
+    self._pools = hosts.PoolCache(config.max_pools, self._new_pool)
+    self._rng = random.Random()
+    # getaddrinfo has no timeout of its own: lookups run here and are waited on with a deadline.
+    self._resolver = concurrent.futures.ThreadPoolExecutor(
+        config.threads, thread_name_prefix="headstart-dns")
+
+  def close(self) -> None:
+    """Closes the pools and stops the resolver threads (a lookup still hanging ends alone)."""
+    self._pools.close()
+    self._resolver.shutdown(wait=False, cancel_futures=True)
 
   def fetch(self, location: str) -> bytes:
     """Returns the bytes at `location` (local path, gs:// or http(s) URL).
@@ -105,57 +142,85 @@ class Fetcher:
 
   def _fetch_http(self, url: str) -> bytes:
     started = time.monotonic()
-    attempt = 0
-    while True:
+    for attempt in itertools.count(1):
       try:
         return self._follow_redirects(url, started)
       except FetchError as error:
-        attempt += 1
-        elapsed = time.monotonic() - started
-        delay = getattr(error, "retry_after", None) or self.config.backoff * 2 ** (attempt - 1)
+        delay = hosts.backoff_seconds(attempt, self.config.backoff, error.retry_after, self._rng)
         if (not error.retryable or attempt > self.config.retries
-            or elapsed + delay > self.config.deadline):
+            or time.monotonic() - started + delay > self.config.deadline):
           raise
         time.sleep(delay)
 
   def _follow_redirects(self, url: str, started: float) -> bytes:
     for _ in range(self.config.max_redirects + 1):
-      response = self._request(url, started)
+      host = (urllib.parse.urlsplit(url).hostname or "").lower()
       try:
-        if response.status in _REDIRECT_STATUSES:
-          target = response.headers.get("Location")
-          if not target:
-            raise FetchError("http_error", f"redirect {response.status} without a Location")
-          url = urllib.parse.urljoin(url, target)
-          if urllib.parse.urlsplit(url).scheme.lower() not in sources.REMOTE_SCHEMES:
-            raise FetchError("unsupported_scheme", "redirect to a non-http(s) URL refused")
-          continue
-        if response.status in _RETRY_STATUSES:
-          error = FetchError(f"http_{response.status}", f"HTTP {response.status}", retryable=True)
-          retry_after = response.headers.get("Retry-After", "")
-          if retry_after.isdigit():
-            error.retry_after = min(float(retry_after), _MAX_RETRY_AFTER_SECONDS)
-          raise error
-        if response.status != 200:
-          reason = "not_found" if response.status in (404, 410) else f"http_{response.status}"
-          raise FetchError(reason, f"HTTP {response.status}")
-        return self._read_body(response, started)
-      finally:
-        response.release_conn()
+        with self._hosts.slot(host, max_wait=self.config.deadline - (time.monotonic() - started)):
+          result = self._hop(url, host, started)
+      except hosts.HostPaused as paused:
+        raise FetchError("rate_limited", f"{paused}, longer than this download may take "
+                         f"(--timeout {self.config.deadline:g})") from None
+      if isinstance(result, bytes):
+        return result
+      url = result
     raise FetchError("too_many_redirects", f"more than {self.config.max_redirects} redirects")
 
-  def _pool(self, scheme: str, host: str, port: int, address: str):
-    key = (scheme, address, port, host)
-    if key not in self._pools:
-      timeout = urllib3.Timeout(connect=self.config.connect_timeout, read=self.config.read_timeout)
-      if scheme == "https":
-        self._pools[key] = urllib3.HTTPSConnectionPool(
-            address, port, timeout=timeout, retries=False, server_hostname=host,
-            assert_hostname=host, maxsize=4)
-      else:
-        self._pools[key] = urllib3.HTTPConnectionPool(address, port, timeout=timeout,
-                                                      retries=False, maxsize=4)
-    return self._pools[key]
+  def _hop(self, url: str, host: str, started: float) -> bytes | str:
+    """One request: the body, or the URL a redirect points to."""
+    response = self._request(url, started)
+    try:
+      if response.status in _REDIRECT_STATUSES:
+        target = response.headers.get("Location")
+        if not target:
+          raise FetchError("http_error", f"redirect {response.status} without a Location")
+        target = urllib.parse.urljoin(url, target)
+        if urllib.parse.urlsplit(target).scheme.lower() not in sources.REMOTE_SCHEMES:
+          raise FetchError("unsupported_scheme", "redirect to a non-http(s) URL refused")
+        return target
+      if response.status in _RETRY_STATUSES:
+        retry_after = hosts.retry_after_seconds(response.headers.get("Retry-After"))
+        if retry_after is not None:
+          self._hosts.pause(host, retry_after)  # every thread leaves the host alone meanwhile
+        raise FetchError(f"http_{response.status}", f"HTTP {response.status}", retryable=True,
+                         retry_after=retry_after)
+      if response.status != 200:
+        reason = "not_found" if response.status in (404, 410) else f"http_{response.status}"
+        raise FetchError(reason, f"HTTP {response.status}")
+      directive = (hosts.opt_out(response.headers.getlist("X-Robots-Tag"))
+                   if self.config.respect_opt_out else None)
+      if directive:
+        raise FetchError("opted_out", f"the publisher opted out (X-Robots-Tag: {directive})")
+      return self._read_body(response, started)
+    finally:
+      response.release_conn()
+
+  def _new_pool(self, key: tuple) -> urllib3.HTTPConnectionPool:
+    scheme, address, port, host = key
+    timeout = urllib3.Timeout(connect=self.config.connect_timeout, read=self.config.read_timeout)
+    if scheme == "https":
+      return urllib3.HTTPSConnectionPool(
+          address, port, timeout=timeout, retries=False, server_hostname=host,
+          assert_hostname=host, maxsize=self.config.pool_size)
+    return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False,
+                                      maxsize=self.config.pool_size)
+
+  def _resolve(self, host: str, port: int, started: float) -> list[str]:
+    """The host's addresses, each vetted, within the download's deadline."""
+    wait = min(self.config.connect_timeout, self.config.deadline - (time.monotonic() - started))
+    lookup = self._resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+      infos = lookup.result(timeout=max(wait, 0.0))
+    except concurrent.futures.TimeoutError:
+      lookup.cancel()
+      raise FetchError("dns_timeout", f"resolving the host took longer than {wait:.3g}s",
+                       retryable=True) from None
+    except (socket.gaierror, UnicodeError) as error:
+      raise FetchError("dns_error", f"cannot resolve host: {error}", retryable=False) from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for address in addresses:  # every answer must be public, not just the first
+      _vet(address, self._allowed)
+    return addresses
 
   def _request(self, url: str, started: float) -> urllib3.BaseHTTPResponse:
     parts = urllib.parse.urlsplit(url)
@@ -163,13 +228,7 @@ class Fetcher:
     if not host:
       raise FetchError("bad_url", "URL has no host")
     port = parts.port or (443 if scheme == "https" else 80)
-    try:
-      infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as error:
-      raise FetchError("dns_error", f"cannot resolve host: {error}", retryable=False) from None
-    addresses = [info[4][0] for info in infos]
-    for address in addresses:  # every answer must be public, not just the first
-      _vet_address(address, self._allowed)
+    addresses = self._resolve(host, port, started)
     path = parts.path or "/"
     if parts.query:
       path += "?" + parts.query
@@ -179,23 +238,28 @@ class Fetcher:
       headers.update(urllib3.make_headers(
           basic_auth=f"{urllib.parse.unquote(parts.username)}:"
                      f"{urllib.parse.unquote(parts.password or '')}"))
-    remaining = self.config.deadline - (time.monotonic() - started)
-    if remaining <= 0:
-      raise FetchError("timeout", f"total deadline of {self.config.deadline:g}s exceeded")
-    try:
-      return self._pool(scheme, host, port, addresses[0]).urlopen(
-          "GET", path, headers=headers, redirect=False, preload_content=False,
-          timeout=urllib3.Timeout(connect=min(self.config.connect_timeout, remaining),
-                                  read=min(self.config.read_timeout, remaining)))
-    except urllib3.exceptions.NewConnectionError as error:
-      # Checked first: urllib3 2 makes it a subclass of ConnectTimeoutError.
-      raise FetchError("connection_error", sources.redact(f"cannot connect: {error}"),
-                       retryable=True) from None
-    except urllib3.exceptions.TimeoutError as error:
-      raise FetchError("timeout", f"timed out: {type(error).__name__}", retryable=True) from None
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-      raise FetchError("connection_error", sources.redact(f"{type(error).__name__}: {error}"),
-                       retryable=True) from None
+    for index, address in enumerate(addresses):
+      remaining = self.config.deadline - (time.monotonic() - started)
+      if remaining <= 0:
+        raise FetchError("timeout", f"total deadline of {self.config.deadline:g}s exceeded")
+      try:
+        return self._pools.get((scheme, address, port, host)).urlopen(
+            "GET", path, headers=headers, redirect=False, preload_content=False,
+            timeout=urllib3.Timeout(connect=min(self.config.connect_timeout, remaining),
+                                    read=min(self.config.read_timeout, remaining)))
+      except urllib3.exceptions.NewConnectionError as error:
+        # Checked first: urllib3 2 makes it a subclass of ConnectTimeoutError. A refused or
+        # unreachable address: the host's next vetted address may serve.
+        if index + 1 < len(addresses):
+          continue
+        raise FetchError("connection_error", redact.redact(f"cannot connect: {error}"),
+                         retryable=True) from None
+      except urllib3.exceptions.TimeoutError as error:
+        raise FetchError("timeout", f"timed out: {type(error).__name__}", retryable=True) from None
+      except (urllib3.exceptions.HTTPError, OSError) as error:
+        raise FetchError("connection_error", redact.redact(f"{type(error).__name__}: {error}"),
+                         retryable=True) from None
+    raise FetchError("dns_error", "the host resolved to no address")
 
   def _read_body(self, response: urllib3.BaseHTTPResponse, started: float) -> bytes:
     declared = response.headers.get("Content-Length", "")
@@ -218,57 +282,3 @@ class Fetcher:
       raise FetchError("connection_error", f"body interrupted: {type(error).__name__}",
                        retryable=True) from None
     return b"".join(chunks)
-
-
-class DownloadCache:
-  """Content-addressed store of fetched remote bytes, so a re-run fetches only new sources.
-
-  `refs/<source id>` holds the sha256 of the bytes that source returned; `blobs/<sha256>` holds
-  the bytes (identical content from many URLs is stored once). Entries are written to a
-  temporary name unique to the writer and renamed, so an interrupted job never leaves a half
-  blob behind and two writers of the same blob (mirrored images fetched at once by two threads,
-  processes or retried bundles) never share a temporary file: whichever rename lands last
-  installs identical bytes.
-  """
-
-  def __init__(self, root: str):
-    self._root = root.rstrip("/")
-
-  def _blob(self, digest: str) -> str:
-    return f"{self._root}/blobs/{digest[:2]}/{digest}"
-
-  def get(self, source_id: str) -> bytes | None:
-    """The cached bytes of a source, or None (missing or failing its checksum)."""
-    ref = f"{self._root}/refs/{source_id}"
-    if not tf.io.gfile.exists(ref):
-      return None
-    with tf.io.gfile.GFile(ref, "r") as f:
-      digest = f.read().strip()
-    blob = self._blob(digest)
-    if not tf.io.gfile.exists(blob):
-      return None
-    with tf.io.gfile.GFile(blob, "rb") as f:
-      data = f.read()
-    return data if hashlib.sha256(data).hexdigest() == digest else None
-
-  def put(self, source_id: str, data: bytes) -> None:
-    """Stores the bytes a source returned."""
-    digest = hashlib.sha256(data).hexdigest()
-    blob = self._blob(digest)
-    if not tf.io.gfile.exists(blob):
-      self._write(blob, data)
-    self._write(f"{self._root}/refs/{source_id}", digest.encode())
-
-  @staticmethod
-  def _write(path: str, data: bytes) -> None:
-    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
-    # Unique per writer (process, thread, attempt): a name derived from the content collided
-    # when two URLs served identical bytes at the same moment, and one rename then failed.
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-      with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(data)
-      tf.io.gfile.rename(tmp, path, overwrite=True)
-    finally:
-      if tf.io.gfile.exists(tmp):
-        tf.io.gfile.remove(tmp)

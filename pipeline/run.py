@@ -12,16 +12,24 @@ the README); local runs default to `--runner=FnApiRunner`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import ipaddress
 import json
 import time
 
 import apache_beam as beam
 import tensorflow as tf
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from contracts import cli, layout, progress
-from pipeline import fetch, image_dataset, image_decode, sinks, sources, splits, transforms
+from pipeline import (fetch, folder_tree, image_decode, job, publish, redact, retry, sources,
+                      splits, transforms)
+
+
+# Runners that run in this process or on this machine: the download cache is on by default.
+_LOCAL_RUNNERS = frozenset({"DirectRunner", "FnApiRunner", "BundleBasedDirectRunner",
+                            "SwitchingDirectRunner", "PrismRunner", "InteractiveRunner"})
 
 
 def _rgb(text: str) -> tuple[int, int, int]:
@@ -29,6 +37,39 @@ def _rgb(text: str) -> tuple[int, int, int]:
   if len(parts) != 3 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
     raise argparse.ArgumentTypeError(f"{text!r} is not R,G,B with values 0-255")
   return tuple(int(p) for p in parts)
+
+
+def _cidr(text: str) -> str:
+  try:
+    ipaddress.ip_network(text, strict=False)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an IP network such as 127.0.0.1/32 or "
+                                     "fd00::/8") from None
+  return text
+
+
+def _add_fetch_flags(parser: argparse.ArgumentParser) -> None:
+  """How sources are downloaded: limits, manners, the address guard and the download cache."""
+  parser.add_argument("--max-bytes", type=cli.positive_int, default=fetch.FetchConfig.max_bytes)
+  parser.add_argument("--timeout", type=float, default=fetch.FetchConfig.deadline,
+                      help="total seconds allowed per download")
+  parser.add_argument("--retries", type=int, default=fetch.FetchConfig.retries)
+  parser.add_argument("--fetch-threads", type=cli.positive_int, default=16)
+  parser.add_argument("--max-per-host", type=cli.positive_int,
+                      default=fetch.FetchConfig.max_per_host,
+                      help="requests in flight to one host from one worker process (all its "
+                      "download threads together)")
+  parser.add_argument("--user-agent", default=fetch.USER_AGENT,
+                      help="the User-Agent header of every download")
+  parser.add_argument("--respect-opt-out", action=argparse.BooleanOptionalAction, default=True,
+                      help="dead-letter responses marked X-Robots-Tag noai/noimageai/noindex/none "
+                      "as opted_out (--no-respect-opt-out ingests them)")
+  parser.add_argument("--download-cache", default=None,
+                      help="content-addressed cache of fetched remote bytes, so re-runs fetch "
+                      "only new sources (default: OUT/download_cache on local runners, none on "
+                      "remote runners such as Dataflow; 'none' disables it)")
+  parser.add_argument("--allow-network", action="append", default=[], type=_cidr,
+                      help="CIDR allowed despite the address guard (e.g. 127.0.0.1/32 in tests)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,28 +99,27 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--max-error-fraction", type=cli.fraction, default=0.5)
   parser.add_argument("--min-side", type=cli.positive_int, default=image_decode.DEFAULT_MIN_SIDE)
   parser.add_argument("--max-pixels", type=cli.positive_int, default=image_decode.DEFAULT_MAX_PIXELS)
-  parser.add_argument("--max-bytes", type=cli.positive_int, default=fetch.FetchConfig.max_bytes)
-  parser.add_argument("--timeout", type=float, default=fetch.FetchConfig.deadline,
-                      help="total seconds allowed per download")
-  parser.add_argument("--retries", type=int, default=fetch.FetchConfig.retries)
-  parser.add_argument("--fetch-threads", type=cli.positive_int, default=16)
-  parser.add_argument("--download-cache", default=None,
-                      help="content-addressed cache of fetched remote bytes, so re-runs fetch "
-                      "only new sources (default: OUT/download_cache; 'none' disables it)")
+  _add_fetch_flags(parser)
   parser.add_argument("--decode-timeout", type=float, default=30.0,
                       help="seconds one image may take to decode in its isolated subprocess "
                       "(a crash or hang costs that image only); 0 decodes in-process")
   parser.add_argument("--decode-processes", type=cli.positive_int, default=2)
+  parser.add_argument("--decode-memory-mb", type=cli.non_negative_int,
+                      default=transforms.IngestConfig.decode_memory_mb,
+                      help="address-space limit of each decoder process in MiB (an image that "
+                      "needs more is dead-lettered as decode_out_of_memory); 0: no limit")
   parser.add_argument("--decoder", default="pipeline.image_decode:prepare_record",
                       help="module:function(row, bytes, DecodeSettings) -> record; a custom "
                       "decoder (it must be importable by the workers)")
+  parser.add_argument("--retry-failed", action="store_true",
+                      help="on an existing dataset in OUT: fetch again only the rows it "
+                      "dead-lettered for transient reasons (timeouts, 429/5xx, connection "
+                      "errors) and merge them in; every other record stays as it is")
   parser.add_argument("--allow-root", action="append", default=[],
                       help="another folder local paths may point into")
   parser.add_argument("--allow-bucket", action="append", default=[],
                       help="another gs:// bucket sources may be read from (besides the "
                       "manifest's own)")
-  parser.add_argument("--allow-network", action="append", default=[],
-                      help="CIDR allowed despite the address guard (e.g. 127.0.0.1/32 in tests)")
   return parser
 
 
@@ -91,18 +131,30 @@ def _import_function(spec: str):
     raise ValueError(f"--decoder {spec!r} is not an importable module:function") from None
 
 
-def _config(args: argparse.Namespace) -> transforms.IngestConfig:
+def _download_cache(args: argparse.Namespace, options: PipelineOptions) -> str | None:
+  """The cache folder: given, or OUT/download_cache on local runners only. On a remote runner
+  at millions of images it would double the storage and add object-store operations per image."""
+  if args.download_cache:
+    return None if args.download_cache == "none" else args.download_cache
+  runner = str(options.view_as(StandardOptions).runner or "FnApiRunner").rsplit(".", 1)[-1]
+  return f"{args.out.rstrip('/')}/download_cache" if runner in _LOCAL_RUNNERS else None
+
+
+def _config(args: argparse.Namespace, options: PipelineOptions) -> transforms.IngestConfig:
   return transforms.IngestConfig(
       image_size=args.image_size, resize=args.resize, image_format=args.format,
       splits=splits.parse_splits(args.splits), background=args.background,
       max_pixels=args.max_pixels, min_side=args.min_side,
       fetch=fetch.FetchConfig(deadline=args.timeout, max_bytes=args.max_bytes,
-                              retries=args.retries, allowed_networks=tuple(args.allow_network)),
+                              retries=args.retries, allowed_networks=tuple(args.allow_network),
+                              threads=args.fetch_threads, max_per_host=args.max_per_host,
+                              user_agent=args.user_agent,
+                              respect_opt_out=args.respect_opt_out),
       fetch_threads=args.fetch_threads,
       decode_timeout=args.decode_timeout, decode_processes=args.decode_processes,
+      decode_memory_mb=args.decode_memory_mb,
       decoder=_import_function(args.decoder),
-      download_cache=None if args.download_cache == "none" else (
-          args.download_cache or f"{args.out.rstrip('/')}/download_cache"),
+      download_cache=_download_cache(args, options),
       classes=tuple(c.strip() for c in args.classes.split(",")) if args.classes else None)
 
 
@@ -111,72 +163,7 @@ def _is_csv(source: str) -> bool:
       tf.io.gfile.exists(source) and not tf.io.gfile.isdir(source))
 
 
-def _clear_previous_output(out_dir: str) -> None:
-  """Removes an earlier run's manifest and shards first, so a crash never leaves a mix."""
-  tf.io.gfile.makedirs(out_dir)
-  for name in (layout.MANIFEST_NAME, layout.SUMMARY_NAME, layout.ERRORS_NAME):
-    if tf.io.gfile.exists(f"{out_dir}/{name}"):
-      tf.io.gfile.remove(f"{out_dir}/{name}")
-  for path in tf.io.gfile.glob(f"{out_dir}/{layout.IMAGES_NAME}-*.tfrecord-*"):
-    tf.io.gfile.remove(path)
-  parts = f"{out_dir}/{layout.IMAGES_NAME}{sinks.PARTS_DIR_SUFFIX}"
-  if tf.io.gfile.exists(parts):  # left by a job that died while writing
-    tf.io.gfile.rmtree(parts)
-
-
-def build_pipeline(root: beam.Pipeline, *, out_dir: str,
-                   cfg: transforms.IngestConfig, spec: sources.CsvSpec | None,
-                   folder_rows: list[dict] | None, max_error_fraction: float,
-                   settings: dict, num_shards: int = 0) -> beam.PCollection:
-  """Adds the ingest job to `root`: read -> dedupe -> fetch/decode -> split -> write.
-
-  Returns:
-    A one-element PCollection: the job's summary (also written to `summary.json`).
-  """
-  if spec is not None:
-    rows, parse_dead, input_rows = root | "ReadManifest" >> transforms.ReadCsvSource(spec)
-    num_keypoints = len(spec.target_indices) // 2
-    labelled = spec.label_index is not None
-  else:
-    rows, parse_dead, input_rows = root | "ReadFolders" >> transforms.ReadFolderSource(folder_rows)
-    num_keypoints, labelled = 0, True
-  images, fetch_dead = rows | "FetchAndDecode" >> transforms.FetchAndDecode(cfg)
-
-  if not labelled:
-    class_names = root | "NoClasses" >> beam.Create([None])
-  elif cfg.classes is not None:
-    class_names = root | "GivenClasses" >> beam.Create([list(cfg.classes)])
-  else:
-    class_names = (rows
-                   | "LabelOf" >> beam.Map(lambda row: row["label"])
-                   | "DistinctLabels" >> beam.Distinct()
-                   | "CollectLabels" >> beam.combiners.ToList()
-                   | "SortLabels" >> beam.Map(sorted))
-  examples = images | "ToExample" >> beam.ParDo(
-      transforms.ToExampleFn(cfg), beam.pvalue.AsSingleton(class_names)).with_outputs(
-          transforms.DEAD, transforms.STATS, main="examples")
-  shards = examples.examples | "WriteImages" >> sinks.WriteSplits(
-      out_dir, layout.IMAGES_NAME, num_shards=num_shards)
-
-  dead = (parse_dead, fetch_dead, examples[transforms.DEAD]) | "MergeDead" >> beam.Flatten()
-  _ = dead | "WriteErrors" >> beam.io.WriteToText(
-      f"{out_dir}/errors", file_name_suffix=".jsonl", num_shards=1, shard_name_template="")
-  dead_reasons = (dead
-                  | "ReasonOf" >> beam.Map(lambda line: json.loads(line)["reason"])
-                  | "CountReasons" >> beam.combiners.Count.PerElement())
-  split_labels = examples[transforms.STATS] | "CountSplitLabels" >> beam.combiners.Count.PerElement()
-  return (shards
-          | "CollectShards" >> beam.combiners.ToList()
-          | "Finalize" >> beam.Map(
-              lambda shard_list, count, reasons, stats, names: image_dataset.finalize(
-                  shard_list, out_dir=out_dir, input_rows=count, dead_reasons=reasons,
-                  split_labels=stats, class_names=names, num_keypoints=num_keypoints,
-                  settings=settings, max_error_fraction=max_error_fraction),
-              beam.pvalue.AsSingleton(input_rows), beam.pvalue.AsList(dead_reasons),
-              beam.pvalue.AsList(split_labels), beam.pvalue.AsSingleton(class_names)))
-
-
-def _print_summary(summary: dict, out_dir: str, seconds: float) -> None:
+def _print_summary(summary: dict, out_dir: str, errors_dir: str, seconds: float) -> None:
   rate = summary["written"] / seconds if seconds else 0.0
   print(f"ingest: {summary['written']} written + {summary['dead_lettered']} dead-lettered = "
         f"{summary['written'] + summary['dead_lettered']} of {summary['input_rows']} input rows "
@@ -187,20 +174,34 @@ def _print_summary(summary: dict, out_dir: str, seconds: float) -> None:
       items = ", ".join(f"{k}={v}" for k, v in summary[title].items())
       print(f"  {title.replace('_', ' ')}: {items}")
   if summary["status"] == "ok":
-    print(f"  dataset: {out_dir} (errors: {out_dir}/{layout.ERRORS_NAME})")
+    print(f"  dataset: {out_dir} (errors: {errors_dir}/{layout.ERRORS_NAME})")
 
 
-def run(argv: list[str] | None = None) -> dict:
-  """Runs the ingest job; returns its summary (also written to `summary.json`).
+@dataclasses.dataclass
+class Job:
+  """An ingest job whose pipeline is built but not run; it writes into `staging`."""
+  pipeline: beam.Pipeline
+  out_dir: str
+  staging: str
+
+
+def plan(argv: list[str] | None = None) -> Job:
+  """Parses the flags, checks the source and builds the pipeline (the launcher's whole work
+  before submission; `benchmarks.driver_bench` measures it). Nothing is written but the empty
+  staging folder.
+
+  Only the top of a source is read here (a manifest's header, a tree's class folders): rows
+  are read and files matched inside the pipeline, so the launcher's memory and the submitted
+  job's size do not grow with the number of rows.
 
   Raises:
-    ValueError: a bad flag value or an unusable source (before any work), or a failed job
-      (error fraction above the limit, nothing written, counts not balanced).
+    ValueError: a bad flag value or an unusable source.
   """
   args, pipeline_args = build_parser().parse_known_args(argv)
-  cfg = _config(args)
+  options = PipelineOptions(cli.with_default_runner(pipeline_args))
+  cfg = _config(args, options)
   out_dir = args.out.rstrip("/")
-  spec, folder_rows = None, None
+  spec, tree = None, None
   if _is_csv(args.source):
     spec = sources.inspect_csv(
         args.source, url_column=args.url_column, label_column=args.label_column,
@@ -208,27 +209,50 @@ def run(argv: list[str] | None = None) -> dict:
         target_columns=args.target_columns, allow_roots=args.allow_root,
         allow_buckets=args.allow_bucket)
   else:
-    folder_rows = list(sources.list_folder_tree(args.source))
+    tree = folder_tree.inspect_tree(args.source, args.allow_root)
   settings = {"image_size": args.image_size, "resize": args.resize, "format": args.format,
-              "background": list(args.background), "source_manifest": sources.redact(args.source),
+              "background": list(args.background), "source_manifest": redact.redact(args.source),
               "label_column": args.label_column if spec is None or spec.label_index is not None
-              else None, "group_column": args.group_column, "split_weights": args.splits}
-  _clear_previous_output(out_dir)
+              else None, "group_column": args.group_column, "split_weights": args.splits,
+              "split_column": args.split_column, "target_columns": args.target_columns}
+  staging = publish.prepare(out_dir)  # first: it may finish publishing an earlier job
+  previous = (out_dir, retry.previous_dataset(out_dir, settings)) if args.retry_failed else None
+  root = beam.Pipeline(options=options)
+  job.build_pipeline(root, out_dir=staging, cfg=cfg, spec=spec, tree=tree,
+                     max_error_fraction=args.max_error_fraction, settings=settings,
+                     previous=previous, num_shards=args.num_shards)
+  return Job(root, out_dir, staging)
+
+
+def run(argv: list[str] | None = None) -> dict:
+  """Runs the ingest job; returns its summary (also written to `summary.json`).
+
+  The job writes into a staging folder; the dataset already in `--out`, if any, is replaced
+  only once the new one is complete (see `publish`).
+
+  Raises:
+    ValueError: a bad flag value or an unusable source (before any work), or a failed job
+      (error fraction above the limit, nothing written, counts not balanced).
+  """
+  job = plan(argv)
   started = time.monotonic()
-  root = beam.Pipeline(options=PipelineOptions(cli.with_default_runner(pipeline_args)))
-  build_pipeline(root, out_dir=out_dir, cfg=cfg, spec=spec,
-                 folder_rows=folder_rows, max_error_fraction=args.max_error_fraction,
-                 settings=settings, num_shards=args.num_shards)
-  root.run().wait_until_finish()
+  job.pipeline.run().wait_until_finish()
   progress.report("ingest", done=True)
   seconds = time.monotonic() - started
-  with tf.io.gfile.GFile(f"{out_dir}/{layout.SUMMARY_NAME}") as f:
+  with tf.io.gfile.GFile(f"{job.staging}/{layout.SUMMARY_NAME}") as f:
     summary = json.load(f)
   summary["seconds"] = seconds
-  _print_summary(summary, out_dir, seconds)
+  if summary["status"] == "ok":
+    publish.swap_in(job.staging, job.out_dir)
+    errors_dir = job.out_dir
+  else:
+    errors_dir = publish.keep_failed(job.staging, job.out_dir)
+  _print_summary(summary, job.out_dir, errors_dir, seconds)
   if summary["status"] != "ok":
-    raise ValueError("; ".join(summary["problems"])
-                     + f"; see {out_dir}/{layout.ERRORS_NAME}")
+    kept = (f"; the dataset already in {job.out_dir} is unchanged"
+            if errors_dir != job.out_dir else "")
+    raise ValueError("; ".join(summary["problems"]) + kept
+                     + f"; see {errors_dir}/{layout.ERRORS_NAME}")
   return summary
 
 

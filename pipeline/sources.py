@@ -1,4 +1,4 @@
-"""Input sources of the ingest job: CSV manifests and folder trees -> source rows.
+"""CSV manifests, the main input of the ingest job -> source rows (folder trees: `folder_tree`).
 
     spec = sources.inspect_csv("data/sample/gender.csv", label_column="gender")
     row = sources.parse_csv_line(line, spec)   # a dict, or raises RowError(reason, message)
@@ -10,7 +10,8 @@ row as read, credentials redacted: it goes into dead letters) and `extra` (other
 
 The canonical source is the URL exactly as written for remote sources and the path relative to
 the manifest's folder (or the tree's root) for local files, never an absolute path, so ids and
-splits are identical on every machine.
+splits are identical on every machine and for every spelling of the manifest's path (see
+`paths`). The stored `source` is the canonical source with secrets redacted (see `redact`).
 """
 from __future__ import annotations
 
@@ -19,17 +20,16 @@ import dataclasses
 import hashlib
 import math
 import posixpath
-import re
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
 from contracts import layout
+from pipeline import paths, redact
 
 REMOTE_SCHEMES = ("http", "https")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 
 
 class RowError(ValueError):
@@ -40,36 +40,28 @@ class RowError(ValueError):
     self.reason = reason
 
 
-def redact(text: str) -> str:
-  """Removes `user:password@` from every URL in `text` (dead letters and logs never hold them)."""
-  return _CREDENTIALS.sub(r"\g<scheme>***@", text)
-
-
 def source_id(canonical_source: str) -> str:
   """The record id: sha256 hex of the canonical source string."""
   return hashlib.sha256(canonical_source.encode("utf-8")).hexdigest()
-
-
-def _is_under(path: str, root: str) -> bool:
-  root = root.rstrip("/")
-  return path == root or path.startswith(root + "/")
 
 
 def resolve_location(source: str, base_dir: str, allow_roots: Sequence[str] = (),
                      allow_buckets: Sequence[str] = ()) -> tuple[str, str]:
   """Resolves a manifest entry to (location to fetch, canonical source for the id).
 
+  `base_dir` and `allow_roots` are canonical (`paths.real_path`, as `inspect_csv` makes them).
   gs:// sources must be in the manifest's own bucket or in `allow_buckets`: workers run with
   cloud credentials that may read far more than the user meant to ingest.
 
   Raises:
-    RowError: `unsupported_scheme`, `outside_root`, `bucket_not_allowed` or `bad_url`.
+    RowError: `unsupported_scheme`, `outside_root`, `bucket_not_allowed`, `bad_url` or
+      `unreadable` (a symlink loop).
   """
   parsed = urllib.parse.urlsplit(source)
   scheme = parsed.scheme.lower()
   if scheme in REMOTE_SCHEMES:
     if not parsed.hostname:
-      raise RowError("bad_url", f"URL {redact(source)!r} has no host")
+      raise RowError("bad_url", f"URL {redact.redact(source)!r} has no host")
     return source, source
   if scheme == "gs":
     own = (urllib.parse.urlsplit(base_dir).netloc,) if base_dir.startswith("gs://") else ()
@@ -80,22 +72,12 @@ def resolve_location(source: str, base_dir: str, allow_roots: Sequence[str] = ()
   if scheme == "file":
     source = urllib.parse.unquote(parsed.path)
   elif scheme and len(scheme) > 1:  # one letter would be a Windows drive, not a scheme
-    raise RowError("unsupported_scheme", f"scheme {scheme!r} of {redact(source)!r} is not allowed;"
-                   " allowed: http, https, gs, local paths")
-  base_dir = base_dir.rstrip("/")
-  if source.startswith("/"):
-    location = posixpath.normpath(source)
-  elif base_dir.startswith("gs://"):
-    location = "gs://" + posixpath.normpath(posixpath.join(base_dir[5:], source))
-  else:
-    location = posixpath.normpath(posixpath.join(base_dir, source))
-  for root in (base_dir, *allow_roots):
-    root = posixpath.normpath(root) if not root.startswith("gs://") else root.rstrip("/")
-    if _is_under(location, root):
-      relative = location[len(root):].lstrip("/")
-      return location, relative if root == base_dir else f"{posixpath.basename(root)}/{relative}"
-  raise RowError("outside_root", f"path {source!r} resolves outside the manifest's folder "
-                 f"{base_dir!r}; pass --allow-root to allow another folder")
+    raise RowError("unsupported_scheme", f"scheme {scheme!r} of {redact.redact(source)!r} is not "
+                   "allowed; allowed: http, https, gs, local paths")
+  try:
+    return paths.locate(source, base_dir, allow_roots)
+  except paths.PathRefused as error:
+    raise RowError(error.reason, str(error)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,10 +152,11 @@ def inspect_csv(path: str, *, url_column: str = "image_url", label_column: str |
   group_index = _column(header, group_column, "--group-column")
   split_index = _column(header, split_column, "--split-column")
   used = {i for i in (url_index, label_index, group_index, split_index) if i is not None}
-  base_dir = posixpath.dirname(path) or "."
+  # Canonical once, here: ids must not depend on the current folder or the path's spelling.
+  base_dir = paths.real_path(posixpath.dirname(path) or ".")
   return CsvSpec(path, base_dir, header, url_index, label_index, group_index, split_index,
-                 _target_indices(header, target_columns, used), tuple(allow_roots),
-                 tuple(allow_buckets))
+                 _target_indices(header, target_columns, used),
+                 tuple(paths.real_path(root) for root in allow_roots), tuple(allow_buckets))
 
 
 def _parse_targets(fields: Sequence[str], indices: Sequence[int]) -> list[float] | None:
@@ -220,7 +203,7 @@ def parse_csv_line(line: str, spec: CsvSpec) -> dict:
              *spec.target_indices}
   return {
       "id": source_id(canonical),
-      "source": redact(canonical),
+      "source": redact.redact(canonical),
       "location": location,
       "label": label,
       "group": fields[spec.group_index].strip() if spec.group_index is not None else None,
@@ -228,45 +211,3 @@ def parse_csv_line(line: str, spec: CsvSpec) -> dict:
       "targets": targets,
       "extra": {spec.header[i]: v for i, v in enumerate(fields) if i not in special},
   }
-
-
-# ---------------------------------------------------------------------------------------------
-# Folder trees
-
-
-def _is_image_name(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def list_folder_tree(root: str) -> Iterator[dict]:
-  """Yields source rows of a `root/<class>/...` or `root/<split>/<class>/...` tree.
-
-  The tree is a split tree when every top-level folder is a split name (train, val, test...).
-
-  Raises:
-    ValueError: the folder does not exist or holds no class folders.
-  """
-  root = root.rstrip("/")
-  if not tf.io.gfile.isdir(root):
-    raise ValueError(f"source {root!r} is neither a CSV manifest nor a folder")
-  top = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(root)
-               if tf.io.gfile.isdir(f"{root}/{name.rstrip('/')}"))
-  if not top:
-    raise ValueError(f"folder {root!r} has no class sub-folders (expected root/<class>/image or "
-                     "root/<split>/<class>/image)")
-  split_tree = all(name.lower() in layout.SPLIT_ALIASES for name in top)
-  for directory, _, files in tf.io.gfile.walk(root):
-    relative_dir = directory[len(root):].strip("/")
-    parts = relative_dir.split("/") if relative_dir else []
-    for name in sorted(files):
-      relative = f"{relative_dir}/{name}" if relative_dir else name
-      row = {"id": source_id(relative), "source": relative, "location": f"{root}/{relative}",
-             "label": None, "group": None, "split": None, "targets": None, "extra": {}}
-      needed = 2 if split_tree else 1
-      if len(parts) < needed or not _is_image_name(name):
-        row["error"] = ("not_in_class_folder" if len(parts) < needed else "not_an_image_name")
-      else:
-        row["label"] = parts[needed - 1]
-        if split_tree:
-          row["split"] = layout.canonical_split(parts[0])
-      yield row

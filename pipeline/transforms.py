@@ -17,11 +17,14 @@ from collections.abc import Callable, Iterable, Sequence
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
+from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
 
 from contracts import progress
 from contracts import schema as schema_lib
-from pipeline import decoder_pool, fetch, image_decode, sources, splits
+from pipeline import (decoder_pool, download_cache, fetch, folder_tree, image_decode, redact,
+                      sources, splits)
 
 DEAD = "dead"
 STATS = "stats"
@@ -43,6 +46,7 @@ class IngestConfig:
   download_cache: str | None = None
   decode_timeout: float = 30.0  # 0 decodes in-process (no crash/hang isolation)
   decode_processes: int = 2
+  decode_memory_mb: int = 4096  # address-space limit of each decoder process; 0: none
   decoder: Callable[[dict, bytes, image_decode.DecodeSettings], dict] = image_decode.prepare_record
 
   @property
@@ -52,12 +56,13 @@ class IngestConfig:
 
 
 def dead_letter(reason: str, row, message: str, stage: str = "ingest") -> str:
-  """One `errors.jsonl` line; credentials in URLs are redacted from the row and message."""
+  """One `errors.jsonl` line; credentials and signed-URL secrets are redacted from the row and
+  message (the fetched location and any encoded image bytes are left out)."""
   if isinstance(row, dict):
-    row = {k: v for k, v in row.items() if k not in ("location", "error")}
+    row = {k: v for k, v in row.items() if k not in ("location", "error", "image")}
   text = json.dumps({"stage": stage, "reason": reason, "row": row, "message": message},
                     sort_keys=True, default=str)
-  return sources.redact(text)
+  return redact.redact(text)
 
 
 class _DeadLetteringDoFn(beam.DoFn):
@@ -92,16 +97,22 @@ class ParseCsvLineFn(_DeadLetteringDoFn):
     try:
       yield sources.parse_csv_line(line, self._spec)
     except sources.RowError as error:
-      yield self._dead(error.reason, sources.redact(line), str(error))
+      yield self._dead(error.reason, redact.redact(line), str(error))
 
 
 class RouteFolderRowFn(_DeadLetteringDoFn):
-  """Folder-tree entry -> source row, or a dead letter for files outside class folders."""
+  """Listed file path -> source row, or a dead letter (outside class folders, not an image
+  name, a link leaving the root)."""
 
-  def process(self, row: dict):
+  def __init__(self, tree: folder_tree.TreeSpec):
+    super().__init__()
+    self._tree = tree
+
+  def process(self, path: str):
+    row = folder_tree.row_of(path, self._tree)
     if "error" in row:
-      yield self._dead(row["error"], row, f"{row['source']!r} is not an image inside a class "
-                       "folder")
+      reason, message = row["error"]
+      yield self._dead(reason, row, message)
     else:
       yield row
 
@@ -144,18 +155,22 @@ class FetchDecodeBatchFn(_DeadLetteringDoFn):
   def __init__(self, cfg: IngestConfig):
     super().__init__()
     self._cfg = cfg
+    self._shared_fetcher = shared.Shared()
 
   def setup(self):
-    self._fetcher = fetch.Fetcher(self._cfg.fetch)
-    self._cache = (fetch.DownloadCache(self._cfg.download_cache) if self._cfg.download_cache
-                   else None)
+    # One fetcher per worker process, whatever the number of DoFn instances Beam runs in it:
+    # --max-per-host and the connection pools are the process's, not one bundle thread's.
+    config = self._cfg.fetch
+    self._fetcher = self._shared_fetcher.acquire(lambda: fetch.Fetcher(config), tag=repr(config))
+    self._cache = (download_cache.DownloadCache(self._cfg.download_cache)
+                   if self._cfg.download_cache else None)
     self._cache_hits = Metrics.counter("ingest", "download_cache_hits")
     self._cache_errors = Metrics.counter("ingest", "download_cache_errors")
     self._decode = self._cfg.decoder
     if self._cfg.decode_timeout > 0:
       self._decode = decoder_pool.IsolatedDecoder(
           self._cfg.decoder, processes=self._cfg.decode_processes,
-          timeout=self._cfg.decode_timeout)
+          timeout=self._cfg.decode_timeout, max_memory_bytes=self._cfg.decode_memory_mb << 20)
     self._pool = concurrent.futures.ThreadPoolExecutor(self._cfg.fetch_threads)
     self._done = Metrics.counter("ingest", "images_written")
 
@@ -259,15 +274,27 @@ class ReadCsvSource(beam.PTransform):
 
 
 class ReadFolderSource(beam.PTransform):
-  """Folder tree rows (listed by the driver) -> (source rows, dead letters, input row count)."""
+  """Folder tree -> (source rows, dead letters, input row count).
 
-  def __init__(self, rows: Sequence[dict]):
+  The files are matched on the workers (one pattern per class folder), not listed by the
+  launcher: the job's size and the launcher's memory do not grow with the number of images.
+  """
+
+  def __init__(self, tree: folder_tree.TreeSpec):
     super().__init__()
-    self._rows = list(rows)
+    self._tree = tree
 
   def expand(self, root):
-    entries = root | "ListFiles" >> beam.Create(self._rows, reshuffle=True)
-    routed = entries | "RouteRows" >> beam.ParDo(RouteFolderRowFn()).with_outputs(DEAD, main="rows")
+    tree = self._tree
+    matched = (root
+               | "ClassFolders" >> beam.Create(folder_tree.class_patterns(tree))
+               | "MatchFiles" >> fileio.MatchAll()
+               | "PathOf" >> beam.Map(lambda metadata: metadata.path))
+    stray = root | "StrayFiles" >> beam.Create([f"{tree.root}/{name}" for name in tree.stray_files])
+    entries = ((matched, stray) | "MergePaths" >> beam.Flatten()
+               | "SpreadPaths" >> beam.Reshuffle())
+    routed = entries | "RouteRows" >> beam.ParDo(RouteFolderRowFn(tree)).with_outputs(
+        DEAD, main="rows")
     count = entries | "CountRows" >> beam.combiners.Count.Globally()
     return routed.rows, routed[DEAD], count
 

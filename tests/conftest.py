@@ -107,6 +107,21 @@ def http_server():
   server.server_close()
 
 
+def send(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes = b"",
+         headers: dict[str, str] | None = None) -> None:
+  """Answers a request from a callable route: status, headers, Content-Length and body (a
+  client that already gave up is not an error)."""
+  handler.send_response(status)
+  for key, value in (headers or {}).items():
+    handler.send_header(key, value)
+  handler.send_header("Content-Length", str(len(body)))
+  handler.end_headers()
+  try:
+    handler.wfile.write(body)
+  except (BrokenPipeError, ConnectionResetError):
+    pass
+
+
 def slow_drip(seconds_per_byte: float, total: int):
   """A route that sends a valid-looking header then one byte at a time."""
   def route(handler):

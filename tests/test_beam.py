@@ -16,7 +16,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from contracts import cli, datasets
 from contracts import schema as schema_lib
-from pipeline import run as ingest_run
+from pipeline import job
 from pipeline import sources, transforms
 from tests.conftest import write_image_set
 
@@ -55,8 +55,8 @@ def test_ingest_build_pipeline_under_test_pipeline(csv_source, tmp_path):
               "background": [255, 255, 255], "source_manifest": str(manifest),
               "label_column": "label", "group_column": None, "split_weights": "train=100"}
   with _test_pipeline() as root:
-    summary = ingest_run.build_pipeline(root, out_dir=out, cfg=cfg, spec=spec, folder_rows=None,
-                                        max_error_fraction=0.5, settings=settings)
+    summary = job.build_pipeline(root, out_dir=out, cfg=cfg, spec=spec, tree=None,
+                                 max_error_fraction=0.5, settings=settings)
     assert_that(summary | beam.Map(lambda s: (s["status"], s["written"], s["dead_lettered"],
                                               s["balanced"], s["by_reason"])),
                 equal_to([("ok", 6, 1, True, {"not_found": 1})]))

@@ -55,3 +55,20 @@ def test_markdown_table_lists_every_ratio_and_memory_check(tmp_path):
   assert memory["flat"] and memory["growth_mb_per_1000_images"] == 100.0
   table = suite.markdown_table({**{f"R{i}": record for i in range(1, 8)}, "memory": [memory]})
   assert all(f"| R{i} " in table for i in range(1, 8)) and "peak RSS ingest" in table
+
+
+def test_driver_entry_judges_rss_and_proto_growth():
+  from benchmarks import driver_bench, suite
+  entry = driver_bench._entry("CSV manifest", {
+      20: {"max_rss_mb": 700.0, "proto_bytes": 1000.0},
+      200: {"max_rss_mb": 720.0, "proto_bytes": 1200.0}})
+  assert not entry["flat"] and round(entry["proto_growth"], 3) == 0.2
+  assert "NOT flat" in driver_bench.line(entry) and "200 rows 720 MB" in driver_bench.line(entry)
+  table = suite.markdown_table({"memory": [], "driver": [entry], **{
+      f"R{i}": storage_bench_record() for i in range(1, 8)}})
+  assert "| ingest launcher, CSV manifest | RSS +2.9%, proto +20.0%" in table
+
+
+def storage_bench_record() -> dict:
+  figure = measure.Figure("a", 1.0, "x")
+  return measure.Ratio("R7", "n", 1.0, figure, figure, 1.0).to_dict()

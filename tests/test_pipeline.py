@@ -585,9 +585,9 @@ def test_download_cache_writers_of_identical_bytes_never_collide(tmp_path):
   """Issue 16.0 at the unit: many threads store identical bytes under different ids at once."""
   import concurrent.futures
 
-  from pipeline import fetch
+  from pipeline import download_cache
 
-  cache = fetch.DownloadCache(str(tmp_path / "cache"))
+  cache = download_cache.DownloadCache(str(tmp_path / "cache"))
   data = bytes(range(256)) * 400
   for round_ in range(20):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
@@ -620,12 +620,12 @@ def test_identical_bytes_under_many_urls_fetched_concurrently(tmp_path, http_ser
 
 def test_a_download_cache_that_cannot_be_written_loses_no_row(tmp_path, http_server, monkeypatch):
   """Issue 16.0: any error while caching a row skips the cache for that row, never the job."""
-  from pipeline import fetch
+  from pipeline import download_cache
 
   def broken(path, data):
     raise OSError(f"disk full writing {path}")
 
-  monkeypatch.setattr(fetch.DownloadCache, "_write", staticmethod(broken))
+  monkeypatch.setattr(download_cache.DownloadCache, "_write", staticmethod(broken))
   http_server.routes = {f"/{i}.png": (200, {}, _png(make_image((40, 40), i % 2, i)))
                         for i in range(4)}
   manifest = tmp_path / "m.csv"

@@ -1,0 +1,176 @@
+"""Politeness towards the hosts ingest downloads from: per-host limits, back-off, opt-outs, and a
+bounded set of connection pools.
+
+    limiter = hosts.HostLimiter(per_host=8)
+    with limiter.slot("images.example.org", max_wait=60.0):   # at most 8 at once per host
+      ...
+    limiter.pause("images.example.org", 30.0)                 # Retry-After: everyone waits
+    hosts.retry_after_seconds("Wed, 21 Oct 2026 07:28:00 GMT")
+    hosts.opt_out("noai, noimageai")                          # 'noai'
+
+One `HostLimiter` serves every download thread of a worker process (the fetcher holding it is
+shared through Beam's `shared.Shared`), so `--max-per-host` bounds what one worker asks of one
+host however many threads (or, later, coroutines) fetch at once. Waiting for a slot does not
+count against a download's deadline (a manifest dominated by one host queues behind it); a
+host paused by Retry-After for longer than a download may take fails those rows at once as
+`rate_limited`, which `--retry-failed` treats as transient.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+# X-Robots-Tag directives by which publishers say "not for AI training / not for indexing".
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "none"})
+# The token an X-Robots-Tag value may be scoped to ("headstart: noai").
+AGENT_TOKEN = "headstart"
+# Directives that carry a value after a colon, unlike a user-agent scope ("googlebot: noindex").
+_VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview",
+                                "max-video-preview"})
+
+
+class HostPaused(Exception):
+  """The host asked to be left alone for longer than the caller may wait."""
+
+  def __init__(self, seconds: float):
+    super().__init__(f"the host asked for a pause of {seconds:.0f}s (Retry-After)")
+    self.seconds = seconds
+
+
+class HostLimiter:
+  """At most `per_host` requests in flight per host name, and pauses a host asked for."""
+
+  def __init__(self, per_host: int):
+    if per_host < 1:
+      raise ValueError(f"per_host must be >= 1, got {per_host!r}")
+    self.per_host = per_host
+    self._changed = threading.Condition()
+    self._active: collections.Counter[str] = collections.Counter()
+    self._paused_until: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def slot(self, host: str, max_wait: float) -> Iterator[None]:
+    """Holds one of the host's slots for the `with` block.
+
+    Raises:
+      HostPaused: the host is paused for longer than `max_wait` seconds.
+    """
+    with self._changed:
+      while True:
+        pause = self._paused_until.get(host, 0.0) - time.monotonic()
+        if pause > max_wait:
+          raise HostPaused(pause)
+        if pause <= 0 and self._active[host] < self.per_host:
+          break
+        self._changed.wait(pause if pause > 0 else None)
+      self._active[host] += 1
+    try:
+      yield
+    finally:
+      with self._changed:
+        self._active[host] -= 1
+        if not self._active[host]:
+          del self._active[host]
+        self._changed.notify_all()
+
+  def pause(self, host: str, seconds: float) -> None:
+    """No new request to `host` starts within `seconds` (it said Retry-After)."""
+    with self._changed:
+      until = time.monotonic() + seconds
+      if until > self._paused_until.get(host, 0.0):
+        self._paused_until[host] = until
+
+  def in_flight(self, host: str) -> int:
+    """Requests to `host` in flight now."""
+    with self._changed:
+      return self._active[host]
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+  """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date; None if absent
+  or unparseable."""
+  value = (value or "").strip()
+  if not value:
+    return None
+  if value.isdigit():
+    return float(value)
+  try:
+    when = email.utils.parsedate_to_datetime(value)
+  except (TypeError, ValueError, IndexError):
+    return None
+  if when.tzinfo is None:  # RFC 9110 dates are GMT
+    when = when.replace(tzinfo=datetime.timezone.utc)
+  return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_seconds(attempt: int, base: float, retry_after: float | None,
+                    rng: random.Random) -> float:
+  """Delay before retry number `attempt` (1, 2, ...): never sooner than Retry-After (plus up to
+  25 % jitter); otherwise exponential with equal jitter, so threads that failed together do
+  not come back together."""
+  if retry_after is not None:
+    return retry_after * rng.uniform(1.0, 1.25)
+  ceiling = base * 2 ** (attempt - 1)
+  return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
+
+
+def opt_out(values: Iterable[str], agent: str = AGENT_TOKEN) -> str | None:
+  """The opt-out directive among X-Robots-Tag header values that applies to `agent`, or None.
+
+  A value scoped to another crawler ("googlebot: noindex") does not apply; unscoped ones and
+  those scoped to `agent` do.
+  """
+  for value in values:
+    scope = None
+    for part in value.split(","):
+      part = part.strip().lower()
+      head, colon, rest = part.partition(":")
+      if colon and head.strip() not in _VALUED_DIRECTIVES:
+        scope, part = head.strip(), rest.strip()
+      if scope in (None, agent) and part in OPT_OUT_DIRECTIVES:
+        return part
+  return None
+
+
+class PoolCache:
+  """At most `capacity` connection pools; the least recently used one is closed to make room.
+
+  A job over millions of URLs meets thousands of hosts: one pool each, kept for ever, would hold
+  their sockets and memory to the end.
+  """
+
+  def __init__(self, capacity: int, make: Callable[[tuple], object]):
+    self._capacity = capacity
+    self._make = make
+    self._pools: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def get(self, key: tuple):
+    """The pool for `key`, made on first use."""
+    with self._lock:
+      pool = self._pools.get(key)
+      if pool is not None:
+        self._pools.move_to_end(key)
+        return pool
+      pool = self._pools[key] = self._make(key)
+      evicted = (self._pools.popitem(last=False)[1] if len(self._pools) > self._capacity
+                 else None)
+    if evicted is not None:
+      evicted.close()  # idle sockets close now; one still in use closes when it is released
+    return pool
+
+  def __len__(self) -> int:
+    return len(self._pools)
+
+  def close(self) -> None:
+    """Closes every pool."""
+    with self._lock:
+      pools, self._pools = list(self._pools.values()), collections.OrderedDict()
+    for pool in pools:
+      pool.close()
