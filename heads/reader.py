@@ -56,8 +56,16 @@ class DatasetSpec:
   def target_key(self) -> str:
     return "targets" if self.task == "keypoints" else "label"
 
-  def num_examples(self, split: str) -> int:
-    return int(self.manifest["splits"][split]["num_examples"])
+  def num_examples(self, split: str, *, views: bool = True) -> int:
+    """Records of a split from the manifest; `views=False` counts original images only.
+
+    Stage 2 writes `1 + views` records per usable train image, so the originals are counted
+    without reading a record.
+    """
+    count = int(self.manifest["splits"][split]["num_examples"])
+    if views or self.kind != "features" or split != "train":
+      return count
+    return count // (1 + int(self.manifest.get("views") or 0))
 
 
 def load_spec(data_dir: str) -> DatasetSpec:
@@ -116,10 +124,9 @@ def check_cache_key(spec: DatasetSpec, expected: str, run_dir: str) -> None:
 
 
 def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-  """JPEG/PNG bytes of one stored image -> float32 `[S, S, 3]` in [0, 255]."""
+  """JPEG/PNG bytes of one stored image -> uint8 `[S, S, 3]` (cast to float32 per batch)."""
   image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  image = tf.ensure_shape(image, [image_size, image_size, 3])
-  return tf.cast(image, tf.float32)
+  return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
 def input_key(input_kind: str) -> str:
@@ -130,8 +137,12 @@ def input_key(input_kind: str) -> str:
 
 
 def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = False,
-               with_id: bool = False, extra_keys: tuple[str, ...] = ()) -> tf.data.Dataset:
+               with_id: bool = False, extra_keys: tuple[str, ...] = (),
+               as_stored: bool = False) -> tf.data.Dataset:
   """One split as a dataset of per-example dicts `{"x", "y"[, "id"]}` (no cache/shuffle/batch).
+
+  `x` is float32 unless `as_stored`: then maps stay float16 and images uint8, as stored, for a
+  cache half (or a quarter) the size; `make_for_train`/`make_for_eval` cast each batch.
 
   Args:
     spec: the dataset, from `load_spec`.
@@ -160,7 +171,7 @@ def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = 
   keys = (key, spec.target_key, *(("id",) if with_id else ()), *extra_keys,
           *(("view",) if filter_views else ()))
   # parse_example handles the encoded image bytes; decoding is per image below.
-  parse = spec.schema.batch_parser(keys)
+  parse = spec.schema.batch_parser(keys, maps_as=tf.float16 if as_stored else tf.float32)
   autotune = tf.data.AUTOTUNE
   dataset = tf.data.Dataset.from_tensor_slices(files).interleave(
       tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
@@ -169,9 +180,10 @@ def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = 
   if filter_views:
     dataset = dataset.filter(lambda record: tf.equal(record["view"], 0))
   if input_kind == "image":
-    size = spec.image_size
-    dataset = dataset.map(lambda record: {**record, "image": decode_image(record["image"], size)},
-                          num_parallel_calls=autotune)
+    size, dtype = spec.image_size, tf.uint8 if as_stored else tf.float32
+    dataset = dataset.map(
+        lambda record: {**record, "image": tf.cast(decode_image(record["image"], size), dtype)},
+        num_parallel_calls=autotune)
   names = {key: "x", spec.target_key: "y"}
   return dataset.map(
       lambda record: {names.get(k, k): v for k, v in record.items() if k != "view"},
@@ -179,43 +191,55 @@ def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = 
 
 
 def count_examples(spec: DatasetSpec, split: str, *, views: bool = False) -> int:
-  """Examples `read_split` yields for a split; parses only `view`, never the big tensors."""
-  if spec.kind != "features" or views:
-    return spec.num_examples(split)
-  files = datasets.shard_paths(spec.data_dir, spec.manifest, split)
-  parse = spec.schema.batch_parser(("view",))
-  dataset = tf.data.TFRecordDataset(files).batch(PARSE_BATCH).map(
-      parse, num_parallel_calls=tf.data.AUTOTUNE)
-  return int(dataset.reduce(np.int64(0), lambda count, batch: count + tf.reduce_sum(
-      tf.cast(tf.equal(batch["view"], 0), tf.int64))))
+  """Examples `read_split` yields for a split, from the manifest (no record is read)."""
+  return spec.num_examples(split, views=views)
 
 
 def _to_pair(record: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
   return record["x"], record["y"]
 
 
-def _pairs(dataset: tf.data.Dataset, *, cache: bool,
+def _as_float(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  return (x if x.dtype == tf.float32 else tf.cast(x, tf.float32)), y
+
+
+def _pairs(dataset: tf.data.Dataset, *, cache: str | bool, cache_file: str | None,
            num_examples: int | None) -> tf.data.Dataset:
-  """Per-example dicts -> `(x, y)`, with the declared cardinality, cached when asked."""
+  """Per-example dicts -> `(x, y)` with the declared cardinality, cached where the plan says.
+
+  `cache` is "memory", "file" (at `cache_file`), "none", or a bool (True: memory).
+  """
   dataset = dataset.map(_to_pair, num_parallel_calls=tf.data.AUTOTUNE)
   if num_examples is not None:
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
-  return dataset.cache() if cache else dataset
+  where = {True: "memory", False: "none"}.get(cache, cache)
+  if where == "memory":
+    return dataset.cache()
+  if where == "file":
+    if not cache_file:
+      raise ValueError("a file cache needs its path")
+    from heads import caching
+    tf.io.gfile.makedirs(cache_file.rsplit("/", 1)[0])
+    caching.clear_partial(cache_file)
+    return dataset.cache(cache_file)
+  return dataset
 
 
 def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer: int,
-                   seed: int, cache: bool = True, num_examples: int | None = None,
+                   seed: int, cache: str | bool = True, cache_file: str | None = None,
+                   num_examples: int | None = None,
                    epoch: tf.Variable | None = None) -> tf.data.Dataset:
-  """Per-example dicts -> shuffled `(x, y)` batches, cached after the first epoch.
+  """Per-example dicts -> shuffled float32 `(x, y)` batches, cached where `cache` says.
 
   `num_examples` (from `count_examples`) declares the cardinality the view filter hides, so Keras
   knows the epoch length from the first epoch on. With `epoch` (an int64 variable the trainer
   sets at each epoch's start, see `fitting.EpochSeed`), epoch k's order is a function of
   (seed, k) alone, so a run resumed in a new process replays exactly the order an uninterrupted
   run would have used; without it, each new iterator draws the next order of this process.
+  The shuffle sits after the cache and sees the same record sequence whether that sequence
+  comes from memory, a file or the shards, so the order does not depend on the cache.
   """
-  dataset = _pairs(dataset, cache=cache, num_examples=num_examples)
-  # Shuffle after the cache so every epoch sees a new order of the same cached records.
+  dataset = _pairs(dataset, cache=cache, cache_file=cache_file, num_examples=num_examples)
   if epoch is None:
     dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   else:
@@ -232,14 +256,15 @@ def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer:
     dataset = tf.data.Dataset.from_tensors(0).flat_map(epoch_order)
     if num_examples is not None:
       dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
-  return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  return dataset.batch(batch_size).map(_as_float).prefetch(tf.data.AUTOTUNE)
 
 
-def make_for_eval(dataset: tf.data.Dataset, *, batch_size: int, cache: bool = True,
+def make_for_eval(dataset: tf.data.Dataset, *, batch_size: int, cache: str | bool = True,
+                  cache_file: str | None = None,
                   num_examples: int | None = None) -> tf.data.Dataset:
-  """Per-example dicts -> `(x, y)` batches in record order."""
-  dataset = _pairs(dataset, cache=cache, num_examples=num_examples)
-  return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  """Per-example dicts -> float32 `(x, y)` batches in record order."""
+  dataset = _pairs(dataset, cache=cache, cache_file=cache_file, num_examples=num_examples)
+  return dataset.batch(batch_size).map(_as_float).prefetch(tf.data.AUTOTUNE)
 
 
 def load_arrays(dataset: tf.data.Dataset, keys: tuple[str, ...] = ("x", "y")
