@@ -95,3 +95,27 @@ def test_an_unfinished_file_cache_is_cleared_and_a_finished_one_kept(tmp_path):
 def test_cache_budget_sizes(text, expected):
   from contracts import cli
   assert cli.size_bytes(text) == expected
+
+
+def test_features_export_npy_and_parquet_equal_the_dataset(tmp_path):
+  """Issue 14.5: pooled vectors, maps, ids and labels leave headstart without TensorFlow."""
+  import pyarrow.parquet as pq
+
+  from heads import feature_export
+  from tests.test_heads_unit import write_feature_dataset
+  data = write_feature_dataset(tmp_path / "features", views_in_train=1)
+  summary = feature_export.export_features(str(data), str(tmp_path / "npy"), maps=True)
+  assert summary["counts"] == {"train": 24, "validation": 8, "test": 8}   # views left out
+  ids = np.load(tmp_path / "npy" / "test" / "ids.npy")
+  pooled = np.load(tmp_path / "npy" / "test" / "pooled.npy")
+  maps = np.load(tmp_path / "npy" / "test" / "maps.npy")
+  labels = np.load(tmp_path / "npy" / "test" / "labels.npy")
+  assert ids[0] == b"test-0" and labels.tolist() == [i % 2 for i in range(8)]
+  assert maps.dtype == np.float16 and maps.shape == (8, 3, 3, 4)
+  np.testing.assert_allclose(pooled, maps.astype(np.float32).mean(axis=(1, 2)), atol=1e-2)
+  feature_export.export_features(str(data), str(tmp_path / "pq"), fmt="parquet")
+  table = pq.read_table(tmp_path / "pq" / "test.parquet").to_pydict()
+  assert table["id"] == [i.decode() for i in ids] and table["label"] == labels.tolist()
+  np.testing.assert_array_equal(np.asarray(table["pooled"], np.float32), pooled)
+  with pytest.raises(ValueError, match="'csv'"):
+    feature_export.export_features(str(data), str(tmp_path / "x"), fmt="csv")
