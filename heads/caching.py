@@ -93,14 +93,15 @@ def _free_bytes(directory: str) -> int:
     return 0
 
 
-def plan_cache(spec: Any, input_kind: str, splits: Sequence[str], *, budget: int | None,
+def plan_cache(spec: Any, input_kind: str | Sequence[str], splits: Sequence[str], *,
+               budget: int | None,
                cache_dir: str | None, run_dir: str | None = None,
                views: bool = False) -> CachePlan:
   """Chooses memory, file or no cache for the splits a run reads every epoch.
 
   Args:
     spec: the dataset (`reader.DatasetSpec`).
-    input_kind: `pooled`, `map` or `image`.
+    input_kind: `pooled`, `map` or `image`, or the several kinds cached together.
     splits: the splits read each epoch (train, and validation when present).
     budget: bytes allowed in memory (None: `default_budget()`).
     cache_dir: where a file cache may go (None: `run_dir/cache` when local, else a local
@@ -109,7 +110,8 @@ def plan_cache(spec: Any, input_kind: str, splits: Sequence[str], *, budget: int
     views: augmented views are read too (they multiply the train split).
   """
   budget = default_budget() if budget is None else int(budget)
-  per_example = bytes_per_example(spec, input_kind)
+  kinds = (input_kind,) if isinstance(input_kind, str) else tuple(input_kind)
+  per_example = sum(bytes_per_example(spec, kind) for kind in kinds)
   examples = sum(spec.num_examples(split) if (views or split != "train")
                  else spec.num_examples(split, views=False) for split in splits)
   needed = examples * per_example
@@ -132,9 +134,9 @@ def plan_cache(spec: Any, input_kind: str, splits: Sequence[str], *, budget: int
                    needed, budget)
 
 
-def cache_key(spec: Any, input_kind: str, views: bool) -> str:
+def cache_key(spec: Any, input_kinds: Sequence[str], views: bool) -> str:
   """Names a file cache by what it holds, so runs on the same data share it and no other."""
-  text = f"{spec.cache_key}|{input_kind}|views={views}"
+  text = f"{spec.cache_key}|{','.join(input_kinds)}|views={views}"
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

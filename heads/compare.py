@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -40,11 +41,47 @@ CellTrainer = Callable[[grid.Cell, int, runs.RunDir, config_lib.Config], Mapping
 
 
 def train_cell(cell: grid.Cell, seed: int, run: runs.RunDir, config: config_lib.Config, *,
-               verbose: int = 0) -> dict[str, Any]:
-  """Trains one cell and seed in this process (no `model.keras`: only the best run gets one)."""
+               verbose: int = 0, cache_budget: int | None = None,
+               cache_dir: str | None = None) -> dict[str, Any]:
+  """Trains one cell and seed in this process (no `model.keras`: only the best run gets one).
+
+  Runs of this process on the same dataset share its parsed, cached splits
+  (`reader.cached_split`), so a grid reads each dataset's shards once.
+  """
   from heads import training
   return training.train(cell.data_dir, cell.head, run.path, config, verbose=verbose,
-                        export_model=False)
+                        export_model=False, cache_budget=cache_budget, cache_dir=cache_dir)
+
+
+def train_task(task: Mapping[str, Any]) -> dict[str, Any]:
+  """`train_cell` from a picklable task dict (how a Beam worker trains its runs)."""
+  cache_dir = task.get("cache_dir")
+  if cache_dir:
+    # Worker processes of one machine must not fill the same file cache at once (tf.data
+    # refuses a second writer): each keeps its own.
+    cache_dir = f"{cache_dir}/worker-{os.getpid()}"
+  return train_cell(grid.Cell(**task["cell"]), task["seed"], runs.RunDir(task["run_dir"]),
+                    config_lib.from_dict(task["config"]), cache_budget=task.get("cache_budget"),
+                    cache_dir=cache_dir)
+
+
+def run_on_beam(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config_lib.Config,
+                beam_args: Sequence[str], *, cache_budget: int | None,
+                cache_dir: str | None, log: Callable[[str], None]) -> None:
+  """Trains the unfinished runs as elements of a Beam job (`heads.grid_beam`)."""
+  from heads import grid_beam  # the one stage-3 module that imports Beam
+
+  tasks = []
+  for cell in cells:
+    for seed in range(seeds):
+      run = runs.cell_dir(out_dir, cell.dataset, cell.head, seed)
+      if not run.finished:
+        tasks.append({"cell": dataclasses.asdict(cell), "seed": seed, "run_dir": run.path,
+                      "config": config_lib.to_dict(config_lib.override(
+                          base, {"train": {"seed": seed}})),
+                      "cache_budget": cache_budget, "cache_dir": cache_dir})
+  log(f"compare: {len(tasks)} runs as Beam elements ({' '.join(beam_args)})")
+  grid_beam.run_grid(tasks, "heads.compare:train_task", beam_args)
 
 
 def check_same_settings(run: runs.RunDir, run_config: config_lib.Config) -> None:
@@ -68,26 +105,41 @@ def check_same_settings(run: runs.RunDir, run_config: config_lib.Config) -> None
 def run_cells(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config_lib.Config, *,
               train_one: CellTrainer, log: Callable[[str], None]) -> list[dict[str, Any]]:
   """Trains every cell and seed not finished yet; returns one leaderboard seed row per run."""
+  from heads import reader
   total = len(cells) * seeds
   progress.report("compare", total=total, unit="run")
-  seed_rows = []
+  order = [(cell, seed) for cell in cells for seed in range(seeds)]
+  results: dict[tuple[str, str, int], Mapping[str, Any]] = {}
   try:
-    for index, (cell, seed) in enumerate(((c, s) for c in cells for s in range(seeds)), start=1):
+    # Dataset by dataset, so each dataset's shared cache is filled once, used by all its runs,
+    # and freed before the next dataset's (memory holds one dataset's cache at a time).
+    by_dataset = sorted(enumerate(order, start=1), key=lambda item: item[1][0].dataset)
+    for position, (index, (cell, seed)) in enumerate(by_dataset):
+      if position == 0 or by_dataset[position - 1][1][0].dataset != cell.dataset:
+        # The scratch baseline reads the image dataset behind the features: not shared.
+        reader.share_inputs(cell.data_dir, [zoo.input_kind(c.head) for c in cells
+                                            if c.dataset == cell.dataset
+                                            and zoo.input_kind(c.head) != "image"])
       run = runs.cell_dir(out_dir, cell.dataset, cell.head, seed)
       run_config = config_lib.override(base, {"train": {"seed": seed}})
       name = f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}"
       if run.finished:
         check_same_settings(run, run_config)
-        log(f"{name}: finished earlier, skipped")
-        result = run.metrics()
+        log(f"{name}: finished")
+        results[cell.dataset, cell.head, seed] = run.metrics()
       else:
         log(f"{name}: training")
-        result = train_one(cell, seed, run, run_config)
-      seed_rows.append(leaderboard.seed_row(cell, seed, run.path, result))
+        results[cell.dataset, cell.head, seed] = train_one(cell, seed, run, run_config)
       progress.report("compare", advance=1)
+      following = by_dataset[position + 1][1][0].dataset if position + 1 < total else None
+      if following != cell.dataset:
+        reader.release_shared()
   finally:
     progress.report("compare", done=True)
-  return seed_rows
+  return [leaderboard.seed_row(cell, seed, runs.cell_dir(out_dir, cell.dataset, cell.head,
+                                                         seed).path,
+                               results[cell.dataset, cell.head, seed])
+          for cell, seed in order]
 
 
 def write_leaderboards(out_dir: str, rows: Sequence[Mapping[str, Any]],
@@ -125,7 +177,8 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
             config: config_lib.Config | None = None,
             pairs: Iterable[tuple[str, str]] | None = None, report: bool = True,
             verbose: int = 0, log: Callable[[str], None] = print,
-            train_one: CellTrainer | None = None) -> CompareResult:
+            train_one: CellTrainer | None = None, cache_budget: int | None = None,
+            cache_dir: str | None = None, beam_args: Sequence[str] = ()) -> CompareResult:
   """Trains the grid (skipping finished seeds) and writes leaderboards, ledger and report.
 
   Args:
@@ -141,6 +194,10 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
     verbose: Keras verbosity of each fit (with the default `train_one`).
     log: where progress lines go.
     train_one: trains one cell and seed (default `train_cell`, in this process).
+    cache_budget: bytes of parsed input a dataset may hold in memory (see `heads.caching`).
+    cache_dir: local folder for file caches (default `OUT/cache`).
+    beam_args: Beam pipeline options; when given, the unfinished runs are trained as elements
+      of a Beam job on that runner (`heads.grid_beam`) and gathered from their run directories.
 
   Raises:
     ValueError: bad seeds/epochs, unknown heads or backbones, no index.
@@ -158,8 +215,15 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
   if epochs is not None:
     base = config_lib.override(base, {"train": {"epochs": epochs}})
   tf.io.gfile.makedirs(out_dir)
+  if cache_dir is None and "://" not in out_dir:
+    cache_dir = f"{out_dir}/cache"
+  if beam_args:
+    run_on_beam(cells, seeds, out_dir, base, beam_args, cache_budget=cache_budget,
+                cache_dir=cache_dir, log=log)
   seed_rows = run_cells(cells, seeds, out_dir, base, log=log,
-                        train_one=train_one or functools.partial(train_cell, verbose=verbose))
+                        train_one=train_one or functools.partial(
+                            train_cell, verbose=verbose, cache_budget=cache_budget,
+                            cache_dir=cache_dir))
   rows = leaderboard.aggregate(seed_rows)
   ledger = leaderboard.cost_ledger(entries, seed_rows)
   best = leaderboard.best_run(rows, seed_rows)

@@ -24,8 +24,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contracts import runs
-from heads import export, metrics, reader
+from contracts import runs, statistics
+from heads import dataset_stats, export, metrics, reader
 
 EVALUATED_SPLITS = ("validation", "test")
 
@@ -36,18 +36,19 @@ def missing_split_notes(spec: reader.DatasetSpec) -> list[str]:
           for split in EVALUATED_SPLITS if split not in spec.splits]
 
 
-def train_target_mean(spec: reader.DatasetSpec, input_kind: str) -> np.ndarray:
-  """`[2K]` mean keypoint targets of the train split (original images only)."""
-  targets = reader.read_split(spec, "train", input_kind=input_kind).map(
-      lambda record: {"y": record["y"]}, num_parallel_calls=tf.data.AUTOTUNE)
-  return reader.load_arrays(targets, ("y",))["y"].mean(axis=0)
+def train_target_mean(spec: reader.DatasetSpec) -> np.ndarray:
+  """`[2K]` mean keypoint targets of the train split (original images only), from the
+  dataset's statistics (no pass over the split when stage 2 wrote them)."""
+  return statistics.targets_mean(dataset_stats.load(spec))
 
 
 def compiled_forward(model: keras.Model, example: tf.TensorSpec) -> Callable[[tf.Tensor],
                                                                              tf.Tensor]:
   """`model(x, training=False)` traced once for batches of any size of `example`-shaped inputs."""
+  # Cached inputs arrive as stored (float16 maps, uint8 images): cast inside the one trace.
   signature = tf.TensorSpec([None, *example.shape], example.dtype)
-  return tf.function(lambda x: model(x, training=False)).get_concrete_function(signature)
+  return tf.function(lambda x: model(tf.cast(x, tf.float32), training=False)
+                     ).get_concrete_function(signature)
 
 
 def predict_split(forward: Callable[[tf.Tensor], tf.Tensor], records: tf.data.Dataset, *,
@@ -102,7 +103,9 @@ def _write_predictions(path: str, ids: np.ndarray, outputs: np.ndarray,
 
 def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind: str,
                        run: runs.RunDir, *, batch_size: int, settings: Mapping[str, Any],
-                       baseline: np.ndarray | None = None) -> dict[str, Any]:
+                       baseline: np.ndarray | None = None,
+                       records: Callable[[str], tf.data.Dataset] | None = None
+                       ) -> dict[str, Any]:
   """Metrics of the validation and test splits present; writes `predictions_test.csv`.
 
   Args:
@@ -113,19 +116,23 @@ def evaluate_and_write(model: keras.Model, spec: reader.DatasetSpec, input_kind:
     batch_size: examples per forward pass.
     settings: the run's image settings (`training.image_settings`): keypoint errors in pixels.
     baseline: keypoints: the mean training targets (computed when None).
+    records: split -> per-example dicts with `id` (the run's shared cache); default a fresh
+      read of the split.
   """
   if spec.task == "keypoints" and baseline is None:
-    baseline = train_target_mean(spec, input_kind)
+    baseline = train_target_mean(spec)
   # Image records carry the source size the keypoint errors in source pixels need.
   extra = ("height", "width") if spec.task == "keypoints" and spec.kind == "images" else ()
   result, forward = {}, None
   for split in EVALUATED_SPLITS:
     if split not in spec.splits:
       continue
-    records = reader.read_split(spec, split, input_kind=input_kind, with_id=True,
-                                extra_keys=extra)
-    forward = forward or compiled_forward(model, records.element_spec["x"])
-    columns = predict_split(forward, records, batch_size=batch_size, keys=("id", "y", *extra))
+    split_records = (records(split) if records else
+                     reader.read_split(spec, split, input_kind=input_kind, with_id=True,
+                                       extra_keys=extra))
+    forward = forward or compiled_forward(model, split_records.element_spec["x"])
+    columns = predict_split(forward, split_records, batch_size=batch_size,
+                            keys=("id", "y", *extra))
     result[split] = split_metrics(spec, columns, split, settings=settings, baseline=baseline)
     if split == "test":
       _write_predictions(run.predictions_path, columns["id"], columns["outputs"], spec)

@@ -18,7 +18,7 @@ from typing import Any
 import keras
 
 from contracts import layout, runs
-from heads import evaluation, fitting, reader, training
+from heads import caching, evaluation, fitting, reader, training
 from heads.config import from_dict
 
 
@@ -124,9 +124,10 @@ def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | Non
                                  "unfreeze": unfreeze, "trainable_layers": trainable,
                                  "learning_rate": rate, "epochs": epochs,
                                  "batch_size": batch_size}})
-  inputs = fitting.make_inputs(spec, "image", reader.read_split(spec, "train", input_kind="image"),
-                               batch_size=batch_size, train=config.train,
-                               settings=run_config["image"])
+  plan = caching.plan_cache(spec, "image", spec.splits, budget=None, cache_dir=None,
+                            run_dir=out.path)
+  inputs = fitting.make_inputs(spec, "image", batch_size=batch_size, train=config.train,
+                               settings=run_config["image"], cache=plan)
   describe = {
       "task": spec.task, "head": run_config["head_name"], "backbone": run_config["backbone"],
       "weights_kind": run_config["weights_kind"], "cache_key": run_config["cache_key"],

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from contracts import layout, runs
-from heads import evaluation, reader
+from heads import caching, evaluation, reader
 from heads.config import TrainConfig
 
 
@@ -174,31 +174,45 @@ class RunInputs:
   num_train: int
   batch_size: int
   settings: Mapping[str, Any]              # image settings (keypoint errors in pixels)
+  cache: caching.CachePlan                 # where the parsed splits live between passes
 
 
-def make_inputs(spec: reader.DatasetSpec, input_kind: str, train_records: tf.data.Dataset, *,
-                batch_size: int, train: TrainConfig, settings: Mapping[str, Any],
+def make_inputs(spec: reader.DatasetSpec, input_kind: str, *, batch_size: int,
+                train: TrainConfig, settings: Mapping[str, Any], cache: caching.CachePlan,
                 epoch: tf.Variable | None = None) -> RunInputs:
   """Shuffled train batches and validation batches of `spec` (see `reader.make_for_train`).
+
+  The splits come from `reader.cached_split`, cached where `cache` says and shared with every
+  other run of this process on the same data.
 
   Args:
     spec: the dataset.
     input_kind: what the model reads.
-    train_records: the train split from `reader.read_split` (with or without views).
     batch_size: examples per batch.
-    train: shuffle buffer, seed and whether views are in `train_records`.
+    train: shuffle buffer, seed and whether augmented views are trained on.
     settings: the run's image settings.
+    cache: the cache placement (`caching.plan_cache`).
     epoch: `EpochSeed.epoch`, so each epoch's order depends on (seed, epoch) alone.
   """
   num_train = reader.count_examples(spec, "train", views=train.views)
-  train_batches = reader.make_for_train(train_records, batch_size=batch_size,
-                                        shuffle_buffer=train.shuffle_buffer, seed=train.seed,
-                                        num_examples=num_train, epoch=epoch)
+  train_batches = reader.make_for_train(
+      split_records(spec, "train", input_kind, cache, views=train.views),
+      batch_size=batch_size, shuffle_buffer=train.shuffle_buffer, seed=train.seed,
+      cache="none", num_examples=num_train, epoch=epoch)
   val_batches = reader.make_for_eval(
-      reader.read_split(spec, "validation", input_kind=input_kind), batch_size=batch_size,
-      num_examples=reader.count_examples(spec, "validation")
+      split_records(spec, "validation", input_kind, cache), batch_size=batch_size,
+      cache="none", num_examples=reader.count_examples(spec, "validation")
   ) if "validation" in spec.splits else None
-  return RunInputs(spec, input_kind, train_batches, val_batches, num_train, batch_size, settings)
+  return RunInputs(spec, input_kind, train_batches, val_batches, num_train, batch_size, settings,
+                   cache)
+
+
+def split_records(spec: reader.DatasetSpec, split: str, input_kind: str,
+                  cache: caching.CachePlan, *, views: bool = False) -> tf.data.Dataset:
+  """One split's shared, cached per-example dicts (`reader.cached_split`) under `cache`."""
+  key = caching.cache_key(spec, reader.shared_kinds(spec, input_kind), views)
+  return reader.cached_split(spec, split, input_kind=input_kind, views=views, where=cache.where,
+                             cache_file=cache.file_prefix(split, key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +258,8 @@ def train_and_evaluate(model: keras.Model, run: runs.RunDir, inputs: RunInputs,
                             "batch_size": inputs.batch_size, **(extra or {})}
   result.update(evaluation.evaluate_and_write(
       model, inputs.spec, inputs.input_kind, run, batch_size=inputs.batch_size,
-      settings=inputs.settings, baseline=baseline))
+      settings=inputs.settings, baseline=baseline,
+      records=lambda split: split_records(inputs.spec, split, inputs.input_kind, inputs.cache)))
   if export is not None:
     result["exported"] = export(model, notes)
   result["notes"] = notes

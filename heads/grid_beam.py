@@ -79,3 +79,21 @@ def run_grid(tasks: Sequence[dict[str, Any]], train_run: str, beam_args: Sequenc
   root = beam.Pipeline(options=PipelineOptions(cli.with_default_runner(list(beam_args))))
   build_pipeline(root, tasks, train_run)
   root.run().wait_until_finish()
+
+
+def check_beam_args(beam_args: Sequence[str]) -> None:
+  """Refuses flags that are not Beam pipeline options (a typo of a compare flag, say) in one
+  line, instead of Beam's silent "Discarding unparseable args".
+
+  Raises:
+    cli.UsageError: naming the first unknown flag.
+  """
+  from apache_beam.options import pipeline_options
+
+  parser = pipeline_options._BeamArgumentParser(allow_abbrev=False)  # noqa: SLF001 (Beam's own)
+  for options_class in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+    options_class._add_argparse_args(parser)  # noqa: SLF001
+  _, unknown = parser.parse_known_args(list(beam_args))
+  if unknown:
+    raise cli.UsageError(f"unrecognized argument {unknown[0]!r}: not a compare flag nor a Beam "
+                         "pipeline option (headstart compare --help)")

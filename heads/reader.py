@@ -10,7 +10,7 @@ feature map. Records with `view > 0` (augmented copies) are dropped unless `view
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -136,18 +136,19 @@ def input_key(input_kind: str) -> str:
   return {"pooled": "pooled", "map": "feature_map", "image": "image"}[input_kind]
 
 
-def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = False,
-               with_id: bool = False, extra_keys: tuple[str, ...] = (),
+def read_split(spec: DatasetSpec, split: str, *, input_kind: str | tuple[str, ...],
+               views: bool = False, with_id: bool = False, extra_keys: tuple[str, ...] = (),
                as_stored: bool = False) -> tf.data.Dataset:
   """One split as a dataset of per-example dicts `{"x", "y"[, "id"]}` (no cache/shuffle/batch).
 
   `x` is float32 unless `as_stored`: then maps stay float16 and images uint8, as stored, for a
-  cache half (or a quarter) the size; `make_for_train`/`make_for_eval` cast each batch.
+  cache half (or a quarter) the size; `make_for_train`/`make_for_eval` cast each batch. With a
+  tuple of input kinds, each tensor comes under its kind's name (`pooled`, `map`) instead of `x`.
 
   Args:
     spec: the dataset, from `load_spec`.
     split: `train`, `validation` or `test`.
-    input_kind: `pooled`, `map` (feature datasets) or `image` (image datasets).
+    input_kind: `pooled`, `map` (feature datasets) or `image` (image datasets), or several.
     views: keep augmented views (`view > 0`).
     with_id: also yield the record id.
     extra_keys: further record keys to yield under their own names (e.g. `height`).
@@ -156,6 +157,44 @@ def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = 
     layout.DatasetError: the split is missing.
     ValueError: the dataset does not hold that input kind.
   """
+  kinds = (input_kind,) if isinstance(input_kind, str) else tuple(input_kind)
+  for kind in kinds:
+    _check_input(spec, kind)
+  files = datasets.shard_paths(spec.data_dir, spec.manifest, split)
+  # Views only exist in feature datasets; image records have none.
+  filter_views = spec.kind == "features" and not views
+  tensor_keys = tuple(input_key(kind) for kind in kinds)
+  keys = (*tensor_keys, spec.target_key, *(("id",) if with_id else ()), *extra_keys,
+          *(("view",) if filter_views else ()))
+  # parse_example handles the encoded image bytes; decoding is per image below.
+  parse = spec.schema.batch_parser(keys, maps_as=tf.float16 if as_stored else tf.float32)
+  autotune = tf.data.AUTOTUNE
+  dataset = tf.data.Dataset.from_tensor_slices(files).interleave(
+      tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
+      num_parallel_calls=autotune, deterministic=True)
+  counter = _read_counter(spec.data_dir, split)
+
+  def parse_and_count(serialized):
+    counter.assign_add(tf.cast(tf.size(serialized), tf.int64))
+    return parse(serialized)
+
+  dataset = dataset.batch(PARSE_BATCH).map(parse_and_count,
+                                           num_parallel_calls=autotune).unbatch()
+  if filter_views:
+    dataset = dataset.filter(lambda record: tf.equal(record["view"], 0))
+  if "image" in kinds:
+    size, dtype = spec.image_size, tf.uint8 if as_stored else tf.float32
+    dataset = dataset.map(
+        lambda record: {**record, "image": tf.cast(decode_image(record["image"], size), dtype)},
+        num_parallel_calls=autotune)
+  names = ({tensor_keys[0]: "x"} if len(kinds) == 1 else dict(zip(tensor_keys, kinds)))
+  names[spec.target_key] = "y"
+  return dataset.map(
+      lambda record: {names.get(k, k): v for k, v in record.items() if k != "view"},
+      num_parallel_calls=autotune)
+
+
+def _check_input(spec: DatasetSpec, input_kind: str) -> None:
   key = input_key(input_kind)
   if (input_kind == "image") != (spec.kind == "images"):
     raise ValueError(f"a head reading {input_kind!r} inputs cannot train on the {spec.kind} "
@@ -165,34 +204,96 @@ def read_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = 
       key == "pooled" and (spec.pooled_dim is None or store == "maps")):
     raise ValueError(f"feature dataset {spec.data_dir!r} does not store {key!r} "
                      f"(store={store!r}); pick a head that reads the other tensor")
-  files = datasets.shard_paths(spec.data_dir, spec.manifest, split)
-  # Views only exist in feature datasets; image records have none.
-  filter_views = spec.kind == "features" and not views
-  keys = (key, spec.target_key, *(("id",) if with_id else ()), *extra_keys,
-          *(("view",) if filter_views else ()))
-  # parse_example handles the encoded image bytes; decoding is per image below.
-  parse = spec.schema.batch_parser(keys, maps_as=tf.float16 if as_stored else tf.float32)
-  autotune = tf.data.AUTOTUNE
-  dataset = tf.data.Dataset.from_tensor_slices(files).interleave(
-      tf.data.TFRecordDataset, cycle_length=min(len(files), 8),
-      num_parallel_calls=autotune, deterministic=True)
-  dataset = dataset.batch(PARSE_BATCH).map(parse, num_parallel_calls=autotune).unbatch()
-  if filter_views:
-    dataset = dataset.filter(lambda record: tf.equal(record["view"], 0))
-  if input_kind == "image":
-    size, dtype = spec.image_size, tf.uint8 if as_stored else tf.float32
-    dataset = dataset.map(
-        lambda record: {**record, "image": tf.cast(decode_image(record["image"], size), dtype)},
-        num_parallel_calls=autotune)
-  names = {key: "x", spec.target_key: "y"}
-  return dataset.map(
-      lambda record: {names.get(k, k): v for k, v in record.items() if k != "view"},
-      num_parallel_calls=autotune)
 
 
 def count_examples(spec: DatasetSpec, split: str, *, views: bool = False) -> int:
   """Examples `read_split` yields for a split, from the manifest (no record is read)."""
   return spec.num_examples(split, views=views)
+
+
+# Records read from shards per (dataset, split) in this process: how tests and benchmarks count
+# the passes a run or a grid makes over its data (a cached epoch reads none).
+_READS: dict[tuple[str, str], tf.Variable] = {}
+# Cached splits shared by every run of this process on the same data (a compare grid's cells).
+_SHARED: dict[tuple, tf.data.Dataset] = {}
+# Input kinds a grid will read from a dataset: one cache then holds them all (one read).
+_SHARED_KINDS: dict[str, tuple[str, ...]] = {}
+
+
+def _read_counter(data_dir: str, split: str) -> tf.Variable:
+  key = (data_dir.rstrip("/"), split)
+  if key not in _READS:
+    with tf.init_scope():
+      _READS[key] = tf.Variable(0, dtype=tf.int64, trainable=False)
+  return _READS[key]
+
+
+def records_read(data_dir: str, split: str) -> int:
+  """Records this process has parsed from a split's shards so far."""
+  counter = _READS.get((data_dir.rstrip("/"), split))
+  return int(counter.numpy()) if counter is not None else 0
+
+
+def share_inputs(data_dir: str, input_kinds: Sequence[str]) -> None:
+  """Announces that runs of this process will read these kinds from a dataset, so the first
+  run caches all of them together and the dataset is read once (a grid with pooled and map
+  heads on the same features)."""
+  _SHARED_KINDS[data_dir.rstrip("/")] = tuple(sorted(set(input_kinds)))
+
+
+def shared_kinds(spec: DatasetSpec, input_kind: str) -> tuple[str, ...]:
+  """The kinds cached together with `input_kind` for this dataset (at least itself)."""
+  kinds = _SHARED_KINDS.get(spec.data_dir, ())
+  return kinds if input_kind in kinds else (input_kind,)
+
+
+def cached_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = False,
+                 where: str = "memory", cache_file: str | None = None) -> tf.data.Dataset:
+  """Per-example dicts `{x (as stored), y, id}` of a split, cached where told, shared in-process.
+
+  Every run of this process that asks for the same split and placement gets the same cached
+  dataset (holding every kind announced with `share_inputs`), so the first run's pass fills the
+  cache and later runs read it: a compare grid reads its data once. The declared cardinality is
+  the manifest's count; a shard that yields another number fails the pass (see `training` for
+  how it is named).
+  """
+  kinds = shared_kinds(spec, input_kind)
+  key = (spec.data_dir, spec.cache_key, split, kinds, views, where, cache_file)
+  if key not in _SHARED:
+    extra = ("height", "width") if spec.task == "keypoints" and spec.kind == "images" else ()
+    records = read_split(spec, split, input_kind=kinds if len(kinds) > 1 else kinds[0],
+                         views=views, with_id=True, extra_keys=extra, as_stored=True).apply(
+        tf.data.experimental.assert_cardinality(count_examples(spec, split, views=views)))
+    _SHARED[key] = _cache(records, where, cache_file)
+  if len(kinds) == 1:
+    return _SHARED[key]
+  return _SHARED[key].map(
+      lambda record: {("x" if k == input_kind else k): v for k, v in record.items()
+                      if k == input_kind or k not in kinds},
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def release_shared() -> None:
+  """Drops the shared caches (a grid moving to its next dataset frees the last one's memory)."""
+  _SHARED.clear()
+  _SHARED_KINDS.clear()
+
+
+def _cache(dataset: tf.data.Dataset, where: str | bool, cache_file: str | None
+           ) -> tf.data.Dataset:
+  where = {True: "memory", False: "none"}.get(where, where)
+  if where == "memory":
+    return dataset.cache()
+  if where == "file":
+    if not cache_file:
+      raise ValueError("a file cache needs its path")
+    from heads import caching
+    tf.io.gfile.makedirs(cache_file.rsplit("/", 1)[0])
+    caching.clear_partial(cache_file)
+    return dataset.cache(cache_file)
+  if where != "none":
+    raise ValueError(f"cache placement {where!r} is not one of memory, file, none")
+  return dataset
 
 
 def _to_pair(record: Mapping[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
@@ -205,24 +306,12 @@ def _as_float(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
 
 def _pairs(dataset: tf.data.Dataset, *, cache: str | bool, cache_file: str | None,
            num_examples: int | None) -> tf.data.Dataset:
-  """Per-example dicts -> `(x, y)` with the declared cardinality, cached where the plan says.
-
-  `cache` is "memory", "file" (at `cache_file`), "none", or a bool (True: memory).
-  """
+  """Per-example dicts -> `(x, y)` with the declared cardinality, cached where told
+  ("memory", "file" at `cache_file`, "none", or a bool: True is memory)."""
   dataset = dataset.map(_to_pair, num_parallel_calls=tf.data.AUTOTUNE)
   if num_examples is not None:
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
-  where = {True: "memory", False: "none"}.get(cache, cache)
-  if where == "memory":
-    return dataset.cache()
-  if where == "file":
-    if not cache_file:
-      raise ValueError("a file cache needs its path")
-    from heads import caching
-    tf.io.gfile.makedirs(cache_file.rsplit("/", 1)[0])
-    caching.clear_partial(cache_file)
-    return dataset.cache(cache_file)
-  return dataset
+  return _cache(dataset, cache, cache_file)
 
 
 def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer: int,

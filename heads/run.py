@@ -39,7 +39,19 @@ def _train_parser() -> cli.Parser:
   parser.add_argument("--units", type=cli.positive_int, help="conv/conv2/keypoints Dense units")
   parser.add_argument("--dropout", type=cli.fraction)
   parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
+  add_cache_flags(parser)
   return parser
+
+
+def add_cache_flags(parser: cli.Parser) -> None:
+  """`--cache-budget` and `--cache-dir` (see `heads.caching`)."""
+  parser.add_argument("--cache-budget", type=cli.size_bytes, default=None, metavar="SIZE",
+                      help="memory the parsed input may take (1MB, 512MB, 2GiB or bytes; "
+                      "default a quarter of the available memory); beyond it a local file "
+                      "cache, else streaming from the shards every epoch")
+  parser.add_argument("--cache-dir", default=None,
+                      help="local folder for the file cache (default: the run or compare "
+                      "folder when local, else a temporary folder)")
 
 
 _TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer",
@@ -61,7 +73,8 @@ def train_main(argv: list[str]) -> int:
       "head": {key: getattr(args, flag) for flag, key in _HEAD_FLAGS.items()
                if getattr(args, flag) is not None}})
   result = training.train(args.features, args.head, args.out, config, sweep_l2=args.sweep,
-                          verbose=0 if args.quiet else 2)
+                          verbose=0 if args.quiet else 2, cache_budget=args.cache_budget,
+                          cache_dir=args.cache_dir)
   print(json.dumps(_summary(result)))
   print(f"wrote {runs.RunDir(args.out).metrics_path}")
   return 0
@@ -114,13 +127,18 @@ def compare_main(argv: list[str]) -> int:
   parser.add_argument("--epochs", type=cli.positive_int)
   parser.add_argument("--config", help="JSON or .py file with head/train settings for every cell")
   parser.add_argument("--no-report", action="store_true", help="skip report.html")
-  args = parser.parse_args(argv)
+  add_cache_flags(parser)
+  # Unknown flags are Beam pipeline options: with any of them, runs become Beam elements.
+  args, beam_args = parser.parse_known_args(argv)
+  if beam_args:
+    from heads import grid_beam
+    grid_beam.check_beam_args(beam_args)
   config = config_lib.load_file(args.config) if args.config else None
   result = compare.compare(
       args.features, grid.parse_heads(args.heads), args.out, seeds=args.seeds,
-      backbones=[b.strip() for b in args.backbones.split(",") if b.strip()]
-      if args.backbones else None,
-      epochs=args.epochs, config=config, report=not args.no_report)
+      backbones=cli.comma_list(args.backbones) if args.backbones else None,
+      epochs=args.epochs, config=config, report=not args.no_report,
+      cache_budget=args.cache_budget, cache_dir=args.cache_dir, beam_args=beam_args)
   print(leaderboard.markdown_table(result.rows))
   print("\n".join(leaderboard.ledger_lines(result.ledger)))
   print(f"wrote {result.out_dir}/{leaderboard.LEADERBOARD_CSV}"
@@ -136,4 +154,23 @@ def report_main(argv: list[str]) -> int:
   parser.add_argument("--run", required=True, help="run directory written by headstart train")
   args = parser.parse_args(argv)
   print(f"wrote {report.write_run_report(args.run)}")
+  return 0
+
+
+def features_main(argv: list[str]) -> int:
+  """`headstart features export DIR --out OUT`: a feature dataset as .npy files or Parquet."""
+  from heads import feature_export
+
+  parser = cli.Parser(prog="headstart features")
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
+  export = commands.add_parser("export", help="write pooled vectors (and maps) with ids, labels")
+  export.add_argument("dataset", help="a feature dataset directory")
+  export.add_argument("--out", required=True, help="local output folder")
+  export.add_argument("--format", choices=feature_export.FORMATS, default="npy")
+  export.add_argument("--maps", action="store_true", help="also the feature maps (float16)")
+  export.add_argument("--views", action="store_true", help="also augmented views (view > 0)")
+  args = parser.parse_args(argv)
+  summary = feature_export.export_features(args.dataset, args.out, fmt=args.format,
+                                           maps=args.maps, views=args.views)
+  print(json.dumps({"out": args.out, "format": args.format, "counts": summary["counts"]}))
   return 0

@@ -20,8 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from contracts import datasets, layout, runs
-from heads import evaluation, export, fitting, reader, sweep, zoo
+from contracts import datasets, layout, runs, statistics
+from heads import caching, dataset_stats, evaluation, export, fitting, reader, sweep, zoo
 from heads.config import Config, to_dict
 
 
@@ -102,25 +102,6 @@ def compile_head(model: keras.Model, task: str, optimizer) -> None:
   model.compile(optimizer=optimizer, loss=zoo.loss_for(task), metrics=[metric])
 
 
-def class_weights(labels: np.ndarray, num_classes: int) -> dict[int, float]:
-  """`balanced` weights: n / (num_classes * count), so each class carries equal total weight."""
-  counts = np.bincount(labels.astype(np.int64), minlength=num_classes)
-  total = counts.sum()
-  return {index: float(total / (num_classes * count)) if count else 0.0
-          for index, count in enumerate(counts)}
-
-
-def _feature_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  # A floor on the variance: channels that are constant on the train split stay finite.
-  return x.mean(axis=0), np.maximum(x.var(axis=0), 1e-6)
-
-
-def train_input_stats(train_records: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-  """Per-feature mean and variance of the train split's pooled vectors (small: C floats each)."""
-  return _feature_stats(reader.load_arrays(train_records.map(
-      lambda record: {"x": record["x"]}, num_parallel_calls=tf.data.AUTOTUNE), ("x",))["x"])
-
-
 def _export(model: keras.Model, spec: reader.DatasetSpec, run: runs.RunDir, head: str,
             notes: list[str]) -> str | None:
   try:
@@ -150,30 +131,32 @@ def export_run(run_dir: str) -> str | None:
   return result["exported"]
 
 
-def _pick_l2(spec: reader.DatasetSpec, kind: str, train_records: tf.data.Dataset,
-             config: Config) -> tuple[Config, list[dict[str, Any]],
-                                      tuple[np.ndarray, np.ndarray]]:
-  """Runs the L2 sweep on in-memory features.
+# The L2 sweep fits its probes in memory on at most this many examples per split (a bounded
+# sample, the first ones in record order); the head itself then trains on every example.
+SWEEP_MAX_EXAMPLES = 50_000
+
+
+def _pick_l2(spec: reader.DatasetSpec, kind: str, config: Config,
+             standardise: tuple[np.ndarray, np.ndarray]) -> tuple[Config, list[dict[str, Any]]]:
+  """Runs the L2 sweep on a bounded in-memory sample of train and validation.
 
   Returns:
-    The config with the chosen strength, the sweep's rows, and the train features' (mean,
-    variance), which the head's standardisation reuses instead of loading the split again.
+    The config with the chosen strength and the sweep's rows.
   """
   if "validation" not in spec.splits:
     raise ValueError("--sweep needs a validation split to pick the L2 strength; "
                      f"{spec.data_dir!r} has none")
-  train_arrays = reader.load_arrays(train_records)
-  val_arrays = reader.load_arrays(reader.read_split(spec, "validation", input_kind=kind))
+  train_arrays, val_arrays = (reader.load_arrays(reader.read_split(
+      spec, split, input_kind=kind, views=config.train.views and split == "train").take(
+          SWEEP_MAX_EXAMPLES)) for split in ("train", "validation"))
   # The probe standardises its input (see zoo.build_head): sweep on the same standardised view.
-  stats = _feature_stats(train_arrays["x"])
-  mean, std = stats[0], np.sqrt(stats[1])
+  mean, std = standardise[0], np.sqrt(standardise[1])
   best_l2, rows = sweep.sweep_l2(
       (train_arrays["x"] - mean) / std, train_arrays["y"], (val_arrays["x"] - mean) / std,
       val_arrays["y"], task=spec.task,
       num_outputs=spec.num_outputs, grid=config.train.sweep_grid,
       steps=config.train.sweep_steps, seed=config.train.seed)
-  return (dataclasses.replace(config, head=dataclasses.replace(config.head, l2=best_l2)), rows,
-          stats)
+  return dataclasses.replace(config, head=dataclasses.replace(config.head, l2=best_l2)), rows
 
 
 def _check_run_dir(run: runs.RunDir, spec: reader.DatasetSpec, head: str) -> None:
@@ -190,14 +173,13 @@ def _check_run_dir(run: runs.RunDir, spec: reader.DatasetSpec, head: str) -> Non
 
 
 def _checked_dataset(features_dir: str, head: str, run: runs.RunDir) -> reader.DatasetSpec:
-  """The dataset `head` trains on, once its splits' shards and the run directory check out."""
+  """The dataset `head` trains on, once it and the run directory check out (shards are checked
+  as they are read: see `_name_damaged_shard`)."""
   spec = resolve_dataset(features_dir, head)
   if "train" not in spec.splits:
     raise layout.DatasetError(f"dataset {spec.data_dir!r} has no train split (it has "
                               f"{', '.join(spec.splits)}); nothing to train on")
   _check_run_dir(run, spec, head)
-  for split in spec.splits:
-    datasets.check_shards(spec.data_dir, spec.manifest, split)
   return spec
 
 
@@ -213,20 +195,35 @@ def _run_config(config: Config, head: str, spec: reader.DatasetSpec, kind: str,
                                 else spec.manifest.get("image_fingerprint"))}
 
 
-def _balanced_weights(spec: reader.DatasetSpec, train_records: tf.data.Dataset,
-                      config: Config) -> dict[int, float] | None:
-  """Class weights for `class_weight="balanced"` (None otherwise, and for keypoints)."""
-  if config.train.class_weight != "balanced" or spec.task == "keypoints":
-    return None
-  labels = reader.load_arrays(train_records.map(
-      lambda r: {"y": r["y"]}, num_parallel_calls=tf.data.AUTOTUNE), ("y",))["y"]
-  return class_weights(labels, max(len(spec.class_names), 2))
+def _name_damaged_shard(spec: reader.DatasetSpec, error: tf.errors.OpError) -> None:
+  """After a failed pass: finds the shard at fault and raises naming it (else returns).
+
+  Records are CRC-checked as they are read and each split's count is asserted as a pass ends,
+  so a damaged shard fails the pass that reads it; TensorFlow's error names no file, so only
+  then are the splits' shards checked one by one against the manifest.
+  """
+  del error   # re-raised by the caller when no shard is at fault
+  for split in spec.splits:
+    datasets.check_shards(spec.data_dir, spec.manifest, split)
+
+
+def _cache_plan(spec: reader.DatasetSpec, kind: str, run: runs.RunDir, config: Config, *,
+                budget: int | None, cache_dir: str | None) -> caching.CachePlan:
+  plan = caching.plan_cache(spec, reader.shared_kinds(spec, kind), spec.splits, budget=budget,
+                            cache_dir=cache_dir, run_dir=run.path, views=config.train.views)
+  logging.getLogger("headstart").info("train: input cached in %s: %s", plan.where, plan.reason)
+  return plan
 
 
 def train(features_dir: str, head: str, out_dir: str, config: Config = Config(), *,
           sweep_l2: bool = False, callbacks: Sequence[keras.callbacks.Callback] = (),
-          verbose: int = 2, export_model: bool = True) -> dict[str, Any]:
+          verbose: int = 2, export_model: bool = True, cache_budget: int | None = None,
+          cache_dir: str | None = None) -> dict[str, Any]:
   """Trains `head` on `features_dir` into `out_dir`; returns the metrics also written there.
+
+  Everything the head needs before `fit` (counts, class histogram, pooled mean and variance,
+  mean keypoint target) comes from the manifest or the dataset's saved statistics, so the data
+  is read only by the epochs themselves and by evaluation.
 
   Args:
     features_dir: a feature dataset (or, for `head="scratch"`, an image dataset).
@@ -238,9 +235,11 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     verbose: Keras `fit` verbosity.
     export_model: write `model.keras` (backbone + head, raw images in). `compare` turns it off
       for its grid (each export holds a whole backbone) and exports the best run only.
+    cache_budget: bytes the parsed input may hold in memory (None: `caching.default_budget`).
+    cache_dir: local folder for a file cache when the input exceeds the budget.
 
   Raises:
-    ValueError: bad head/dataset combination, no train split, missing manifest.
+    ValueError: bad head/dataset combination, no train split, missing manifest, a damaged shard.
   """
   started = time.perf_counter()
   run = runs.RunDir(out_dir)
@@ -251,18 +250,20 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   notes = evaluation.missing_split_notes(spec)
   keras.utils.set_random_seed(config.train.seed)
   settings = image_settings(spec)
-  train_records = reader.read_split(spec, "train", input_kind=kind, views=config.train.views)
-  sweep_rows = input_stats = None
+  stats = dataset_stats.load(spec)
+  input_stats = statistics.standardisation(stats) if kind == "pooled" else None
+  sweep_rows = None
   if sweep_l2:
-    config, sweep_rows, input_stats = _pick_l2(spec, kind, train_records, config)
+    config, sweep_rows = _pick_l2(spec, kind, config, input_stats)
   run.write_config(_run_config(config, head, spec, kind, settings, sweep_l2))
   epoch_seed = fitting.EpochSeed()
-  inputs = fitting.make_inputs(spec, kind, train_records, batch_size=config.train.batch_size,
-                               train=config.train, settings=settings, epoch=epoch_seed.epoch)
-  weights = _balanced_weights(spec, train_records, config)
-  target_mean = evaluation.train_target_mean(spec, kind) if spec.task == "keypoints" else None
-  if kind == "pooled" and input_stats is None:
-    input_stats = train_input_stats(train_records)
+  plan = _cache_plan(spec, kind, run, config, budget=cache_budget, cache_dir=cache_dir)
+  inputs = fitting.make_inputs(spec, kind, batch_size=config.train.batch_size,
+                               train=config.train, settings=settings, cache=plan,
+                               epoch=epoch_seed.epoch)
+  weights = (statistics.class_weights(stats, max(len(spec.class_names), 2))
+             if config.train.class_weight == "balanced" and spec.task != "keypoints" else None)
+  target_mean = statistics.targets_mean(stats) if spec.task == "keypoints" else None
   model = zoo.build_head(head, spec, config.head, target_mean=target_mean,
                          input_stats=input_stats)
   compile_head(model, spec.task, _optimizer(config, -(-inputs.num_train // inputs.batch_size)))
@@ -274,11 +275,17 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
               "weights_kind": spec.weights_kind, "cache_key": spec.cache_key,
               "features": spec.data_dir, "params": int(model.count_params()),
               "class_names": list(spec.class_names), "num_train_examples": inputs.num_train}
-  extra = {"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {})}
+  extra = {"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {}),
+           "input_cache": plan.to_dict()}
   options = fitting.FitOptions(config.train.epochs, config.train.early_stopping, weights,
                                (epoch_seed, *callbacks), verbose)
-  return fitting.train_and_evaluate(
-      model, run, inputs, options, describe=describe, notes=notes, started=started, extra=extra,
-      baseline=target_mean,
-      export=(lambda fitted, run_notes: _export(fitted, spec, run, head, run_notes)) if export_model
-      else None)
+  try:
+    return fitting.train_and_evaluate(
+        model, run, inputs, options, describe=describe, notes=notes, started=started,
+        extra=extra, baseline=target_mean,
+        export=(lambda fitted, run_notes: _export(fitted, spec, run, head, run_notes))
+        if export_model else None)
+  except (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
+          tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as error:
+    _name_damaged_shard(spec, error)
+    raise

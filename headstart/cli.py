@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": ("heads.run", "finetune_main", "unfreeze the last backbone layers and continue"),
     "compare": ("heads.run", "compare_main", "every head x every backbone -> leaderboard"),
     "report": ("heads.run", "report_main", "plots and report.html for a run"),
+    "features": ("heads.run", "features_main", "export a feature dataset to .npy or Parquet"),
     "predict": ("headstart.predict", "main", "predict raw images (files or URLs) with a run"),
     "reproduce": ("headstart.reproduce", "main", "run a published experiment's config"),
 }

@@ -20,6 +20,7 @@ BAD_FLAGS = {
     "finetune": (["--model", "r", "--images", "i", "--unfreeze", "-1"], "'-1'"),
     "compare": (["--features", "f", "--heads", "linear", "--seeds", "0", "--out", "c"], "'0'"),
     "report": (["--run"], "--run"),
+    "features": (["export", "d", "--out", "o", "--format", "csv"], "'csv'"),
     "predict": (["--model", "r", "--images", "i", "--batch-size", "-1"], "'-1'"),
     "reproduce": ([], "config"),
 }

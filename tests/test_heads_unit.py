@@ -123,7 +123,7 @@ def test_decode_image_eager_and_in_dataset_map_agree():
   eager = reader.decode_image(tf.constant(encoded), 8)
   mapped = next(iter(tf.data.Dataset.from_tensors(encoded).map(
       lambda data: reader.decode_image(data, 8), num_parallel_calls=tf.data.AUTOTUNE)))
-  assert eager.dtype == tf.float32 and tuple(mapped.shape) == (8, 8, 3)
+  assert eager.dtype == tf.uint8 and tuple(mapped.shape) == (8, 8, 3)
   np.testing.assert_array_equal(eager.numpy(), mapped.numpy())
   np.testing.assert_array_equal(eager.numpy()[..., ::-1], image.astype(np.float32))  # BGR file
 
@@ -401,7 +401,9 @@ def test_sweep_prefers_strong_l2_on_noise_and_weak_l2_on_signal():
 
 
 def test_class_weights_balance_the_classes():
-  weights = training.class_weights(np.array([0, 0, 0, 1]), 2)
+  from contracts import statistics
+  acc = statistics.Accumulator.empty().add(labels=np.array([0, 0, 0, 1]))
+  weights = statistics.class_weights(statistics.finish({"train": acc}), 2)
   assert weights[0] * 3 == pytest.approx(weights[1] * 1)
 
 

@@ -1,0 +1,98 @@
+"""Stage 3 at scale (issue 14): a budgeted cache gives the in-memory metrics, no full pass before
+`fit`, a grid reads its data once, and the grid runs as Beam elements with the same numbers."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from contracts import layout
+from heads import compare, config as config_lib, dataset_stats, reader, training
+from tests.test_heads_unit import write_feature_dataset
+
+
+def _tiny(epochs: int = 3, **train):
+  config = config_lib.tiny()
+  return config_lib.override(config, {"train": {"epochs": epochs, **train}})
+
+
+@pytest.fixture
+def features(tmp_path):
+  return write_feature_dataset(tmp_path / "features", counts={"train": 40, "validation": 12,
+                                                             "test": 12})
+
+
+def _metrics_without_timing(result):
+  return {split: {k: v for k, v in result[split].items()} for split in ("validation", "test")}
+
+
+def test_budgeted_cache_file_or_stream_equals_in_memory(features, tmp_path):
+  reader.release_shared()
+  memory = training.train(str(features), "gap_dense", str(tmp_path / "memory"), _tiny(),
+                          verbose=0, export_model=False)
+  assert memory["input_cache"]["where"] == "memory"
+  reader.release_shared()
+  on_disk = training.train(str(features), "gap_dense", str(tmp_path / "file"), _tiny(),
+                           verbose=0, export_model=False, cache_budget=1000)
+  assert on_disk["input_cache"]["where"] == "file" and "exceeds" in on_disk["input_cache"][
+      "reason"]
+  assert list((tmp_path / "file" / "cache").glob("*.index"))   # a finished tf.data file cache
+  reader.release_shared()
+  streamed = training.train(str(features), "gap_dense", str(tmp_path / "stream"), _tiny(),
+                            verbose=0, export_model=False, cache_budget=1000,
+                            cache_dir="gs://nowhere/cache")
+  assert streamed["input_cache"]["where"] == "none"
+  assert _metrics_without_timing(memory) == _metrics_without_timing(on_disk) == \
+      _metrics_without_timing(streamed)
+
+
+def test_no_pass_over_the_data_before_fit_when_statistics_are_known(features, tmp_path,
+                                                                   monkeypatch):
+  stats = dataset_stats.load(reader.load_spec(str(features)))  # an older dataset: one pass, kept
+  assert stats["splits"]["train"]["examples"] == 40
+  assert (features / "statistics.json").exists()
+
+  def no_second_pass(spec):
+    raise AssertionError("statistics were computed again")
+
+  monkeypatch.setattr(dataset_stats, "compute", no_second_pass)
+  reader.release_shared()
+  before = {split: reader.records_read(str(features), split) for split in layout.SPLITS}
+  training.train(str(features), "linear", str(tmp_path / "run"), _tiny(epochs=4), verbose=0,
+                 export_model=False)
+  reads = {split: reader.records_read(str(features), split) - before[split]
+           for split in layout.SPLITS}
+  # Four epochs and the evaluation read each split once: the first pass fills the cache.
+  assert reads == {"train": 40, "validation": 12, "test": 12}
+
+
+def test_a_grid_reads_each_dataset_once(features, tmp_path):
+  index_dir = features.parent
+  (index_dir / "index.json").write_text(json.dumps({"datasets": [
+      {"dir": features.name, "backbone": "tiny", "weights_kind": "none", "cache_key": "k1"}]}))
+  reader.release_shared()
+  before = {split: reader.records_read(str(features), split) for split in layout.SPLITS}
+  result = compare.compare(str(index_dir), ["linear", "gap_dense"], str(tmp_path / "grid"),
+                           seeds=2, config=_tiny(epochs=2), report=False, log=lambda _: None)
+  reads = {split: reader.records_read(str(features), split) - before[split]
+           for split in layout.SPLITS}
+  assert len(result.seed_rows) == 4
+  assert reads == {"train": 40, "validation": 12, "test": 12}   # 4 runs, one read of each split
+
+
+def test_beam_grid_in_worker_processes_equals_the_in_process_grid(features, tmp_path):
+  index_dir = features.parent
+  (index_dir / "index.json").write_text(json.dumps({"datasets": [
+      {"dir": features.name, "backbone": "tiny", "weights_kind": "none", "cache_key": "k1"}]}))
+  kwargs = dict(seeds=1, config=_tiny(epochs=2), report=False, log=lambda _: None)
+  compare.compare(str(index_dir), ["linear", "gap_dense"], str(tmp_path / "local"), **kwargs)
+  compare.compare(str(index_dir), ["linear", "gap_dense"], str(tmp_path / "beam"),
+                  beam_args=["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                  **kwargs)
+  local = pd.read_csv(tmp_path / "local" / "leaderboard.csv")
+  beam = pd.read_csv(tmp_path / "beam" / "leaderboard.csv")
+  columns = ["dataset", "head", "test_mean", "val_mean", "params"]
+  assert len(local) == 2
+  assert local[columns].sort_values("head").to_dict("records") == \
+      beam[columns].sort_values("head").to_dict("records")
