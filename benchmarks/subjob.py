@@ -3,6 +3,7 @@
     python -m benchmarks.subjob ingest --source m.csv --out out/images --image-size 300
     python -m benchmarks.subjob extract --images out/images --out out/features --weights none
     python -m benchmarks.subjob plan --source m.csv --out out/images --image-size 300
+    python -m benchmarks.subjob train --features out/features/X --head gap_dense --out runs/x
 
 The last stdout line is `BENCH_RUSAGE {"max_rss_mb": ...}`: the larger of this process's and
 its reaped children's (Beam multi_processing workers) peak resident set size. `plan` does the
@@ -17,7 +18,7 @@ import logging
 import resource
 import sys
 
-STAGES = ("ingest", "extract", "plan")
+STAGES = ("ingest", "extract", "plan", "train")
 
 
 def _high_water_mb() -> float | None:
@@ -34,7 +35,7 @@ def _high_water_mb() -> float | None:
 
 
 def main(argv: list[str]) -> int:
-  """Runs `ingest`, `extract` or `plan` with the remaining arguments; returns 0.
+  """Runs `ingest`, `extract`, `plan` or `train` with the remaining arguments; returns 0.
 
   Raises:
     ValueError: an unknown stage name.
@@ -51,9 +52,13 @@ def main(argv: list[str]) -> int:
   elif argv[0] == "ingest":
     from pipeline import run as ingest
     ingest.run(argv[1:])
-  else:
+  elif argv[0] == "extract":
     from features import run as extract
     extract.run(argv[1:])
+  else:
+    from heads import run as heads_run
+    heads_run.train_main(argv[1:])
+    report["hwm_mb"] = _high_water_mb()
   own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   from benchmarks import measure

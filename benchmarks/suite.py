@@ -24,7 +24,8 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import (  # noqa: E402 (after the environment setting above)
-    driver_bench, extract_bench, heads_bench, images, ingest_bench, measure, storage_bench)
+    driver_bench, extract_bench, heads_bench, heads_scale_bench, images, ingest_bench, measure,
+    storage_bench)
 
 # Peak RSS counts as flat when the larger dataset grows it by at most this fraction.
 FLAT_RSS_TOLERANCE = 0.10
@@ -54,6 +55,8 @@ class SuiteConfig:
   # The ingest launcher at two source sizes (issue 16.2): the same in both modes, it is cheap.
   driver_tree_sizes: tuple[int, int] = (2_000, 20_000)
   driver_csv_sizes: tuple[int, int] = (20_000, 200_000)
+  heads_budget_mb: int = 128   # head training's cache budget; datasets of 1x and 5x it
+  r8_records: int = 4000       # records of the R8 grid's dataset (VGG16@300 maps)
 
   @classmethod
   def quick_config(cls) -> SuiteConfig:
@@ -82,7 +85,8 @@ class SuiteConfig:
                      ingest_bench.IngestRun("multi_processing", 2, other)),
         mobilenet_size=224, vgg_size=300, vgg_source_size=(640, 480), vgg_counts=(64, 192),
         batch_size=32, naive_count=40, bare_seconds=6.0, e2e_images=64, cached_epochs=5,
-        r6_epochs=10, r6_passes=5, extract_repeats=1, scaling=("mobilenet_v2", 224, 2000))
+        r6_epochs=10, r6_passes=5, extract_repeats=1, scaling=("mobilenet_v2", 224, 2000),
+        heads_budget_mb=512, r8_records=20_000)
 
 
 def _progress(message: str) -> None:
@@ -191,15 +195,22 @@ def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
   driver = driver_bench.measure_launcher(work / "driver", config.driver_tree_sizes,
                                          config.driver_csv_sizes)
 
-  for ratio in (r1, r2, r3, r4, r5, r6, r7):
+  _progress(f"heads at scale: train peak RSS at 1x/5x a {config.heads_budget_mb} MB cache "
+            f"budget; R8 grid of 12 runs on {config.r8_records} records")
+  heads_rss = heads_scale_bench.train_rss(work / "heads_scale", config.heads_budget_mb << 20)
+  r8, _ = heads_scale_bench.r8(work / "heads_scale", config.r8_records)
+  result["heads_train_memory"] = heads_rss
+
+  for ratio in (r1, r2, r3, r4, r5, r6, r7, r8):
     result[ratio.key] = ratio.to_dict()
   result["memory"] = memory
   result["extract_workers"] = scaling
   result["driver"] = driver
   result["seconds"] = time.perf_counter() - started
   result["load_average_at_end"] = os.getloadavg()
-  result["lines"] = [r.line() for r in (r1, r2, r3, r4, r5, r6, r7)] + [
-      _memory_line(m) for m in memory] + [extract_bench.scaling_line(scaling)] + [
+  result["lines"] = [r.line() for r in (r1, r2, r3, r4, r5, r6, r7, r8)] + [
+      _memory_line(m) for m in memory] + [extract_bench.scaling_line(scaling),
+                                          heads_scale_bench.memory_line(heads_rss)] + [
           driver_bench.line(d) for d in driver]
   return result
 
@@ -208,7 +219,7 @@ def markdown_table(result: dict[str, Any]) -> str:
   """The ratio table of one run as Markdown (pasted into benchmarks/README.md)."""
   rows = ["| ratio | value | target | verdict | numerator | denominator |",
           "|---|---|---|---|---|---|"]
-  for key in ("R1", "R2", "R3", "R4", "R5", "R6", "R7"):
+  for key in ("R1", "R2", "R3", "R4", "R5", "R6", "R7", "R8"):
     ratio = result[key]
     value = "n/a" if ratio["value"] is None else f"{ratio['value']:.4g}"
     verdict = "meets" if ratio["meets_target"] else "**misses**"

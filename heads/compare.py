@@ -125,7 +125,7 @@ def run_cells(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config
       name = f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}"
       if run.finished:
         check_same_settings(run, run_config)
-        log(f"{name}: finished")
+        log(f"{name}: finished earlier, skipped")
         results[cell.dataset, cell.head, seed] = run.metrics()
       else:
         log(f"{name}: training")

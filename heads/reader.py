@@ -22,6 +22,8 @@ from contracts import schema as schema_lib
 # Records parsed per `parse_example` call: big enough to amortise the op, small enough that a
 # batch of 9x9x512 float16 maps (~80 KiB each) stays a few tens of MiB.
 PARSE_BATCH = 256
+# Memory the train shuffle buffer may hold (see `shuffle_buffer_size`).
+SHUFFLE_BUFFER_BYTES = 32 << 20
 INPUT_KINDS = ("pooled", "map", "image")
 
 
@@ -329,6 +331,7 @@ def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer:
   comes from memory, a file or the shards, so the order does not depend on the cache.
   """
   dataset = _pairs(dataset, cache=cache, cache_file=cache_file, num_examples=num_examples)
+  shuffle_buffer = shuffle_buffer_size(dataset.element_spec[0], shuffle_buffer)
   if epoch is None:
     dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   else:
@@ -346,6 +349,17 @@ def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer:
     if num_examples is not None:
       dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
   return dataset.batch(batch_size).map(_as_float).prefetch(tf.data.AUTOTUNE)
+
+
+def shuffle_buffer_size(element: tf.TensorSpec, examples: int) -> int:
+  """`examples`, capped so the shuffle buffer holds at most `SHUFFLE_BUFFER_BYTES` of inputs.
+
+  The buffer is memory a run holds whatever its cache: a count alone (10,000 VGG16@300 maps are
+  830 MB) would make peak memory grow with the example size. The cap depends on the examples
+  only, never on the cache budget, so a run's order is the same wherever its cache lives.
+  """
+  per_example = max(1, element.shape.num_elements() or 1) * element.dtype.size
+  return max(1, min(examples, SHUFFLE_BUFFER_BYTES // per_example))
 
 
 def make_for_eval(dataset: tf.data.Dataset, *, batch_size: int, cache: str | bool = True,

@@ -53,8 +53,8 @@ def test_markdown_table_lists_every_ratio_and_memory_check(tmp_path):
       10: {"tree_rss_mb": 100.0, "max_rss_mb": 90.0, "processes": 1},
       50: {"tree_rss_mb": 104.0, "max_rss_mb": 92.0, "processes": 1}})
   assert memory["flat"] and memory["growth_mb_per_1000_images"] == 100.0
-  table = suite.markdown_table({**{f"R{i}": record for i in range(1, 8)}, "memory": [memory]})
-  assert all(f"| R{i} " in table for i in range(1, 8)) and "peak RSS ingest" in table
+  table = suite.markdown_table({**{f"R{i}": record for i in range(1, 9)}, "memory": [memory]})
+  assert all(f"| R{i} " in table for i in range(1, 9)) and "peak RSS ingest" in table
 
 
 def test_driver_entry_judges_rss_and_proto_growth():
@@ -65,10 +65,18 @@ def test_driver_entry_judges_rss_and_proto_growth():
   assert not entry["flat"] and round(entry["proto_growth"], 3) == 0.2
   assert "NOT flat" in driver_bench.line(entry) and "200 rows 720 MB" in driver_bench.line(entry)
   table = suite.markdown_table({"memory": [], "driver": [entry], **{
-      f"R{i}": storage_bench_record() for i in range(1, 8)}})
+      f"R{i}": storage_bench_record() for i in range(1, 9)}})
   assert "| ingest launcher, CSV manifest | RSS +2.9%, proto +20.0%" in table
 
 
 def storage_bench_record() -> dict:
   figure = measure.Figure("a", 1.0, "x")
   return measure.Ratio("R7", "n", 1.0, figure, figure, 1.0).to_dict()
+
+
+def test_heads_scale_benchmark_on_a_tiny_grid(tmp_path):
+  """R8 and the read counts on a small synthetic dataset (the suite runs it at full size)."""
+  from benchmarks import heads_scale_bench
+  ratio, reads = heads_scale_bench.r8(tmp_path, 60, seeds=1, epochs=1)
+  assert ratio.key == "R8" and ratio.value is not None and ratio.details["runs"] == 2
+  assert reads == {"train": 1.0, "validation": 1.0, "test": 1.0}
