@@ -276,11 +276,13 @@ def write_errors(out_dir: str, dead_letters: Sequence[Mapping[str, Any]]) -> Non
 def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
              job: FeatureJob, *, dead_letters: Sequence[Mapping[str, Any]] = (),
              input_records: int | None = None,
-             usage: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+             usage: Mapping[str, Any] | None = None,
+             statistics: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
   """Writes one feature dataset's `errors.jsonl`, TFDS metadata and, last, its manifest.
 
   `usage` (`model_sharing`, `model_copies`, `workers`: records per SDK process) says how the
-  job was spread; it goes into the manifest as is.
+  job was spread; it goes into the manifest as is, and so do the per-split `statistics` heads
+  read instead of passing over the data (`contracts.statistics`).
 
   Returns:
     The manifest, or None when more than `max_error_fraction` of the image records were
@@ -334,6 +336,8 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
       "class_names": info["class_names"],
       "num_keypoints": info["num_keypoints"],
       "fingerprint": datasets.fingerprint(grouped),
+      "statistics": ({**statistics, "fingerprint": datasets.fingerprint(grouped)}
+                     if statistics else None),
       "health": health_lib.summarize_health(health),
       "counts": counts,
       "extraction_seconds": round(seconds, 3),

@@ -20,7 +20,7 @@ import numpy as np
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from contracts import layout, progress
+from contracts import layout, progress, statistics
 from contracts import schema as schema_lib
 from features import health as health_lib
 from features import jobs as jobs_lib
@@ -203,11 +203,52 @@ class RunBackbonesFn(beam.DoFn):
       maps, pooled, sums, seconds = results[job.tag]
       outputs.append((f"health_{job.tag}", health_lib.health_from_sums(
           sums, int(np.prod(maps.shape[1:])), seconds)))
+      outputs.extend((f"stats_{job.tag}", partial)
+                     for partial in statistics_partials(batch, pooled[:count]))
       schema = self._schemas[job.tag]
       outputs.extend((job.tag, (record.split, records.encode_feature_record(
           schema, record, maps[index], pooled[index]))) for index, record in enumerate(batch))
     outputs.append((USAGE, (self._worker, copy_id, count, started, time.time())))
     return outputs
+
+
+def statistics_partials(batch: Sequence[records.ImageRecord], pooled: np.ndarray
+                        ) -> list[tuple[str, statistics.Accumulator]]:
+  """(split, partial statistics) of one batch: what heads need before `fit` (see
+  `contracts.statistics`), accumulated while the features are extracted."""
+  partials = []
+  for split in sorted({record.split for record in batch}):
+    rows = [index for index, record in enumerate(batch) if record.split == split]
+    labels = [batch[i].label for i in rows]
+    targets = [batch[i].targets for i in rows]
+    partials.append((split, statistics.Accumulator.empty().add(
+        pooled=pooled[rows],
+        labels=None if any(label is None for label in labels) else np.asarray(labels),
+        targets=None if any(t is None for t in targets) else np.stack(targets),
+        views=np.asarray([batch[i].view for i in rows]))))
+  return partials
+
+
+class MergeStatisticsFn(beam.CombineFn):
+  """(split, partial statistics) -> the `statistics` block of the feature manifest."""
+
+  def create_accumulator(self) -> dict[str, statistics.Accumulator]:
+    return {}
+
+  def add_input(self, accumulator, element):
+    split, partial = element
+    return {**accumulator, split: accumulator.get(split, statistics.Accumulator.empty()).merge(
+        partial)}
+
+  def merge_accumulators(self, accumulators):
+    total: dict[str, statistics.Accumulator] = {}
+    for accumulator in accumulators:
+      for split, partial in accumulator.items():
+        total = self.add_input(total, (split, partial))
+    return total
+
+  def extract_output(self, accumulator) -> dict[str, Any]:
+    return statistics.finish(accumulator)
 
 
 class MergeHealthFn(beam.CombineFn):
@@ -264,15 +305,15 @@ class SummarizeUsageFn(beam.CombineFn):
 
 def _finalize(shards: list[dict[str, Any]], health: Mapping[str, float],
               dead_letters: list[dict[str, Any]], input_records: int, usage: Mapping[str, Any],
-              job: jobs_lib.FeatureJob) -> str:
+              stats: Mapping[str, Any], job: jobs_lib.FeatureJob) -> str:
   jobs_lib.finalize(shards, health, job, dead_letters=dead_letters, input_records=input_records,
-                    usage=usage)
+                    usage=usage, statistics=stats)
   return job.out_dir
 
 
 class WriteFeatureDataset(beam.PTransform):
-  """((split, serialized feature Example), partial health sums, dead letters, input record
-  count, usage summary) -> the dataset directory, once its shards, `errors.jsonl`, TFDS metadata
+  """((split, serialized feature Example), partial health sums, partial statistics, dead
+  letters, input record count, usage summary) -> the dataset directory, once its shards, `errors.jsonl`, TFDS metadata
   and (last) manifest are written. Shards follow the image shards' size rule."""
 
   def __init__(self, job: jobs_lib.FeatureJob):
@@ -280,17 +321,19 @@ class WriteFeatureDataset(beam.PTransform):
     self._job = job
 
   def expand(self, pcolls):
-    features, health, dead_letters, input_count, usage = pcolls
+    features, health, stats, dead_letters, input_count, usage = pcolls
     shards = features | "WriteSplits" >> sinks.WriteSplits(self._job.out_dir,
                                                            layout.FEATURES_NAME)
     merged = health | "MergeHealth" >> beam.CombineGlobally(MergeHealthFn())
+    merged_stats = stats | "MergeStatistics" >> beam.CombineGlobally(MergeStatisticsFn())
     return (shards
             | "CollectShards" >> beam.combiners.ToList()
             | "WriteManifest" >> beam.Map(
                 _finalize, health=beam.pvalue.AsSingleton(merged),
                 dead_letters=beam.pvalue.AsSingleton(dead_letters),
                 input_records=beam.pvalue.AsSingleton(input_count),
-                usage=beam.pvalue.AsSingleton(usage), job=self._job))
+                usage=beam.pvalue.AsSingleton(usage),
+                stats=beam.pvalue.AsSingleton(merged_stats), job=self._job))
 
 
 class ExtractFeatures(beam.PTransform):
@@ -327,8 +370,9 @@ class ExtractFeatures(beam.PTransform):
             self._jobs, batch_size=self._batch_size, jit_compile=self._jit_compile,
             sharing=self._share_models, tag=self._tag,
             shared_handle=shared.Shared())).with_outputs(
-                USAGE, *tags, *[f"health_{t}" for t in tags]))
+                USAGE, *tags, *[f"health_{t}" for t in tags], *[f"stats_{t}" for t in tags]))
     usage = outputs[USAGE] | "SummarizeUsage" >> beam.CombineGlobally(
         SummarizeUsageFn(self._share_models))
-    return [(outputs[job.tag], outputs[f"health_{job.tag}"], dead_letters, input_count, usage)
+    return [(outputs[job.tag], outputs[f"health_{job.tag}"], outputs[f"stats_{job.tag}"],
+             dead_letters, input_count, usage)
             | f"WriteFeatures[{job.dir_name}]" >> WriteFeatureDataset(job) for job in self._jobs]

@@ -428,3 +428,22 @@ def test_health_sums_in_the_compiled_forward_equal_the_numpy_reference():
   assert got.keys() == want.keys()
   for key in want:
     np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+
+
+def test_extract_writes_the_statistics_heads_need(extracted, tiny_image_dataset):
+  """Issue 14.2: counts, class histogram and pooled mean/variance per split, from the same pass
+  (original images only), so heads make no pass over the data before fit."""
+  image_manifest = datasets.read_manifest(str(tiny_image_dataset))
+  for path in _datasets(extracted).values():
+    stats = datasets.read_manifest(str(path))["statistics"]
+    for split, entry in image_manifest["splits"].items():
+      block = stats["splits"][split]
+      assert block["examples"] == entry["num_examples"]
+      records = [r for r in _load(path, split) if int(r["view"]) == 0]
+      labels = np.bincount([int(r["label"]) for r in records], minlength=2).tolist()
+      assert block["class_counts"] == labels
+      pooled = np.stack([r["pooled"] for r in records]).astype(np.float64)
+      np.testing.assert_allclose(block["pooled_mean"], pooled.mean(axis=0), rtol=1e-5,
+                                 atol=1e-6)
+      np.testing.assert_allclose(block["pooled_variance"], pooled.var(axis=0), rtol=1e-4,
+                                 atol=1e-6)
