@@ -29,6 +29,8 @@ REQUIRED_PACKAGES = [
     "urllib3>=2.8,<3",  # pipeline/fetch.py
     "tqdm>=4.70,<5",  # progress bars of the command line (headstart/logs.py)
     "absl-py>=2.5,<3",  # headstart/logs.py quiets absl's start-up lines
+    "psutil>=7.2,<8",  # heads/caching.py: the default cache budget from the memory available
+    "pyarrow>=25,<26",  # heads/feature_export.py: Parquet (Beam needs it anyway)
 ]
 
 setuptools.setup(
@@ -43,9 +45,9 @@ setuptools.setup(
     install_requires=REQUIRED_PACKAGES,
     extras_require={
         "gcp": ["apache-beam[gcp,tfrecord]>=2.77,<2.78"],
-        # pandas: the tests' and ../shared/checks' table reading; psutil: benchmarks/measure.py;
-        # packaging: tests/test_dependencies.py.
-        "test": ["pytest>=9.2,<10", "pandas>=3.1,<4", "psutil>=7.2,<8", "packaging>=26"],
+        # pandas: the tests' and ../shared/checks' table reading; packaging:
+        # tests/test_dependencies.py.
+        "test": ["pytest>=9.2,<10", "pandas>=3.1,<4", "packaging>=26"],
     },
     entry_points={"console_scripts": ["headstart=headstart.cli:main"]},
 )

@@ -226,7 +226,7 @@ def reproduce(config_path: str, *, tiny: bool = False, source: str | None = None
     source: the user's copy of the published data (full variant; default: the config's
       `data.source`).
     out: output folder (default `runs/reproduce/<name>[-tiny]`).
-    beam_args: Beam pipeline options for the Beam stages (ingest and extract).
+    beam_args: Beam pipeline options for all three stages (ingest, extract, the compare grid).
     log: where progress and PASS/FAIL lines go.
 
   Raises:
@@ -257,7 +257,7 @@ def reproduce(config_path: str, *, tiny: bool = False, source: str | None = None
       features, settings["heads"], f"{out}/compare", seeds=int(settings.get("seeds", 1)),
       epochs=settings.get("epochs"), config=config,
       pairs=[tuple(pair) for pair in settings["pairs"]] if settings.get("pairs") else None,
-      log=log)
+      log=log, beam_args=beam_args)
   log(leaderboard.markdown_table(result.rows))
   checks = tuple(check_expectation(result.rows, spec) for spec in experiment["expect"])
   for check in checks:

@@ -115,6 +115,6 @@ def test_setup_turns_on_gpu_memory_growth_before_building(monkeypatch):
   assert list(fn.process(batch, timestamp=Timestamp(0), window=GlobalWindow())) == []
   outputs = [(o.tag, o.value.value) for o in fn.finish_bundle()]
   fn.teardown()
-  assert [tag for tag, _ in outputs] == ["health_b0", "b0", "b0", transforms.USAGE]
+  assert [tag for tag, _ in outputs] == ["health_b0", "stats_b0", "b0", "b0", transforms.USAGE]
   worker, copy_id, count, started, ended = outputs[-1][1]
   assert (worker, copy_id, count) == (model_host.worker_id(), "copy-1", 2) and started <= ended
