@@ -62,10 +62,11 @@ def _help(command: list[str]) -> str:
 
 def test_every_flag_of_the_recipe_exists_in_headstart_or_beam():
   calls = _calls()
-  assert [c[0] for c in calls] == ["ingest", "weights", "extract", "extract", "compare"]
+  assert [c[0] for c in calls] == ["ingest", "weights", "extract", "extract", "compare", "compare",
+                                   "reproduce"]
   beam = _beam_flags()
   for call in calls:
-    command = call[:2] if call[0] == "weights" else call[:1]
+    command = call[:2] if call[0] in ("weights", "features") else call[:1]
     own = set(re.findall(r"--[a-z][\w-]*", _help(command)))
     flags = {token.split("=", 1)[0] for token in call if token.startswith("--")}
     unknown = flags - own - beam
