@@ -53,8 +53,11 @@ class TrainConfig:
   # L2 grid for `--head linear --sweep`, log-spaced: 1e-6 ... 1e0.
   sweep_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
   sweep_steps: int = 300
-  # finetune: the backbone learns at learning_rate * finetune_lr_scale.
-  finetune_lr_scale: float = 0.1
+  # finetune: Adam's rate for the unfrozen backbone layers and the head (fine-tuning guides use
+  # ~1e-5; the run's rate x 0.1 = 1e-4 wrecked the head in its first epoch, issue 18), reached
+  # by a linear warm-up over the first epochs (0: none).
+  finetune_learning_rate: float = 1e-5
+  finetune_warmup_epochs: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +85,11 @@ def _validate(config: Config) -> Config:
   for name in ("epochs", "batch_size"):
     if getattr(train, name) < 1:
       raise ValueError(f"{name} must be at least 1, got {getattr(train, name)!r}")
-  if train.learning_rate <= 0:
-    raise ValueError(f"learning_rate must be positive, got {train.learning_rate!r}")
+  for name in ("learning_rate", "finetune_learning_rate"):
+    if getattr(train, name) <= 0:
+      raise ValueError(f"{name} must be positive, got {getattr(train, name)!r}")
+  if train.finetune_warmup_epochs < 0:
+    raise ValueError(f"finetune_warmup_epochs must be >= 0, got {train.finetune_warmup_epochs!r}")
   if train.early_stopping < 0:
     raise ValueError(f"early_stopping patience must be >= 0, got {train.early_stopping!r}")
   if not 0.0 <= config.head.dropout < 1.0:
@@ -148,6 +154,14 @@ def to_dict(config: Config) -> dict[str, Any]:
   return dataclasses.asdict(config)
 
 
+# Keys older runs' config.json files hold that no longer exist; `from_dict` drops them so those
+# runs still load (`finetune_lr_scale` gave way to `finetune_learning_rate`).
+RETIRED_KEYS = {"train": ("finetune_lr_scale",), "head": ()}
+
+
 def from_dict(payload: Mapping[str, Any]) -> Config:
   """Rebuilds a config written by `to_dict` (e.g. from `RUN_DIR/config.json`)."""
-  return override(Config(), {key: payload[key] for key in ("train", "head") if key in payload})
+  return override(Config(), {
+      section: {key: value for key, value in payload[section].items()
+                if key not in RETIRED_KEYS[section]}
+      for section in ("train", "head") if section in payload})

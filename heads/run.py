@@ -90,12 +90,14 @@ def finetune_main(argv: list[str]) -> int:
   parser.add_argument("--out", help="output run directory (default MODEL/finetune)")
   parser.add_argument("--epochs", type=cli.positive_int, default=5)
   parser.add_argument("--learning-rate", type=cli.positive_float,
-                      help="default: the run's learning rate x finetune_lr_scale (0.1)")
+                      help="Adam's rate for the unfrozen layers and the head (default 1e-5)")
+  parser.add_argument("--warmup-epochs", type=cli.non_negative_int, metavar="N",
+                      help="linear warm-up to the rate over the first N epochs (default 1)")
   parser.add_argument("--batch-size", type=cli.positive_int)
   args = parser.parse_args(argv)
   result = finetune.finetune(args.model, args.images, unfreeze=args.unfreeze, out_dir=args.out,
                              epochs=args.epochs, learning_rate=args.learning_rate,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, warmup_epochs=args.warmup_epochs)
   print(json.dumps(_summary(result)))
   return 0
 

@@ -203,6 +203,49 @@ def test_finetune_unfreezes_the_last_layers_and_predicts(conv_run, stages, tmp_p
     finetune.finetune(str(conv_run), str(images), unfreeze=0, out_dir=str(tmp_path / "x"))
 
 
+def test_finetune_starts_where_the_head_left_off(conv_run, stages, tmp_path):
+  """The starting loss is recorded, the default rate keeps the first epoch near it, and a rate
+  that wrecks the start is said in the notes while the starting weights are kept."""
+  _, images, _ = stages
+  gentle = finetune.finetune(str(conv_run), str(images), unfreeze=3, out_dir=str(tmp_path / "a"),
+                             epochs=1, verbose=0)
+  start = gentle["start"]
+  assert set(start) == {"train", "validation"} and start["train"]["loss"] > 0
+  assert gentle["learning_rate"] == 1e-5 and gentle["warmup_epochs"] == 1
+  first = float(next(csv.DictReader((tmp_path / "a" / "history.csv").open()))["loss"])
+  assert first <= finetune.START_LOSS_TOLERANCE * start["train"]["loss"], (first, start)
+  assert not any("first epoch" in note for note in gentle["notes"])
+  wild = finetune.finetune(str(conv_run), str(images), unfreeze=3, out_dir=str(tmp_path / "b"),
+                           epochs=2, learning_rate=1.0, warmup_epochs=0, verbose=0)
+  assert any("first epoch's training loss" in note for note in wild["notes"]), wild["notes"]
+  assert any("starting weights are kept" in note for note in wild["notes"]), wild["notes"]
+  # Kept means kept: the saved model scores what the start scored on validation.
+  assert wild["validation"]["loss"] == pytest.approx(start["validation"]["loss"], rel=1e-4)
+
+
+def test_finetune_keeps_batch_normalization_in_inference_mode(tmp_path):
+  """Unfrozen layers train; BatchNormalization statistics and scales do not move."""
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((8, 8, 3))
+  x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+  x = keras.layers.BatchNormalization(name="bn")(x)
+  backbone = keras.Model(inputs, keras.layers.Conv2D(4, 1, name="top")(x), name="backbone")
+  images = keras.Input((8, 8, 3))
+  head = keras.Sequential([keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)],
+                          name="head")
+  model = keras.Model(images, head(backbone(images, training=False)))
+  trainable = finetune.unfreeze_last(finetune.find_backbone(model), 3)
+  assert trainable == ["conv", "top"]
+  before = [w.numpy().copy() for w in backbone.get_layer("bn").weights]
+  kernel = backbone.get_layer("conv").kernel.numpy().copy()
+  model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+  x = np.random.default_rng(0).normal(5, 3, (16, 8, 8, 3)).astype(np.float32)
+  model.fit(x, np.ones((16, 1)), epochs=2, verbose=0)
+  for old, new in zip(before, backbone.get_layer("bn").weights):
+    np.testing.assert_array_equal(old, new.numpy())
+  assert not np.allclose(backbone.get_layer("conv").kernel.numpy(), kernel)
+
+
 def test_payoff_compares_cached_and_end_to_end_rates(stages):
   _, _, features = stages
   result = payoff.measure(str(features), "gap_dense", epochs=2, batch_size=8,
