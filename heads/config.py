@@ -32,6 +32,9 @@ class HeadConfig:
   dense_units: int = 512           # conv / conv2 / keypoints: Dense after Flatten
   dropout: float = 0.5
   l2: float = 0.0                  # kernel L2 on the output layer (the linear probe's knob)
+  # keypoints: start at a ridge fit on the flattened map (frozen) and learn a correction to it;
+  # off: start at the mean face (see heads.zoo.build_head, heads.ridge.linear_start).
+  ridge_start: bool = True
   scratch_filters: tuple[int, ...] = (16, 32, 64)   # --head scratch: one conv block per entry
 
 
@@ -53,6 +56,10 @@ class TrainConfig:
   # L2 grid for `--head linear --sweep`, log-spaced: 1e-6 ... 1e0.
   sweep_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
   sweep_steps: int = 300
+  # ridge heads: strengths relative to the mean squared norm of a centred train example, and the
+  # memory the solve may hold (see heads.ridge).
+  ridge_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+  ridge_memory_mb: int = 1024
   # finetune: Adam's rate for the unfrozen backbone layers and the head (fine-tuning guides use
   # ~1e-5; the run's rate x 0.1 = 1e-4 wrecked the head in its first epoch, issue 18), reached
   # by a linear warm-up over the first epochs (0: none).

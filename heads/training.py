@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from contracts import datasets, layout, runs
-from heads import evaluation, export, fitting, reader, sweep, zoo
+from heads import evaluation, export, fitting, reader, ridge, sweep, zoo
 from heads.config import Config, to_dict
 
 
@@ -259,26 +259,74 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   epoch_seed = fitting.EpochSeed()
   inputs = fitting.make_inputs(spec, kind, train_records, batch_size=config.train.batch_size,
                                train=config.train, settings=settings, epoch=epoch_seed.epoch)
+  if head in ridge.HEADS:   # solved in closed form, not trained
+    return _solve_ridge(head, spec, run, inputs, train_records, config, notes=notes,
+                        started=started, export_model=export_model)
   weights = _balanced_weights(spec, train_records, config)
   target_mean = evaluation.train_target_mean(spec, kind) if spec.task == "keypoints" else None
   if kind == "pooled" and input_stats is None:
     input_stats = train_input_stats(train_records)
+  linear, extra = _ridge_start(head, spec, train_records, inputs, config, notes)
   model = zoo.build_head(head, spec, config.head, target_mean=target_mean,
-                         input_stats=input_stats)
+                         input_stats=input_stats, linear_start=linear)
   compile_head(model, spec.task, _optimizer(config, -(-inputs.num_train // inputs.batch_size)))
   if inputs.validation is None:
     notes.append("best checkpoint and early stopping monitor the training loss")
   if not export_model:
     notes.append("model.keras not exported (export_run() writes it from head.keras)")
-  describe = {"task": spec.task, "head": head, "backbone": spec.backbone,
-              "weights_kind": spec.weights_kind, "cache_key": spec.cache_key,
-              "features": spec.data_dir, "params": int(model.count_params()),
-              "class_names": list(spec.class_names), "num_train_examples": inputs.num_train}
-  extra = {"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {})}
+  extra.update({"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {})})
+  # A head started at a ridge fit keeps that start unless an epoch beats it on validation.
+  initial_best = (model.evaluate(inputs.validation, verbose=0, return_dict=True)["loss"]
+                  if linear is not None else None)
   options = fitting.FitOptions(config.train.epochs, config.train.early_stopping, weights,
-                               (epoch_seed, *callbacks), verbose)
+                               (epoch_seed, *callbacks), verbose, initial_best=initial_best)
   return fitting.train_and_evaluate(
-      model, run, inputs, options, describe=describe, notes=notes, started=started, extra=extra,
-      baseline=target_mean,
-      export=(lambda fitted, run_notes: _export(fitted, spec, run, head, run_notes)) if export_model
-      else None)
+      model, run, inputs, options, describe=_describe(spec, head, model, inputs.num_train),
+      notes=notes, started=started, extra=extra, baseline=target_mean,
+      export=_exporter(spec, run, head) if export_model else None)
+
+
+def _ridge_start(head: str, spec: reader.DatasetSpec, train_records: tf.data.Dataset,
+                 inputs: fitting.RunInputs, config: Config, notes: list[str]
+                 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
+  """`keypoints` with `ridge_start`: the ridge fit it starts from and its `metrics.json` block."""
+  if head != "keypoints" or not config.head.ridge_start:
+    return None, {}
+  if inputs.validation is None:
+    notes.append("no validation split: the keypoints head starts at the mean face, not at a "
+                 "ridge fit")
+    return None, {}
+  linear, block = ridge.linear_start(spec, train_records, inputs.num_train, config, notes)
+  return linear, {"ridge_start": block}
+
+
+def _describe(spec: reader.DatasetSpec, head: str, model: keras.Model,
+              num_train: int) -> dict[str, Any]:
+  """The leading `metrics.json` entries of a run."""
+  return {"task": spec.task, "head": head, "backbone": spec.backbone,
+          "weights_kind": spec.weights_kind, "cache_key": spec.cache_key,
+          "features": spec.data_dir, "params": int(model.count_params()),
+          "class_names": list(spec.class_names), "num_train_examples": num_train}
+
+
+def _exporter(spec: reader.DatasetSpec, run: runs.RunDir, head: str):
+  """`train_and_evaluate`'s `export`: writes `model.keras` from the fitted head."""
+  return lambda fitted, run_notes: _export(fitted, spec, run, head, run_notes)
+
+
+def _solve_ridge(head: str, spec: reader.DatasetSpec, run: runs.RunDir,
+                 inputs: fitting.RunInputs, train_records: tf.data.Dataset, config: Config, *,
+                 notes: list[str], started: float, export_model: bool) -> dict[str, Any]:
+  """A ridge head: solved and chosen on validation (`heads.ridge`), then saved and evaluated."""
+  if run.exists(runs.HISTORY_NAME):
+    tf.io.gfile.remove(run.history_path)   # a closed-form solve has no epochs
+  model, block, target_mean = ridge.fit_head(head, spec, train_records, inputs.num_train,
+                                             config, notes)
+  fitted = {"epochs": 0, "epochs_this_session": 0, "resumed": False,
+            "train_seconds": block["seconds"],
+            "examples_per_second": inputs.num_train / block["seconds"],
+            "examples_per_second_cached": None}
+  return fitting.save_and_evaluate(
+      model, run, inputs, fitted, describe=_describe(spec, head, model, inputs.num_train),
+      notes=notes, started=started, extra={"ridge": block}, baseline=target_mean,
+      export=_exporter(spec, run, head) if export_model else None)
