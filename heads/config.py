@@ -59,7 +59,7 @@ class TrainConfig:
   # ridge heads: strengths relative to the mean squared norm of a centred train example, and the
   # memory the solve may hold (see heads.ridge).
   ridge_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
-  ridge_memory_mb: int = 1024
+  ridge_memory_mb: float = 1024.0
   # finetune: Adam's rate for the unfrozen backbone layers and the head (fine-tuning guides use
   # ~1e-5; the run's rate x 0.1 = 1e-4 wrecked the head in its first epoch, issue 18), reached
   # by a linear warm-up over the first epochs (0: none).

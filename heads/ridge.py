@@ -223,7 +223,7 @@ def temperature(scores: np.ndarray, codes: np.ndarray, task: str) -> float:
 def _solve(records: tf.data.Dataset, spec: reader.DatasetSpec, num_train: int, dim: int,
            config: Config, notes: list[str]) -> Spectral:
   """The train split's `Spectral` by the plan's method (see the module docstring)."""
-  method, size = plan(num_train, dim, config.train.ridge_memory_mb * 2**20)
+  method, size = plan(num_train, dim, int(config.train.ridge_memory_mb * 2**20))
   batches = _batches(records, spec.task, spec.num_outputs)
   if method == "primal":
     return solve_primal(batches)

@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks import payoff
 from heads import config as config_lib
-from heads import finetune, run, training
+from heads import finetune, reader, run, training
 from headstart import predict
 
 IMAGE_SIZE = 64
@@ -254,21 +254,29 @@ def test_payoff_compares_cached_and_end_to_end_rates(stages):
   assert result["ratio"] > 0
 
 
-def test_keypoint_head_on_the_sample_faces_reports_source_pixels(tmp_path):
-  """Real keypoint ingest (the shipped synthetic faces): errors in stored and source pixels."""
+@pytest.fixture(scope="session")
+def sample_faces(tmp_path_factory):
+  """(source CSV, feature dataset) of the shipped synthetic faces through the real stages 1-2.
+
+  Split 50/25/25 (26/12/10 faces), so validation has enough faces to choose on.
+  """
   from features import run as extract
   from pipeline import run as ingest
 
+  root = tmp_path_factory.mktemp("faces")
   source = pathlib.Path(__file__).resolve().parent.parent / "data" / "sample" / "keypoints.csv"
-  images = tmp_path / "images"
-  ingest.run(["--source", str(source), "--out", str(images), "--image-size", str(IMAGE_SIZE),
-              "--target-columns", "all", "--splits", "train=70,val=15,test=15"])
-  backbone = tmp_path / "tiny.keras"
-  _tiny_backbone(IMAGE_SIZE).save(backbone)
-  extract.run(["--images", str(images), "--out", str(tmp_path / "features"),
-               "--backbones", str(backbone)])
-  index = json.loads((tmp_path / "features" / "index.json").read_text())
-  features = tmp_path / "features" / index["datasets"][0]["dir"]
+  ingest.run(["--source", str(source), "--out", str(root / "images"), "--image-size",
+              str(IMAGE_SIZE), "--target-columns", "all", "--splits", "train=50,val=25,test=25"])
+  _tiny_backbone(IMAGE_SIZE).save(root / "tiny.keras")
+  extract.run(["--images", str(root / "images"), "--out", str(root / "features"),
+               "--backbones", str(root / "tiny.keras")])
+  index = json.loads((root / "features" / "index.json").read_text())
+  return source, root / "features" / index["datasets"][0]["dir"]
+
+
+def test_keypoint_head_on_the_sample_faces_reports_source_pixels(sample_faces, tmp_path):
+  """Real keypoint ingest (the shipped synthetic faces): errors in stored and source pixels."""
+  source, features = sample_faces
   result = training.train(str(features), "keypoints", str(tmp_path / "run"),
                           config_lib.override(config_lib.tiny(), {"train": {"epochs": 2}}),
                           verbose=0)
@@ -279,6 +287,34 @@ def test_keypoint_head_on_the_sample_faces_reports_source_pixels(tmp_path):
   assert header.startswith("id,x0,y0,x1,y1")
   summary = predict.predict_images(str(tmp_path / "run"), str(source), str(tmp_path / "p.csv"))
   assert summary["predicted"] == 48
+  # The head started at a ridge fit and kept at least its validation error.
+  start = result["ridge_start"]
+  chosen = next(row for row in start["grid"] if row["strength"] == start["strength"])
+  assert result["validation"]["loss"] <= -chosen["val_score"] * (1 + 1e-5)
+
+
+def test_ridge_on_the_sample_faces_beats_the_mean_face_and_equals_numpy(sample_faces, tmp_path):
+  """The ridge head's test predictions are the NumPy closed form's to 1e-4 (normalised
+  coordinates), and its error is below the mean-face baseline's."""
+  _, features = sample_faces
+  spec = reader.load_spec(str(features))
+  for head, kind in (("ridge", "map"), ("ridge_pooled", "pooled")):
+    result = training.train(str(features), head, str(tmp_path / head), config_lib.tiny(),
+                            verbose=0)
+    data = {split: reader.load_arrays(reader.read_split(spec, split, input_kind=kind))
+            for split in ("train", "test")}
+    x = {split: arrays["x"].reshape(len(arrays["x"]), -1).astype(np.float64)
+         for split, arrays in data.items()}
+    mean_x, mean_y = x["train"].mean(axis=0), data["train"]["y"].mean(axis=0)
+    centred = x["train"] - mean_x
+    kernel = np.linalg.solve(centred.T @ centred + result["ridge"]["lambda"] * np.eye(len(mean_x)),
+                             centred.T @ (data["train"]["y"] - mean_y))
+    want = (x["test"] - mean_x) @ kernel + mean_y
+    rows = list(csv.DictReader((tmp_path / head / "predictions_test.csv").open()))
+    got = np.array([[float(value) for key, value in row.items() if key != "id"] for row in rows])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    if head == "ridge":
+      assert result["test"]["mae_px"] < result["test"]["mae_px_mean_baseline"], result["test"]
 
 
 def test_predict_reads_every_source_ingest_reads_and_rows_in_error_say_why(
