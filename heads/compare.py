@@ -101,6 +101,12 @@ def write_leaderboards(out_dir: str, rows: Sequence[Mapping[str, Any]],
                                                              leaderboard.LEADERBOARD_COLUMNS),
            leaderboard.SEEDS_CSV: leaderboard.csv_text(seed_rows, leaderboard.SEED_COLUMNS),
            leaderboard.LEADERBOARD_MD: leaderboard.markdown_page(rows, ledger, notes)}
+  # Every setting each --search tried, from the runs' own metrics.json.
+  searched = [row for seed_row in seed_rows if seed_row.get("search")
+              for row in leaderboard.search_rows(seed_row,
+                                                 runs.RunDir(seed_row["run_dir"]).metrics())]
+  if searched:
+    texts[leaderboard.SEARCH_CSV] = leaderboard.csv_text(searched, leaderboard.SEARCH_COLUMNS)
   for name, text in texts.items():
     with tf.io.gfile.GFile(f"{out_dir}/{name}", "w") as f:
       f.write(text)
@@ -125,7 +131,7 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
             config: config_lib.Config | None = None,
             pairs: Iterable[tuple[str, str]] | None = None, report: bool = True,
             verbose: int = 0, log: Callable[[str], None] = print,
-            train_one: CellTrainer | None = None) -> CompareResult:
+            train_one: CellTrainer | None = None, search: str | None = None) -> CompareResult:
   """Trains the grid (skipping finished seeds) and writes leaderboards, ledger and report.
 
   Args:
@@ -141,6 +147,8 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
     verbose: Keras verbosity of each fit (with the default `train_one`).
     log: where progress lines go.
     train_one: trains one cell and seed (default `train_cell`, in this process).
+    search: overrides the config's per-head search (`heads.search`; `small`: 6 settings per
+      run, trained together, chosen on validation; `search.csv` lists every setting tried).
 
   Raises:
     ValueError: bad seeds/epochs, unknown heads or backbones, no index.
@@ -157,6 +165,8 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
   base = config or config_lib.Config()
   if epochs is not None:
     base = config_lib.override(base, {"train": {"epochs": epochs}})
+  if search is not None:
+    base = config_lib.override(base, {"train": {"search": search}})
   tf.io.gfile.makedirs(out_dir)
   seed_rows = run_cells(cells, seeds, out_dir, base, log=log,
                         train_one=train_one or functools.partial(train_cell, verbose=verbose))

@@ -19,6 +19,7 @@ from typing import Any
 import tensorflow as tf
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+SEARCHES = ("none", "small")      # heads.search: settings each run tries, chosen on validation
 CLASS_WEIGHTS = ("none", "balanced")
 
 
@@ -52,6 +53,7 @@ class TrainConfig:
   seed: int = 0
   views: bool = False              # also train on augmented views (view > 0)
   class_weight: str = "none"
+  search: str = "none"             # a per-head search of `SEARCHES` (see heads.search)
   shuffle_buffer: int = 10_000
   # L2 grid for `--head linear --sweep`, log-spaced: 1e-6 ... 1e0.
   sweep_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -86,6 +88,8 @@ def _validate(config: Config) -> Config:
   train = config.train
   if train.optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer {train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+  if train.search not in SEARCHES:
+    raise ValueError(f"search {train.search!r} is not one of {', '.join(SEARCHES)}")
   if train.class_weight not in CLASS_WEIGHTS:
     raise ValueError(
         f"class_weight {train.class_weight!r} is not one of {', '.join(CLASS_WEIGHTS)}")

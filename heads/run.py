@@ -36,6 +36,8 @@ def _train_parser() -> cli.Parser:
   parser.add_argument("--views", action="store_true", default=None,
                       help="also train on augmented views (view > 0)")
   parser.add_argument("--class-weights", choices=config_lib.CLASS_WEIGHTS)
+  parser.add_argument("--search", choices=config_lib.SEARCHES,
+                      help="train a few settings together, keep the best on validation")
   parser.add_argument("--units", type=cli.positive_int, help="conv/conv2/keypoints Dense units")
   parser.add_argument("--dropout", type=cli.fraction)
   parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -45,7 +47,7 @@ def _train_parser() -> cli.Parser:
 _TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer",
                 "learning_rate": "learning_rate", "lr_decay": "lr_decay",
                 "early_stopping": "early_stopping", "seed": "seed", "views": "views",
-                "class_weights": "class_weight"}
+                "class_weights": "class_weight", "search": "search"}
 _HEAD_FLAGS = {"units": "dense_units", "dropout": "dropout"}
 
 
@@ -115,6 +117,9 @@ def compare_main(argv: list[str]) -> int:
   parser.add_argument("--out", required=True, help="compare directory")
   parser.add_argument("--epochs", type=cli.positive_int)
   parser.add_argument("--config", help="JSON or .py file with head/train settings for every cell")
+  parser.add_argument("--search", choices=config_lib.SEARCHES,
+                      help="per cell: a few settings trained together, the best on validation "
+                           "(small: learning rate x dropout, 6 points)")
   parser.add_argument("--no-report", action="store_true", help="skip report.html")
   args = parser.parse_args(argv)
   config = config_lib.load_file(args.config) if args.config else None
@@ -122,7 +127,7 @@ def compare_main(argv: list[str]) -> int:
       args.features, grid.parse_heads(args.heads), args.out, seeds=args.seeds,
       backbones=[b.strip() for b in args.backbones.split(",") if b.strip()]
       if args.backbones else None,
-      epochs=args.epochs, config=config, report=not args.no_report)
+      epochs=args.epochs, config=config, report=not args.no_report, search=args.search)
   print(leaderboard.markdown_table(result.rows))
   print("\n".join(leaderboard.ledger_lines(result.ledger)))
   print(f"wrote {result.out_dir}/{leaderboard.LEADERBOARD_CSV}"

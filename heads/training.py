@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from contracts import datasets, layout, runs
-from heads import evaluation, export, fitting, reader, ridge, sweep, zoo
+from heads import evaluation, export, fitting, reader, ridge, search, sweep, zoo
 from heads.config import Config, to_dict
 
 
@@ -267,9 +267,16 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   if kind == "pooled" and input_stats is None:
     input_stats = train_input_stats(train_records)
   linear, extra = _ridge_start(head, spec, train_records, inputs, config, notes)
-  model = zoo.build_head(head, spec, config.head, target_mean=target_mean,
-                         input_stats=input_stats, linear_start=linear)
-  compile_head(model, spec.task, _optimizer(config, -(-inputs.num_train // inputs.batch_size)))
+  steps = -(-inputs.num_train // inputs.batch_size)
+
+  def build(point: Config) -> keras.Model:
+    """A compiled head with `point`'s settings (a search builds one per point)."""
+    model = zoo.build_head(head, spec, point.head, target_mean=target_mean,
+                           input_stats=input_stats, linear_start=linear)
+    compile_head(model, spec.task, _optimizer(point, steps))
+    return model
+
+  model = build(config)
   if inputs.validation is None:
     notes.append("best checkpoint and early stopping monitor the training loss")
   if not export_model:
@@ -278,12 +285,21 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   # A head started at a ridge fit keeps that start unless an epoch beats it on validation.
   initial_best = (model.evaluate(inputs.validation, verbose=0, return_dict=True)["loss"]
                   if linear is not None else None)
+  export = _exporter(spec, run, head) if export_model else None
+  if config.train.search != "none":
+    found = search.run_search(config.train.search, head, config, build, inputs, run,
+                              class_weight=weights, initial_best=initial_best,
+                              callbacks=(epoch_seed, *callbacks), verbose=verbose)
+    return fitting.save_and_evaluate(
+        found.model, run, inputs, found.fitted,
+        describe=_describe(spec, head, found.model, inputs.num_train), notes=notes,
+        started=started, extra={**extra, "search": found.block}, baseline=target_mean,
+        export=export)
   options = fitting.FitOptions(config.train.epochs, config.train.early_stopping, weights,
                                (epoch_seed, *callbacks), verbose, initial_best=initial_best)
   return fitting.train_and_evaluate(
       model, run, inputs, options, describe=_describe(spec, head, model, inputs.num_train),
-      notes=notes, started=started, extra=extra, baseline=target_mean,
-      export=_exporter(spec, run, head) if export_model else None)
+      notes=notes, started=started, extra=extra, baseline=target_mean, export=export)
 
 
 def _ridge_start(head: str, spec: reader.DatasetSpec, train_records: tf.data.Dataset,
