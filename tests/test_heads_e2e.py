@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks import payoff
+from benchmarks import payoff, search_cost
 from heads import config as config_lib
 from heads import finetune, reader, run, training
 from headstart import predict
@@ -244,6 +244,17 @@ def test_finetune_keeps_batch_normalization_in_inference_mode(tmp_path):
   for old, new in zip(before, backbone.get_layer("bn").weights):
     np.testing.assert_array_equal(old, new.numpy())
   assert not np.allclose(backbone.get_layer("conv").kernel.numpy(), kernel)
+
+
+@pytest.mark.slow
+def test_search_cost_measures_the_search_against_one_head_and_separate_runs(stages):
+  """Eight tiny runs (~20 s on 2 cores)."""
+  _, _, features = stages
+  result = search_cost.measure(str(features), "gap_dense", epochs=1, config=config_lib.tiny())
+  assert result["points"] == 6
+  assert result["search_seconds"] > 0 and result["separate_runs_seconds"] > 0
+  assert result["search_over_one_head"] == pytest.approx(
+      result["search_seconds"] / result["one_head_seconds"])
 
 
 def test_payoff_compares_cached_and_end_to_end_rates(stages):
