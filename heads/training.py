@@ -247,6 +247,9 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   kind = zoo.input_kind(head)
   if sweep_l2 and head != "linear":
     raise ValueError(f"--sweep tunes the linear probe's L2 strength; head {head!r} has no sweep")
+  if sweep_l2 and config.train.search != "none":
+    raise ValueError(f"--sweep and --search {config.train.search} both choose the linear head's "
+                     "L2 strength; use one of them")
   spec = _checked_dataset(features_dir, head, run)
   notes = evaluation.missing_split_notes(spec)
   keras.utils.set_random_seed(config.train.seed)

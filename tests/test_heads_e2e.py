@@ -326,6 +326,10 @@ def test_ridge_on_the_sample_faces_beats_the_mean_face_and_equals_numpy(sample_f
     np.testing.assert_allclose(got, want, atol=1e-4)
     if head == "ridge":
       assert result["test"]["mae_px"] < result["test"]["mae_px_mean_baseline"], result["test"]
+  # Stored as a plain Dense layer, the ridge head exports and predicts like any other.
+  source, _ = sample_faces
+  summary = predict.predict_images(str(tmp_path / "ridge"), str(source), str(tmp_path / "p.csv"))
+  assert summary["predicted"] == 48
 
 
 def test_predict_reads_every_source_ingest_reads_and_rows_in_error_say_why(
