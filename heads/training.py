@@ -280,10 +280,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
     return model
 
   model = build(config)
-  if inputs.validation is None:
-    notes.append("best checkpoint and early stopping monitor the training loss")
-  if not export_model:
-    notes.append("model.keras not exported (export_run() writes it from head.keras)")
+  notes.extend(_fit_notes(inputs, export_model))
   extra.update({"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {})})
   # A head started at a ridge fit keeps that start unless an epoch beats it on validation.
   initial_best = (model.evaluate(inputs.validation, verbose=0, return_dict=True)["loss"]
@@ -303,6 +300,14 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   return fitting.train_and_evaluate(
       model, run, inputs, options, describe=_describe(spec, head, model, inputs.num_train),
       notes=notes, started=started, extra=extra, baseline=target_mean, export=export)
+
+
+def _fit_notes(inputs: fitting.RunInputs, export_model: bool) -> list[str]:
+  """What a trained run's `metrics.json` says about how it was fitted and saved."""
+  return [*(["best checkpoint and early stopping monitor the training loss"]
+            if inputs.validation is None else []),
+          *([] if export_model else
+            ["model.keras not exported (export_run() writes it from head.keras)"])]
 
 
 def _ridge_start(head: str, spec: reader.DatasetSpec, train_records: tf.data.Dataset,

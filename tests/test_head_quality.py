@@ -19,10 +19,8 @@ import pytest
 from features import run as extract
 from heads import config as config_lib
 from heads import finetune, training
-from pipeline import run as ingest
-from tests.conftest import REPO_ROOT, SHARED_WEIGHTS
-
-WEIGHTS_FILE = SHARED_WEIGHTS / "mobilenet_1_0_224_imagenet_notop.weights.h5"
+from tests.conftest import MOBILENET_WEIGHTS as WEIGHTS_FILE
+from tests.conftest import ingest_emoji_sample
 
 
 def _first_epoch_loss(run_dir) -> float:
@@ -33,12 +31,7 @@ def _first_epoch_loss(run_dir) -> float:
 @pytest.mark.slow
 @pytest.mark.real_weights
 def test_finetune_on_the_sample_starts_at_the_head_and_keeps_its_accuracy(tmp_path):
-  if not WEIGHTS_FILE.exists():
-    pytest.skip(f"{WEIGHTS_FILE} is absent (the shared real weights are not on this machine)")
-  images = tmp_path / "images"
-  ingest.run(["--source", str(REPO_ROOT / "data/sample/category.csv"), "--out", str(images),
-              "--image-size", "128", "--label-column", "category", "--group-column", "group",
-              "--splits", "train=60,val=20,test=20"])
+  images = ingest_emoji_sample("category", "category", tmp_path / "images")
   extract.run(["--images", str(images), "--out", str(tmp_path / "features"),
                "--backbones", "mobilenet", "--weights", str(WEIGHTS_FILE)])
   index = json.loads((tmp_path / "features" / "index.json").read_text())
