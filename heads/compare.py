@@ -153,6 +153,12 @@ def write_leaderboards(out_dir: str, rows: Sequence[Mapping[str, Any]],
                                                              leaderboard.LEADERBOARD_COLUMNS),
            leaderboard.SEEDS_CSV: leaderboard.csv_text(seed_rows, leaderboard.SEED_COLUMNS),
            leaderboard.LEADERBOARD_MD: leaderboard.markdown_page(rows, ledger, notes)}
+  # Every setting each --search tried, from the runs' own metrics.json.
+  searched = [row for seed_row in seed_rows if seed_row.get("search")
+              for row in leaderboard.search_rows(seed_row,
+                                                 runs.RunDir(seed_row["run_dir"]).metrics())]
+  if searched:
+    texts[leaderboard.SEARCH_CSV] = leaderboard.csv_text(searched, leaderboard.SEARCH_COLUMNS)
   for name, text in texts.items():
     with tf.io.gfile.GFile(f"{out_dir}/{name}", "w") as f:
       f.write(text)
@@ -178,7 +184,8 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
             pairs: Iterable[tuple[str, str]] | None = None, report: bool = True,
             verbose: int = 0, log: Callable[[str], None] = print,
             train_one: CellTrainer | None = None, cache_budget: int | None = None,
-            cache_dir: str | None = None, beam_args: Sequence[str] = ()) -> CompareResult:
+            cache_dir: str | None = None, beam_args: Sequence[str] = (),
+            search: str | None = None) -> CompareResult:
   """Trains the grid (skipping finished seeds) and writes leaderboards, ledger and report.
 
   Args:
@@ -198,6 +205,8 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
     cache_dir: local folder for file caches (default `OUT/cache`).
     beam_args: Beam pipeline options; when given, the unfinished runs are trained as elements
       of a Beam job on that runner (`heads.grid_beam`) and gathered from their run directories.
+    search: overrides the config's per-head search (`heads.search`; `small`: 6 settings per
+      run, trained together, chosen on validation; `search.csv` lists every setting tried).
 
   Raises:
     ValueError: bad seeds/epochs, unknown heads or backbones, no index.
@@ -214,6 +223,8 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
   base = config or config_lib.Config()
   if epochs is not None:
     base = config_lib.override(base, {"train": {"epochs": epochs}})
+  if search is not None:
+    base = config_lib.override(base, {"train": {"search": search}})
   tf.io.gfile.makedirs(out_dir)
   if cache_dir is None and "://" not in out_dir:
     cache_dir = f"{out_dir}/cache"

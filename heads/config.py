@@ -19,6 +19,7 @@ from typing import Any
 import tensorflow as tf
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
+SEARCHES = ("none", "small")      # heads.search: settings each run tries, chosen on validation
 CLASS_WEIGHTS = ("none", "balanced")
 
 
@@ -32,6 +33,9 @@ class HeadConfig:
   dense_units: int = 512           # conv / conv2 / keypoints: Dense after Flatten
   dropout: float = 0.5
   l2: float = 0.0                  # kernel L2 on the output layer (the linear probe's knob)
+  # keypoints: start at a ridge fit on the flattened map (frozen) and learn a correction to it;
+  # off: start at the mean face (see heads.zoo.build_head, heads.ridge.linear_start).
+  ridge_start: bool = True
   scratch_filters: tuple[int, ...] = (16, 32, 64)   # --head scratch: one conv block per entry
 
 
@@ -49,12 +53,20 @@ class TrainConfig:
   seed: int = 0
   views: bool = False              # also train on augmented views (view > 0)
   class_weight: str = "none"
+  search: str = "none"             # a per-head search of `SEARCHES` (see heads.search)
   shuffle_buffer: int = 10_000
   # L2 grid for `--head linear --sweep`, log-spaced: 1e-6 ... 1e0.
   sweep_grid: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
   sweep_steps: int = 300
-  # finetune: the backbone learns at learning_rate * finetune_lr_scale.
-  finetune_lr_scale: float = 0.1
+  # ridge heads: strengths relative to the mean squared norm of a centred train example, and the
+  # memory the solve may hold (see heads.ridge).
+  ridge_grid: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+  ridge_memory_mb: float = 1024.0
+  # finetune: Adam's rate for the unfrozen backbone layers and the head (fine-tuning guides use
+  # ~1e-5; the run's rate x 0.1 = 1e-4 wrecked the head in its first epoch, issue 18), reached
+  # by a linear warm-up over the first epochs (0: none).
+  finetune_learning_rate: float = 1e-5
+  finetune_warmup_epochs: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +88,19 @@ def _validate(config: Config) -> Config:
   train = config.train
   if train.optimizer not in OPTIMIZERS:
     raise ValueError(f"optimizer {train.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+  if train.search not in SEARCHES:
+    raise ValueError(f"search {train.search!r} is not one of {', '.join(SEARCHES)}")
   if train.class_weight not in CLASS_WEIGHTS:
     raise ValueError(
         f"class_weight {train.class_weight!r} is not one of {', '.join(CLASS_WEIGHTS)}")
   for name in ("epochs", "batch_size"):
     if getattr(train, name) < 1:
       raise ValueError(f"{name} must be at least 1, got {getattr(train, name)!r}")
-  if train.learning_rate <= 0:
-    raise ValueError(f"learning_rate must be positive, got {train.learning_rate!r}")
+  for name in ("learning_rate", "finetune_learning_rate"):
+    if getattr(train, name) <= 0:
+      raise ValueError(f"{name} must be positive, got {getattr(train, name)!r}")
+  if train.finetune_warmup_epochs < 0:
+    raise ValueError(f"finetune_warmup_epochs must be >= 0, got {train.finetune_warmup_epochs!r}")
   if train.early_stopping < 0:
     raise ValueError(f"early_stopping patience must be >= 0, got {train.early_stopping!r}")
   if not 0.0 <= config.head.dropout < 1.0:
@@ -148,6 +165,14 @@ def to_dict(config: Config) -> dict[str, Any]:
   return dataclasses.asdict(config)
 
 
+# Keys older runs' config.json files hold that no longer exist; `from_dict` drops them so those
+# runs still load (`finetune_lr_scale` gave way to `finetune_learning_rate`).
+RETIRED_KEYS = {"train": ("finetune_lr_scale",), "head": ()}
+
+
 def from_dict(payload: Mapping[str, Any]) -> Config:
   """Rebuilds a config written by `to_dict` (e.g. from `RUN_DIR/config.json`)."""
-  return override(Config(), {key: payload[key] for key in ("train", "head") if key in payload})
+  return override(Config(), {
+      section: {key: value for key, value in payload[section].items()
+                if key not in RETIRED_KEYS[section]}
+      for section in ("train", "head") if section in payload})

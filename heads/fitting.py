@@ -114,24 +114,33 @@ class FitResult:
 def fit(model: keras.Model, train_batches: tf.data.Dataset,
         val_batches: tf.data.Dataset | None, run: runs.RunDir, *, epochs: int,
         early_stopping: int = 0, class_weight: dict[int, float] | None = None,
-        callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int = 2) -> FitResult:
+        callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int = 2,
+        initial_best: float | None = None) -> FitResult:
   """`model.fit` with resume, best-on-validation checkpoint, history.csv and early stopping.
 
   An unfinished fit in `run` (its `backup/` exists) resumes from its last finished epoch; the
   best weights (validation loss, else training loss) are loaded back into `model` at the end.
+  With `initial_best` (the monitored loss of the weights `model` starts with), those starting
+  weights are the checkpoint to beat: a fit whose every epoch is worse ends where it began.
   """
   monitor = "val_loss" if val_batches is not None else "loss"
   tf.io.gfile.makedirs(run.best_weights_path.rsplit("/", 1)[0])
   resumed = run.unfinished
   if not resumed and run.exists(runs.HISTORY_NAME):
     tf.io.gfile.remove(run.history_path)   # a finished earlier run: start the history afresh
+  if initial_best is not None and not resumed:
+    # Built first, so the checkpoint holds the optimizer's slots too and loads back silently.
+    model.optimizer.build(model.trainable_variables)
+    model.save_weights(run.best_weights_path)
+  # A resumed fit must not overwrite the best checkpoint with a worse epoch.
+  known = [value for value in (_best_so_far(run.history_path, monitor) if resumed else None,
+                               initial_best) if value is not None]
   timer = EpochTimer()
   run_callbacks = [
       CheckedBackupAndRestore(run.backup_dir),
       keras.callbacks.ModelCheckpoint(
           run.best_weights_path, monitor=monitor, save_best_only=True, save_weights_only=True,
-          # A resumed fit must not overwrite the best checkpoint with a worse epoch.
-          initial_value_threshold=_best_so_far(run.history_path, monitor) if resumed else None),
+          initial_value_threshold=min(known) if known else None),
       keras.callbacks.CSVLogger(run.history_path, append=True),
       timer,
   ]
@@ -223,6 +232,7 @@ class FitOptions:
   class_weight: dict[int, float] | None = None
   callbacks: Sequence[keras.callbacks.Callback] = ()
   verbose: int = 2
+  initial_best: float | None = None
 
 
 def train_and_evaluate(model: keras.Model, run: runs.RunDir, inputs: RunInputs,
@@ -252,10 +262,28 @@ def train_and_evaluate(model: keras.Model, run: runs.RunDir, inputs: RunInputs,
   """
   fitted = fit(model, inputs.train, inputs.validation, run, epochs=options.epochs,
                early_stopping=options.early_stopping, class_weight=options.class_weight,
-               callbacks=options.callbacks, verbose=options.verbose)
+               callbacks=options.callbacks, verbose=options.verbose,
+               initial_best=options.initial_best)
+  return save_and_evaluate(model, run, inputs, throughput(fitted, inputs.num_train),
+                           describe=describe, notes=notes, started=started, extra=extra,
+                           saved_as=saved_as, baseline=baseline, export=export)
+
+
+def save_and_evaluate(model: keras.Model, run: runs.RunDir, inputs: RunInputs,
+                      fitted: Mapping[str, Any], *, describe: Mapping[str, Any],
+                      notes: list[str], started: float, extra: Mapping[str, Any] | None = None,
+                      saved_as: str = runs.HEAD_NAME, baseline: np.ndarray | None = None,
+                      export: Callable[[keras.Model, list[str]], str | None] | None = None
+                      ) -> dict[str, Any]:
+  """The second half of `train_and_evaluate`, for models fitted another way (a closed-form
+  ridge solve, a search that trains several heads at once): save, evaluate, export, record.
+
+  `fitted` is the `throughput` block (epochs, seconds, examples per second); the other
+  arguments are `train_and_evaluate`'s.
+  """
   model.save(run.file(saved_as))
-  result: dict[str, Any] = {**describe, **throughput(fitted, inputs.num_train),
-                            "batch_size": inputs.batch_size, **(extra or {})}
+  result: dict[str, Any] = {**describe, **fitted, "batch_size": inputs.batch_size,
+                            **(extra or {})}
   result.update(evaluation.evaluate_and_write(
       model, inputs.spec, inputs.input_kind, run, batch_size=inputs.batch_size,
       settings=inputs.settings, baseline=baseline,

@@ -32,16 +32,22 @@ SEEDS_CSV = "leaderboard_seeds.csv"
 LEADERBOARD_MD = "leaderboard.md"
 LEADERBOARD_PNG = "leaderboard.png"
 LEDGER_NAME = "cost_ledger.json"
+SEARCH_CSV = "search.csv"
 RANDOM_INIT_LABEL = "none (random init)"
 SCRATCH_LABEL = "n/a (trained from scratch)"
 
 LEADERBOARD_COLUMNS = (
     "rank", "dataset", "backbone", "weights", "head", "task", "metric", "better", "seeds",
     "test_mean", "test_std", "val_mean", "val_std", "params", "epochs_mean",
-    "train_seconds_mean", "examples_per_second_mean")
+    "train_seconds_mean", "examples_per_second_mean", "search", "search_val_spread_mean")
 SEED_COLUMNS = (
     "dataset", "backbone", "weights", "head", "seed", "task", "metric", "test", "val", "params",
-    "epochs", "train_seconds", "examples_per_second", "run_dir")
+    "epochs", "train_seconds", "examples_per_second", "run_dir", "search", "search_points",
+    "search_val_spread")
+# `search.csv`: every setting a `--search` tried, per cell and seed; `chosen` marks the run kept.
+SEARCH_COLUMNS = (
+    "dataset", "backbone", "head", "seed", "point", "setting", "learning_rate", "dropout", "l2",
+    "best_epoch", "val_score", "val_loss", "chosen")
 
 
 def weights_label(weights_kind: str) -> str:
@@ -81,7 +87,26 @@ def seed_row(cell: Cell, seed: int, run_dir: str, result: Mapping[str, Any]) -> 
       "params": result.get("params"), "epochs": result.get("epochs"),
       "train_seconds": result.get("train_seconds"),
       "examples_per_second": result.get("examples_per_second"), "run_dir": run_dir,
+      **_search_summary(result.get("search")),
   }
+
+
+def _search_summary(block: Mapping[str, Any] | None) -> dict[str, Any]:
+  """A run's `--search` in one seed row: the chosen setting, points tried, validation spread."""
+  if not block:
+    return {"search": None, "search_points": None, "search_val_spread": None}
+  return {"search": block["chosen"], "search_points": len(block["points"]),
+          "search_val_spread": block.get("val_spread")}
+
+
+def search_rows(seed: Mapping[str, Any], result: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """`search.csv` rows of one run (its seed row and `metrics.json`; none without `--search`)."""
+  block = result.get("search")
+  if not block:
+    return []
+  return [{"dataset": seed["dataset"], "backbone": seed["backbone"], "head": seed["head"],
+           "seed": seed["seed"], **point, "chosen": point["point"] == block["chosen_point"]}
+          for point in block["points"]]
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
@@ -107,6 +132,9 @@ def _cell_row(dataset: str, head: str, runs: Sequence[Mapping[str, Any]]) -> dic
       "epochs_mean": _mean_std([r["epochs"] for r in runs])[0],
       "train_seconds_mean": _mean_std([r["train_seconds"] for r in runs])[0],
       "examples_per_second_mean": _mean_std([r["examples_per_second"] for r in runs])[0],
+      # Seeds may choose differently; every choice made is listed.
+      "search": "; ".join(sorted({r["search"] for r in runs if r.get("search")})) or None,
+      "search_val_spread_mean": _mean_std([r.get("search_val_spread") for r in runs])[0],
   }
 
 
@@ -184,7 +212,8 @@ def _cell_costs(entries: Sequence[IndexEntry], rates: Mapping[str, float | None]
   for row in seed_rows:
     key = (row["dataset"], row["head"])
     cell = cells.setdefault(key, {"dataset": row["dataset"], "head": row["head"], "runs": 0,
-                                  "head_seconds": 0.0, "backbone_every_epoch_seconds": 0.0})
+                                  "head_seconds": 0.0, "backbone_every_epoch_seconds": 0.0,
+                                  "settings_per_run": row.get("search_points") or 1})
     cell["runs"] += 1
     cell["head_seconds"] += float(row["train_seconds"] or 0.0)
     entry, rate = by_dataset.get(row["dataset"]), rates.get(row["dataset"])
@@ -252,6 +281,11 @@ def ledger_lines(ledger: Mapping[str, Any]) -> list[str]:
                  f"{fmt(b['extraction_seconds'], 1)} s once for {b['images']} images "
                  f"(forward {fmt(rate, 1)} images/s)" + _estimate_text(b.get("estimate")))
   lines.append(f"- heads: {totals['runs']} runs, {fmt(totals['head_seconds'], 1)} s")
+  searched = [c for c in ledger["cells"] if c.get("settings_per_run", 1) > 1]
+  if searched:
+    lines.append(f"- search: {sum(c['runs'] * c['settings_per_run'] for c in searched)} settings "
+                 f"trained in {sum(c['runs'] for c in searched)} runs (each run's settings "
+                 "together, in its head seconds above)")
   lines.append(f"- cached total: {fmt(totals['cached_seconds'], 1)} s; backbone in every epoch: "
                f"{fmt(totals['backbone_every_epoch_seconds'], 1)} s; speed-up "
                f"{fmt(totals['speedup'], 1)}x")
@@ -290,17 +324,22 @@ def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
   """The leaderboard as a markdown table (also what `compare` prints)."""
+  searched = any(row.get("search") for row in rows)
   header = ["#", "backbone", "weights", "head", "metric", "test (mean ± std)",
-            "val (mean ± std)", "seeds", "params", "train s", "examples/s"]
+            "val (mean ± std)", "seeds", "params", "train s", "examples/s",
+            *(["search: chosen (val spread)"] if searched else [])]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:
     metric = row["metric"] + (" (lower is better)" if row["better"] == "lower" else "")
+    search = ([f"{row['search']} ({fmt(row.get('search_val_spread_mean'))})"
+               if row.get("search") else "-"] if searched else [])
     lines.append("| " + " | ".join([
         str(row["rank"]), f"{row['backbone']} ({row['dataset']})", row["weights"], row["head"],
         metric, score_text(row["test_mean"], row["test_std"]),
         score_text(row["val_mean"], row["val_std"]), str(row["seeds"]),
         f"{row['params']:,}" if row["params"] is not None else "-",
-        fmt(row["train_seconds_mean"], 1), fmt(row["examples_per_second_mean"], 0)]) + " |")
+        fmt(row["train_seconds_mean"], 1), fmt(row["examples_per_second_mean"], 0),
+        *search]) + " |")
   return "\n".join(lines)
 
 

@@ -36,6 +36,8 @@ def _train_parser() -> cli.Parser:
   parser.add_argument("--views", action="store_true", default=None,
                       help="also train on augmented views (view > 0)")
   parser.add_argument("--class-weights", choices=config_lib.CLASS_WEIGHTS)
+  parser.add_argument("--search", choices=config_lib.SEARCHES,
+                      help="train a few settings together, keep the best on validation")
   parser.add_argument("--units", type=cli.positive_int, help="conv/conv2/keypoints Dense units")
   parser.add_argument("--dropout", type=cli.fraction)
   parser.add_argument("--quiet", action="store_true", help="no per-epoch lines")
@@ -57,7 +59,7 @@ def add_cache_flags(parser: cli.Parser) -> None:
 _TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "optimizer": "optimizer",
                 "learning_rate": "learning_rate", "lr_decay": "lr_decay",
                 "early_stopping": "early_stopping", "seed": "seed", "views": "views",
-                "class_weights": "class_weight"}
+                "class_weights": "class_weight", "search": "search"}
 _HEAD_FLAGS = {"units": "dense_units", "dropout": "dropout"}
 
 
@@ -103,12 +105,14 @@ def finetune_main(argv: list[str]) -> int:
   parser.add_argument("--out", help="output run directory (default MODEL/finetune)")
   parser.add_argument("--epochs", type=cli.positive_int, default=5)
   parser.add_argument("--learning-rate", type=cli.positive_float,
-                      help="default: the run's learning rate x finetune_lr_scale (0.1)")
+                      help="Adam's rate for the unfrozen layers and the head (default 1e-5)")
+  parser.add_argument("--warmup-epochs", type=cli.non_negative_int, metavar="N",
+                      help="linear warm-up to the rate over the first N epochs (default 1)")
   parser.add_argument("--batch-size", type=cli.positive_int)
   args = parser.parse_args(argv)
   result = finetune.finetune(args.model, args.images, unfreeze=args.unfreeze, out_dir=args.out,
                              epochs=args.epochs, learning_rate=args.learning_rate,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, warmup_epochs=args.warmup_epochs)
   print(json.dumps(_summary(result)))
   return 0
 
@@ -126,6 +130,9 @@ def compare_main(argv: list[str]) -> int:
   parser.add_argument("--out", required=True, help="compare directory")
   parser.add_argument("--epochs", type=cli.positive_int)
   parser.add_argument("--config", help="JSON or .py file with head/train settings for every cell")
+  parser.add_argument("--search", choices=config_lib.SEARCHES,
+                      help="per cell: a few settings trained together, the best on validation "
+                           "(small: learning rate x dropout, 6 points)")
   parser.add_argument("--no-report", action="store_true", help="skip report.html")
   add_cache_flags(parser)
   # Unknown flags are Beam pipeline options: with any of them, runs become Beam elements.
@@ -138,7 +145,8 @@ def compare_main(argv: list[str]) -> int:
       args.features, grid.parse_heads(args.heads), args.out, seeds=args.seeds,
       backbones=cli.comma_list(args.backbones) if args.backbones else None,
       epochs=args.epochs, config=config, report=not args.no_report,
-      cache_budget=args.cache_budget, cache_dir=args.cache_dir, beam_args=beam_args)
+      cache_budget=args.cache_budget, cache_dir=args.cache_dir, beam_args=beam_args,
+      search=args.search)
   print(leaderboard.markdown_table(result.rows))
   print("\n".join(leaderboard.ledger_lines(result.ledger)))
   print(f"wrote {result.out_dir}/{leaderboard.LEADERBOARD_CSV}"

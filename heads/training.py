@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import keras
@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from contracts import datasets, layout, runs, statistics
-from heads import caching, dataset_stats, evaluation, export, fitting, reader, sweep, zoo
+from heads import caching, dataset_stats, evaluation, export, fitting, reader, ridge, search
+from heads import sweep, zoo
 from heads.config import Config, to_dict
 
 
@@ -246,6 +247,9 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   kind = zoo.input_kind(head)
   if sweep_l2 and head != "linear":
     raise ValueError(f"--sweep tunes the linear probe's L2 strength; head {head!r} has no sweep")
+  if sweep_l2 and config.train.search != "none":
+    raise ValueError(f"--sweep and --search {config.train.search} both choose the linear head's "
+                     "L2 strength; use one of them")
   spec = _checked_dataset(features_dir, head, run)
   notes = evaluation.missing_split_notes(spec)
   keras.utils.set_random_seed(config.train.seed)
@@ -261,31 +265,121 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   inputs = fitting.make_inputs(spec, kind, batch_size=config.train.batch_size,
                                train=config.train, settings=settings, cache=plan,
                                epoch=epoch_seed.epoch)
-  weights = (statistics.class_weights(stats, max(len(spec.class_names), 2))
-             if config.train.class_weight == "balanced" and spec.task != "keypoints" else None)
-  target_mean = statistics.targets_mean(stats) if spec.task == "keypoints" else None
-  model = zoo.build_head(head, spec, config.head, target_mean=target_mean,
-                         input_stats=input_stats)
-  compile_head(model, spec.task, _optimizer(config, -(-inputs.num_train // inputs.batch_size)))
-  if inputs.validation is None:
-    notes.append("best checkpoint and early stopping monitor the training loss")
-  if not export_model:
-    notes.append("model.keras not exported (export_run() writes it from head.keras)")
-  describe = {"task": spec.task, "head": head, "backbone": spec.backbone,
-              "weights_kind": spec.weights_kind, "cache_key": spec.cache_key,
-              "features": spec.data_dir, "params": int(model.count_params()),
-              "class_names": list(spec.class_names), "num_train_examples": inputs.num_train}
-  extra = {"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {}),
-           "input_cache": plan.to_dict()}
-  options = fitting.FitOptions(config.train.epochs, config.train.early_stopping, weights,
-                               (epoch_seed, *callbacks), verbose)
+  # Ridge's closed-form solves stream the train split themselves, in bounded memory.
+  train_records = reader.read_split(spec, "train", input_kind=kind, views=config.train.views)
+  if head in ridge.HEADS:   # solved in closed form, not trained
+    return _guarded(spec, lambda: _solve_ridge(
+        head, spec, run, inputs, train_records, config, notes=notes, started=started,
+        export_model=export_model))
+  linear, extra = _ridge_start(head, spec, train_records, inputs, config, notes)
+  extra.update({"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {}),
+                "input_cache": plan.to_dict()})
+  notes.extend(_fit_notes(inputs, export_model))
+  return _guarded(spec, lambda: _fit_head(
+      head, spec, run, inputs, config, stats=stats, input_stats=input_stats, linear=linear,
+      extra=extra, notes=notes, started=started, callbacks=(epoch_seed, *callbacks),
+      verbose=verbose, export_model=export_model))
+
+
+def _guarded(spec: reader.DatasetSpec, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+  """Runs a fit or solve; when a pass over the data fails, names the damaged shard."""
   try:
-    return fitting.train_and_evaluate(
-        model, run, inputs, options, describe=describe, notes=notes, started=started,
-        extra=extra, baseline=target_mean,
-        export=(lambda fitted, run_notes: _export(fitted, spec, run, head, run_notes))
-        if export_model else None)
+    return work()
   except (tf.errors.DataLossError, tf.errors.FailedPreconditionError,
           tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as error:
     _name_damaged_shard(spec, error)
     raise
+
+
+def _fit_head(head: str, spec: reader.DatasetSpec, run: runs.RunDir, inputs: fitting.RunInputs,
+              config: Config, *, stats: Mapping[str, Any],
+              input_stats: tuple[np.ndarray, np.ndarray] | None,
+              linear: tuple[np.ndarray, np.ndarray] | None, extra: dict[str, Any],
+              notes: list[str], started: float, callbacks: Sequence[keras.callbacks.Callback],
+              verbose: int, export_model: bool) -> dict[str, Any]:
+  """Builds, fits (or searches) and evaluates a trained head; writes `metrics.json`."""
+  weights = (statistics.class_weights(stats, max(len(spec.class_names), 2))
+             if config.train.class_weight == "balanced" and spec.task != "keypoints" else None)
+  target_mean = statistics.targets_mean(stats) if spec.task == "keypoints" else None
+  steps = -(-inputs.num_train // inputs.batch_size)
+
+  def build(point: Config) -> keras.Model:
+    """A compiled head with `point`'s settings (a search builds one per point)."""
+    model = zoo.build_head(head, spec, point.head, target_mean=target_mean,
+                           input_stats=input_stats, linear_start=linear)
+    compile_head(model, spec.task, _optimizer(point, steps))
+    return model
+
+  model = build(config)
+  # A head started at a ridge fit keeps that start unless an epoch beats it on validation.
+  initial_best = (model.evaluate(inputs.validation, verbose=0, return_dict=True)["loss"]
+                  if linear is not None else None)
+  export = _exporter(spec, run, head) if export_model else None
+  if config.train.search != "none":
+    found = search.run_search(config.train.search, head, config, build, inputs, run,
+                              class_weight=weights, initial_best=initial_best,
+                              callbacks=callbacks, verbose=verbose)
+    return fitting.save_and_evaluate(
+        found.model, run, inputs, found.fitted,
+        describe=_describe(spec, head, found.model, inputs.num_train), notes=notes,
+        started=started, extra={**extra, "search": found.block}, baseline=target_mean,
+        export=export)
+  options = fitting.FitOptions(config.train.epochs, config.train.early_stopping, weights,
+                               callbacks, verbose, initial_best=initial_best)
+  return fitting.train_and_evaluate(
+      model, run, inputs, options, describe=_describe(spec, head, model, inputs.num_train),
+      notes=notes, started=started, extra=extra, baseline=target_mean, export=export)
+
+
+def _fit_notes(inputs: fitting.RunInputs, export_model: bool) -> list[str]:
+  """What a trained run's `metrics.json` says about how it was fitted and saved."""
+  return [*(["best checkpoint and early stopping monitor the training loss"]
+            if inputs.validation is None else []),
+          *([] if export_model else
+            ["model.keras not exported (export_run() writes it from head.keras)"])]
+
+
+def _ridge_start(head: str, spec: reader.DatasetSpec, train_records: tf.data.Dataset,
+                 inputs: fitting.RunInputs, config: Config, notes: list[str]
+                 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
+  """`keypoints` with `ridge_start`: the ridge fit it starts from and its `metrics.json` block."""
+  if head != "keypoints" or not config.head.ridge_start:
+    return None, {}
+  if inputs.validation is None:
+    notes.append("no validation split: the keypoints head starts at the mean face, not at a "
+                 "ridge fit")
+    return None, {}
+  linear, block = ridge.linear_start(spec, train_records, inputs.num_train, config, notes)
+  return linear, {"ridge_start": block}
+
+
+def _describe(spec: reader.DatasetSpec, head: str, model: keras.Model,
+              num_train: int) -> dict[str, Any]:
+  """The leading `metrics.json` entries of a run."""
+  return {"task": spec.task, "head": head, "backbone": spec.backbone,
+          "weights_kind": spec.weights_kind, "cache_key": spec.cache_key,
+          "features": spec.data_dir, "params": int(model.count_params()),
+          "class_names": list(spec.class_names), "num_train_examples": num_train}
+
+
+def _exporter(spec: reader.DatasetSpec, run: runs.RunDir, head: str):
+  """`train_and_evaluate`'s `export`: writes `model.keras` from the fitted head."""
+  return lambda fitted, run_notes: _export(fitted, spec, run, head, run_notes)
+
+
+def _solve_ridge(head: str, spec: reader.DatasetSpec, run: runs.RunDir,
+                 inputs: fitting.RunInputs, train_records: tf.data.Dataset, config: Config, *,
+                 notes: list[str], started: float, export_model: bool) -> dict[str, Any]:
+  """A ridge head: solved and chosen on validation (`heads.ridge`), then saved and evaluated."""
+  if run.exists(runs.HISTORY_NAME):
+    tf.io.gfile.remove(run.history_path)   # a closed-form solve has no epochs
+  model, block, target_mean = ridge.fit_head(head, spec, train_records, inputs.num_train,
+                                             config, notes)
+  fitted = {"epochs": 0, "epochs_this_session": 0, "resumed": False,
+            "train_seconds": block["seconds"],
+            "examples_per_second": inputs.num_train / block["seconds"],
+            "examples_per_second_cached": None}
+  return fitting.save_and_evaluate(
+      model, run, inputs, fitted, describe=_describe(spec, head, model, inputs.num_train),
+      notes=notes, started=started, extra={"ridge": block}, baseline=target_mean,
+      export=_exporter(spec, run, head) if export_model else None)

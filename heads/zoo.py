@@ -10,6 +10,8 @@
 | conv      | feature map    | Conv2D 512 3x3 same -> MaxPool -> Flatten -> Dense 512 -> Dropout -> output |
 | conv2     | feature map    | two conv blocks (as used on ResNet50 maps), then as conv         |
 | keypoints | feature map    | Conv2D -> Flatten -> Dense -> Dropout -> 2K linear (MAE)        |
+| ridge     | feature map    | Flatten -> output, solved in closed form (`heads.ridge`)        |
+| ridge_pooled | pooled vector | output, solved in closed form (`heads.ridge`)                 |
 | scratch   | stored images  | small CNN trained from pixels, to show what transfer buys       |
 
 The task picks the output: binary -> Dense(1, sigmoid), multiclass -> Dense(K, softmax),
@@ -25,7 +27,7 @@ from heads.reader import DatasetSpec
 
 HEAD_INPUTS = {
     "linear": "pooled", "mlp": "pooled", "gap_dense": "map", "conv": "map", "conv2": "map",
-    "keypoints": "map", "scratch": "image",
+    "keypoints": "map", "ridge": "map", "ridge_pooled": "pooled", "scratch": "image",
 }
 HEADS = tuple(HEAD_INPUTS)
 
@@ -104,7 +106,8 @@ def _check_fits(head: str, kind: str, spec: DatasetSpec) -> None:
 
 def build_head(head: str, spec: DatasetSpec, config: HeadConfig = HeadConfig(), *,
                target_mean: np.ndarray | None = None,
-               input_stats: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
+               input_stats: tuple[np.ndarray, np.ndarray] | None = None,
+               linear_start: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
   """Builds an uncompiled head for `spec`'s task and input shape.
 
   Args:
@@ -117,6 +120,8 @@ def build_head(head: str, spec: DatasetSpec, config: HeadConfig = HeadConfig(), 
       standardises its input first, as linear probes do: pooled backbone features have
       arbitrary per-channel scales, and a probe on them trains erratically (test accuracy
       0.47-0.76 over three seeds on the sample before, steady after).
+    linear_start: keypoints only: `(kernel [D, 2K], bias [2K])` of a ridge fit on the
+      flattened map. The head then adds its own path, starting at zero, to that frozen fit.
 
   Returns:
     A functional `keras.Model` named `head_<name>`.
@@ -149,10 +154,22 @@ def build_head(head: str, spec: DatasetSpec, config: HeadConfig = HeadConfig(), 
     x = keras.layers.Conv2D(config.conv2_filters, 3, padding="same", activation="relu",
                             name="block1_conv")(x)
     x = _dense_dropout(x, config)
+  elif head == "ridge":
+    x = keras.layers.Flatten(name="flatten")(x)
   elif head == "scratch":
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(x)
     for index, filters in enumerate(config.scratch_filters):
       x = _conv_block(x, filters, f"block{index + 1}")
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(config.dropout, name="dropout")(x)
-  return keras.Model(inputs, _output(x, spec, config, target_mean), name=f"head_{head}")
+  if linear_start is None:
+    return keras.Model(inputs, _output(x, spec, config, target_mean), name=f"head_{head}")
+  # A frozen linear path holding the ridge fit, plus the head's own path as a correction that
+  # starts at zero: the head starts exactly at the ridge fit (see `heads.ridge.linear_start`).
+  correction = _output(x, spec, config, np.zeros(spec.num_outputs, np.float32))
+  start = keras.layers.Dense(spec.num_outputs, trainable=False, dtype="float32",
+                             name="ridge_start")
+  linear = start(keras.layers.Flatten(name="ridge_flatten")(inputs))
+  start.set_weights([np.asarray(w, np.float32) for w in linear_start])
+  outputs = keras.layers.Add(dtype="float32", name="start_plus_correction")([linear, correction])
+  return keras.Model(inputs, outputs, name=f"head_{head}")

@@ -16,6 +16,20 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_WEIGHTS = REPO_ROOT.parent / "shared" / "weights"
+MOBILENET_WEIGHTS = SHARED_WEIGHTS / "mobilenet_1_0_224_imagenet_notop.weights.h5"
+
+
+def ingest_emoji_sample(name: str, label_column: str, out: pathlib.Path) -> pathlib.Path:
+  """`data/sample/<name>.csv` ingested at 128 px, split 60/20/20 grouped by emoji; for the
+  real-weights tests, which are skipped where the shared MobileNet weights are absent."""
+  if not MOBILENET_WEIGHTS.exists():
+    pytest.skip(f"{MOBILENET_WEIGHTS} is absent (the shared real weights are not on this machine)")
+  from pipeline import run as ingest
+
+  ingest.run(["--source", str(REPO_ROOT / "data" / "sample" / f"{name}.csv"), "--out", str(out),
+              "--image-size", "128", "--label-column", label_column, "--group-column", "group",
+              "--splits", "train=60,val=20,test=20"])
+  return out
 
 
 def make_image(size: tuple[int, int], label_index: int, seed: int) -> np.ndarray:

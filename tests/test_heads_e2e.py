@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks import payoff
+from benchmarks import payoff, search_cost
 from heads import config as config_lib
-from heads import finetune, run, training
+from heads import finetune, reader, run, training
 from headstart import predict
 
 IMAGE_SIZE = 64
@@ -189,6 +189,7 @@ def test_scratch_head_trains_on_the_image_dataset(stages, tmp_path):
 
 
 def test_finetune_unfreezes_the_last_layers_and_predicts(conv_run, stages, tmp_path):
+  """The starting loss is recorded and the default rate keeps the first epoch near it."""
   manifest, images, _ = stages
   out = tmp_path / "ft"
   result = finetune.finetune(str(conv_run), str(images), unfreeze=3, out_dir=str(out), epochs=1,
@@ -197,10 +198,61 @@ def test_finetune_unfreezes_the_last_layers_and_predicts(conv_run, stages, tmp_p
   head_params = json.loads((conv_run / "metrics.json").read_text())["params"]
   assert result["trainable_params"] > head_params       # backbone weights train too now
   assert "accuracy" in result["test"]
+  start = result["start"]
+  assert set(start) == {"train", "validation"} and start["train"]["loss"] > 0
+  assert result["learning_rate"] == 1e-5 and result["warmup_epochs"] == 1
+  first = float(next(csv.DictReader((out / "history.csv").open()))["loss"])
+  assert first <= finetune.START_LOSS_TOLERANCE * start["train"]["loss"], (first, start)
+  assert not any("first epoch" in note for note in result["notes"])
   summary = predict.predict_images(str(out), str(manifest), str(tmp_path / "p.csv"))
   assert summary["predicted"] == 40
   with pytest.raises(ValueError, match="--unfreeze"):
     finetune.finetune(str(conv_run), str(images), unfreeze=0, out_dir=str(tmp_path / "x"))
+
+
+def test_finetune_that_undoes_its_start_says_so_and_keeps_the_start(conv_run, stages, tmp_path):
+  _, images, _ = stages
+  wild = finetune.finetune(str(conv_run), str(images), unfreeze=3, out_dir=str(tmp_path / "b"),
+                           epochs=1, learning_rate=1.0, warmup_epochs=0, verbose=0)
+  assert any("first epoch's training loss" in note for note in wild["notes"]), wild["notes"]
+  assert any("starting weights are kept" in note for note in wild["notes"]), wild["notes"]
+  # Kept means kept: the saved model scores what the start scored on validation.
+  assert wild["validation"]["loss"] == pytest.approx(wild["start"]["validation"]["loss"],
+                                                     rel=1e-4)
+
+
+def test_finetune_keeps_batch_normalization_in_inference_mode(tmp_path):
+  """Unfrozen layers train; BatchNormalization statistics and scales do not move."""
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((8, 8, 3))
+  x = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+  x = keras.layers.BatchNormalization(name="bn")(x)
+  backbone = keras.Model(inputs, keras.layers.Conv2D(4, 1, name="top")(x), name="backbone")
+  images = keras.Input((8, 8, 3))
+  head = keras.Sequential([keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)],
+                          name="head")
+  model = keras.Model(images, head(backbone(images, training=False)))
+  trainable = finetune.unfreeze_last(finetune.find_backbone(model), 3)
+  assert trainable == ["conv", "top"]
+  before = [w.numpy().copy() for w in backbone.get_layer("bn").weights]
+  kernel = backbone.get_layer("conv").kernel.numpy().copy()
+  model.compile(optimizer=keras.optimizers.Adam(0.1), loss="mse")
+  x = np.random.default_rng(0).normal(5, 3, (16, 8, 8, 3)).astype(np.float32)
+  model.fit(x, np.ones((16, 1)), epochs=2, verbose=0)
+  for old, new in zip(before, backbone.get_layer("bn").weights):
+    np.testing.assert_array_equal(old, new.numpy())
+  assert not np.allclose(backbone.get_layer("conv").kernel.numpy(), kernel)
+
+
+@pytest.mark.slow
+def test_search_cost_measures_the_search_against_one_head_and_separate_runs(stages):
+  """Eight tiny runs (~20 s on 2 cores)."""
+  _, _, features = stages
+  result = search_cost.measure(str(features), "gap_dense", epochs=1, config=config_lib.tiny())
+  assert result["points"] == 6
+  assert result["search_seconds"] > 0 and result["separate_runs_seconds"] > 0
+  assert result["search_over_one_head"] == pytest.approx(
+      result["search_seconds"] / result["one_head_seconds"])
 
 
 def test_payoff_compares_cached_and_end_to_end_rates(stages):
@@ -211,21 +263,29 @@ def test_payoff_compares_cached_and_end_to_end_rates(stages):
   assert result["ratio"] > 0
 
 
-def test_keypoint_head_on_the_sample_faces_reports_source_pixels(tmp_path):
-  """Real keypoint ingest (the shipped synthetic faces): errors in stored and source pixels."""
+@pytest.fixture(scope="session")
+def sample_faces(tmp_path_factory):
+  """(source CSV, feature dataset) of the shipped synthetic faces through the real stages 1-2.
+
+  Split 50/25/25 (26/12/10 faces), so validation has enough faces to choose on.
+  """
   from features import run as extract
   from pipeline import run as ingest
 
+  root = tmp_path_factory.mktemp("faces")
   source = pathlib.Path(__file__).resolve().parent.parent / "data" / "sample" / "keypoints.csv"
-  images = tmp_path / "images"
-  ingest.run(["--source", str(source), "--out", str(images), "--image-size", str(IMAGE_SIZE),
-              "--target-columns", "all", "--splits", "train=70,val=15,test=15"])
-  backbone = tmp_path / "tiny.keras"
-  _tiny_backbone(IMAGE_SIZE).save(backbone)
-  extract.run(["--images", str(images), "--out", str(tmp_path / "features"),
-               "--backbones", str(backbone)])
-  index = json.loads((tmp_path / "features" / "index.json").read_text())
-  features = tmp_path / "features" / index["datasets"][0]["dir"]
+  ingest.run(["--source", str(source), "--out", str(root / "images"), "--image-size",
+              str(IMAGE_SIZE), "--target-columns", "all", "--splits", "train=50,val=25,test=25"])
+  _tiny_backbone(IMAGE_SIZE).save(root / "tiny.keras")
+  extract.run(["--images", str(root / "images"), "--out", str(root / "features"),
+               "--backbones", str(root / "tiny.keras")])
+  index = json.loads((root / "features" / "index.json").read_text())
+  return source, root / "features" / index["datasets"][0]["dir"]
+
+
+def test_keypoint_head_on_the_sample_faces_reports_source_pixels(sample_faces, tmp_path):
+  """Real keypoint ingest (the shipped synthetic faces): errors in stored and source pixels."""
+  source, features = sample_faces
   result = training.train(str(features), "keypoints", str(tmp_path / "run"),
                           config_lib.override(config_lib.tiny(), {"train": {"epochs": 2}}),
                           verbose=0)
@@ -235,6 +295,38 @@ def test_keypoint_head_on_the_sample_faces_reports_source_pixels(tmp_path):
   header = (tmp_path / "run" / "predictions_test.csv").read_text().splitlines()[0]
   assert header.startswith("id,x0,y0,x1,y1")
   summary = predict.predict_images(str(tmp_path / "run"), str(source), str(tmp_path / "p.csv"))
+  assert summary["predicted"] == 48
+  # The head started at a ridge fit and kept at least its validation error.
+  start = result["ridge_start"]
+  chosen = next(row for row in start["grid"] if row["strength"] == start["strength"])
+  assert result["validation"]["loss"] <= -chosen["val_score"] * (1 + 1e-5)
+
+
+def test_ridge_on_the_sample_faces_beats_the_mean_face_and_equals_numpy(sample_faces, tmp_path):
+  """The ridge head's test predictions are the NumPy closed form's to 1e-4 (normalised
+  coordinates), and its error is below the mean-face baseline's."""
+  _, features = sample_faces
+  spec = reader.load_spec(str(features))
+  for head, kind in (("ridge", "map"), ("ridge_pooled", "pooled")):
+    result = training.train(str(features), head, str(tmp_path / head), config_lib.tiny(),
+                            verbose=0)
+    data = {split: reader.load_arrays(reader.read_split(spec, split, input_kind=kind))
+            for split in ("train", "test")}
+    x = {split: arrays["x"].reshape(len(arrays["x"]), -1).astype(np.float64)
+         for split, arrays in data.items()}
+    mean_x, mean_y = x["train"].mean(axis=0), data["train"]["y"].mean(axis=0)
+    centred = x["train"] - mean_x
+    kernel = np.linalg.solve(centred.T @ centred + result["ridge"]["lambda"] * np.eye(len(mean_x)),
+                             centred.T @ (data["train"]["y"] - mean_y))
+    want = (x["test"] - mean_x) @ kernel + mean_y
+    rows = list(csv.DictReader((tmp_path / head / "predictions_test.csv").open()))
+    got = np.array([[float(value) for key, value in row.items() if key != "id"] for row in rows])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    if head == "ridge":
+      assert result["test"]["mae_px"] < result["test"]["mae_px_mean_baseline"], result["test"]
+  # Stored as a plain Dense layer, the ridge head exports and predicts like any other.
+  source, _ = sample_faces
+  summary = predict.predict_images(str(tmp_path / "ridge"), str(source), str(tmp_path / "p.csv"))
   assert summary["predicted"] == 48
 
 

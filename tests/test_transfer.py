@@ -17,20 +17,13 @@ import pytest
 from features import run as extract
 from heads import config as config_lib
 from heads import training
-from pipeline import run as ingest
-from tests.conftest import REPO_ROOT, SHARED_WEIGHTS
-
-WEIGHTS_FILE = SHARED_WEIGHTS / "mobilenet_1_0_224_imagenet_notop.weights.h5"
+from tests.conftest import MOBILENET_WEIGHTS as WEIGHTS_FILE
+from tests.conftest import ingest_emoji_sample
 
 
 @pytest.mark.real_weights
 def test_real_weights_clearly_beat_random_ones_on_sample_gender(tmp_path):
-  if not WEIGHTS_FILE.exists():
-    pytest.skip(f"{WEIGHTS_FILE} is absent (the shared real weights are not on this machine)")
-  images = tmp_path / "images"
-  ingest.run(["--source", str(REPO_ROOT / "data/sample/gender.csv"), "--out", str(images),
-              "--image-size", "128", "--label-column", "gender", "--group-column", "group",
-              "--splits", "train=60,val=20,test=20"])
+  images = ingest_emoji_sample("gender", "gender", tmp_path / "images")
   for weights in (str(WEIGHTS_FILE), "none"):
     extract.run(["--images", str(images), "--out", str(tmp_path / "features"),
                  "--backbones", "mobilenet", "--weights", weights])
