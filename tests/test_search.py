@@ -54,12 +54,16 @@ def test_search_picks_by_validation_and_reads_like_one_head(multiclass_dir, tmp_
                                                            monkeypatch):
   """Six settings read as many records as one head, and test is read once: for the chosen run."""
   config = tiny(epochs=3, batch_size=8)
+  from heads import dataset_stats
+  dataset_stats.load(reader.load_spec(str(multiclass_dir)))   # an older dataset's one pass
   read, splits = _counting_reads(monkeypatch)
+  reader.release_shared()
   one = training.train(str(multiclass_dir), "mlp", str(tmp_path / "one"), config, verbose=0,
                        export_model=False)
   reads_one, splits_one = int(read.numpy()), list(splits)
   read.assign(0)
   splits.clear()
+  reader.release_shared()   # start cold: runs of one process share their parsed input
   searched = training.train(str(multiclass_dir), "mlp", str(tmp_path / "six"),
                             config_lib.override(config, {"train": {"search": "small"}}),
                             verbose=0, export_model=False)
