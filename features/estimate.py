@@ -43,8 +43,8 @@ def device_name() -> str:
 
 def sample_images(shards: Sequence[tuple[str, int]], count: int, job: Any) -> tuple[np.ndarray,
                                                                                  float]:
-  """The first `count` usable images at `job`'s input size, and decode seconds per image (one
-  core), decoded as the job decodes them."""
+  """The first `count` usable images as stored (the forward resizes them), and decode seconds
+  per image (one core), decoded as the job decodes them."""
   from features import records
   from pipeline import sharding
   image_schema, image_size = job.image_schema(), job.image_info.get("image_size")
@@ -54,7 +54,7 @@ def sample_images(shards: Sequence[tuple[str, int]], count: int, job: Any) -> tu
       start = time.perf_counter()
       try:
         fields = records.parse_image_example(serialized, image_schema)
-        images.append(records.decode_image(fields["image"], job.input_size, image_size))
+        images.append(records.decode_stored(fields["image"], image_size))
       except records.RecordError:
         continue  # the real run dead-letters it; it costs nothing there either
       finally:
@@ -75,7 +75,8 @@ def forward_rate(job: Any, images: np.ndarray, *, batch_size: int, jit_compile: 
   model = backbones_lib.build_extractor(
       job.backbone, input_size=job.input_size, layer=job.layer, seed=0,
       model_path=job.model_path, preprocess=job.preprocess, precision=job.precision)
-  forward = forward_lib.compile_forward(model, job.input_size, jit_compile=jit_compile)
+  forward = forward_lib.compile_forward(model, job.input_size, image_size=images.shape[1],
+                                       jit_compile=jit_compile)
   batch = tf.constant(np.resize(images, (batch_size, *images.shape[1:])))
   forward(batch)[0].numpy()  # trace (and compile) once
   done, start = 0, time.perf_counter()

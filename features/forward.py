@@ -12,17 +12,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from contracts import pixels
 from features import backbones as backbones_lib
 from features import health as health_lib
 from features import weights as weights_lib
 
 
-def compile_forward(model: Any, input_size: int, *, jit_compile: bool = False) -> Callable:
+def compile_forward(model: Any, input_size: int, *, image_size: int | None = None,
+                    jit_compile: bool = False) -> Callable:
   """Wraps an extraction model (float32 [0, 255] in) as a compiled batch function.
 
   Args:
     model: from `backbones.build_extractor`.
     input_size: square side of its input.
+    image_size: square side of the stored images fed in (default `input_size`); they are
+      resized to `input_size` inside, by `contracts.pixels.to_input`, as the exported model does.
     jit_compile: compile with XLA.
 
   Returns:
@@ -31,10 +35,13 @@ def compile_forward(model: Any, input_size: int, *, jit_compile: bool = False) -
   """
   import tensorflow as tf
 
-  @tf.function(input_signature=[tf.TensorSpec((None, input_size, input_size, 3), tf.uint8)],
+  side = image_size or input_size
+
+  @tf.function(input_signature=[tf.TensorSpec((None, side, side, 3), tf.uint8)],
                jit_compile=jit_compile)
   def forward(images):
-    maps = tf.cast(model(tf.cast(images, tf.float32), training=False), tf.float32)
+    inputs = pixels.to_input(images, input_size)
+    maps = tf.cast(model(inputs, training=False), tf.float32)
     if maps.shape.rank == 2:  # a vector-output model: store as a 1x1 map
       maps = maps[:, None, None, :]
     stored = tf.cast(maps, tf.float16)
@@ -56,4 +63,10 @@ def load_forward(job: Any, *, jit_compile: bool = False) -> Callable:
   model = backbones_lib.build_extractor(
       job.backbone, input_size=job.input_size, layer=job.layer, weights_file=weights_file,
       model_path=job.model_path, preprocess=job.preprocess, precision=job.precision)
-  return compile_forward(model, job.input_size, jit_compile=jit_compile)
+  return compile_forward(model, job.input_size, image_size=stored_size(job),
+                         jit_compile=jit_compile)
+
+
+def stored_size(job: Any) -> int:
+  """The side of the stored images a job's forward is fed (its input size when unrecorded)."""
+  return int(job.image_info.get("image_size") or job.input_size)

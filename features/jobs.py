@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from contracts import datasets, layout
+from contracts import datasets, layout, pixels
 from contracts import schema as schema_lib
 from features import backbones as backbones_lib
 from features import cache_key as cache_key_lib
@@ -173,7 +173,7 @@ def plan(config: ExtractConfig) -> ExtractPlan:
         image_fingerprint=image_info["image_fingerprint"], backbone=name,
         weights_kind=choice.kind, weights_sha256=choice.sha256, seed=config.seed,
         layer=config.layer, input_size=input_size, resize=image_info["resize"],
-        input_resize=records.input_resize_name(image_size or input_size, input_size),
+        input_resize=pixels.resize_name(image_size or input_size, input_size),
         preprocess=preprocess, dtype=config.precision, store=config.store, views=config.views,
         model_sha256=model_sha)
     key = cache_key_lib.cache_key(fields)

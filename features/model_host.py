@@ -105,7 +105,8 @@ class LoadedBackbones:
         # Trace (and XLA-compile, at the one padded batch shape) now, so per-batch timings and
         # the first bundle do not carry the one-off compilation.
         warmup = batch_size if jit_compile else 1
-        function(tf.zeros((warmup, job.input_size, job.input_size, 3), tf.uint8))
+        side = forward_lib.stored_size(job)
+        function(tf.zeros((warmup, side, side, 3), tf.uint8))
         self.forwards[job.tag] = function
     finally:
       tf.get_logger().removeFilter(retracing_filter)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from contracts import layout
+from contracts import layout, pixels
 from contracts import schema as schema_lib
 
 STORE_CHOICES = layout.STORE_CHOICES
@@ -33,7 +33,7 @@ class ImageRecord:
   id: str
   split: str
   view: int
-  image: np.ndarray  # uint8 (input_size, input_size, 3), RGB
+  image: np.ndarray  # uint8 (S, S, 3) RGB at the stored size (the forward resizes)
   label: int | None = None
   targets: np.ndarray | None = None  # float32 (K, 2) in [0, 1]
 
@@ -55,42 +55,30 @@ def parse_image_example(serialized: bytes, image_schema: schema_lib.Schema) -> d
   return {"label": None, "targets": None, **fields}
 
 
-def decode_image(data: bytes, input_size: int, image_size: int | None = None) -> np.ndarray:
-  """Encoded JPEG/PNG -> uint8 RGB (input_size, input_size, 3).
-
-  Stored images are already square at the dataset's image size; a different input size is
-  reached with INTER_AREA when shrinking (no aliasing) and INTER_LINEAR when growing.
+def decode_stored(data: bytes, image_size: int | None = None) -> np.ndarray:
+  """Stored JPEG/PNG bytes -> uint8 RGB `[S, S, 3]`, by `contracts.pixels.decode` (the one
+  decoder of a stored image: the exported model and every head see these very pixels). The
+  resize to the backbone's input size happens inside the compiled forward (`features.forward`).
 
   Args:
     data: the stored image bytes.
-    input_size: square side the backbone sees.
     image_size: the dataset's stored side; an image of another size is a broken record.
 
   Raises:
     RecordError: undecodable bytes (`undecodable`) or a stored size that contradicts the
       dataset (`schema_mismatch`).
   """
-  import cv2
-  image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-  if image is None:
-    raise RecordError("undecodable", f"stored image of {len(data)} bytes cannot be decoded")
-  image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+  import tensorflow as tf
+  try:
+    image = pixels.decode(data).numpy()
+  except tf.errors.InvalidArgumentError:
+    raise RecordError("undecodable",
+                      f"stored image of {len(data)} bytes cannot be decoded") from None
   height, width = image.shape[:2]
   if image_size and (height, width) != (image_size, image_size):
     raise RecordError("schema_mismatch", f"stored image is {width}x{height}, the dataset says "
                       f"{image_size}x{image_size}")
-  if (height, width) != (input_size, input_size):
-    shrinking = input_size < min(height, width)
-    image = cv2.resize(image, (input_size, input_size),
-                       interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
   return image
-
-
-def input_resize_name(image_size: int, input_size: int) -> str:
-  """Cache-key name of the stored-image -> input-size resize done by `decode_image`."""
-  if image_size == input_size:
-    return "none"
-  return "cv2_area" if input_size < image_size else "cv2_linear"
 
 
 def encode_feature_record(schema: schema_lib.Schema, record: ImageRecord,

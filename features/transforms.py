@@ -79,14 +79,14 @@ def dead_letter(reason: str, row: Mapping[str, Any], message: str) -> dict[str, 
 
 
 class DecodeImageFn(beam.DoFn):
-  """(shard file name, serialized image Example) -> ImageRecord at the input size, plus
-  augmented views 1..K of train images; unusable records -> `dead_letters` (never raised)."""
+  """(shard file name, serialized image Example) -> ImageRecord at the stored size (the forward
+  resizes it to the input size), plus augmented views 1..K of train images; unusable records ->
+  `dead_letters` (never raised)."""
 
-  def __init__(self, image_schema: schema_lib.Schema, input_size: int, views: int, seed: int,
+  def __init__(self, image_schema: schema_lib.Schema, views: int, seed: int,
                image_size: int | None = None):
     super().__init__()
     self._image_schema = image_schema
-    self._input_size = input_size
     self._image_size = image_size
     self._views = views
     self._seed = seed
@@ -101,7 +101,7 @@ class DecodeImageFn(beam.DoFn):
     try:
       fields = records.parse_image_example(serialized, self._image_schema)
       record_id = fields["id"]
-      image = records.decode_image(fields["image"], self._input_size, self._image_size)
+      image = records.decode_stored(fields["image"], self._image_size)
     except records.RecordError as error:
       self._dead.inc()
       yield beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(
@@ -353,12 +353,11 @@ class ExtractFeatures(beam.PTransform):
     self._tag = tag or model_host.new_run_tag()
 
   def expand(self, image_records):
-    input_size = self._jobs[0].input_size
     # Every job reads the same image dataset; its stored side (0 if unrecorded) is checked.
     image_size = self._jobs[0].image_info.get("image_size")
     tags = [job.tag for job in self._jobs]
     decoded = image_records | "DecodeImages" >> beam.ParDo(DecodeImageFn(
-        self._jobs[0].image_schema(), input_size, self._views, self._seed, image_size)).with_outputs(
+        self._jobs[0].image_schema(), self._views, self._seed, image_size)).with_outputs(
             DEAD_LETTERS, main="images")
     dead_letters = decoded[DEAD_LETTERS] | "CollectDeadLetters" >> beam.combiners.ToList()
     input_count = image_records | "CountRecords" >> beam.combiners.Count.Globally()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from contracts import datasets, layout
+from contracts import datasets, layout, pixels
 from contracts import schema as schema_lib
 
 # Records parsed per `parse_example` call: big enough to amortise the op, small enough that a
@@ -126,9 +126,9 @@ def check_cache_key(spec: DatasetSpec, expected: str, run_dir: str) -> None:
 
 
 def decode_image(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-  """JPEG/PNG bytes of one stored image -> uint8 `[S, S, 3]` (cast to float32 per batch)."""
-  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-  return tf.ensure_shape(image, [image_size, image_size, 3])
+  """JPEG/PNG bytes of one stored image -> uint8 `[S, S, 3]` (cast to float32 per batch),
+  decoded by `contracts.pixels.decode`, as extraction and the exported model decode it."""
+  return tf.ensure_shape(pixels.decode(encoded), [image_size, image_size, 3])
 
 
 def input_key(input_kind: str) -> str:
@@ -419,7 +419,7 @@ def load_split_images(image_dir: str, split: str = "test") -> dict[str, dict[str
   examples = {}
   for batch in tf.data.TFRecordDataset(files).batch(256).map(parse).as_numpy_iterator():
     for index, identifier in enumerate(batch["id"]):
-      image = tf.io.decode_image(batch["image"][index], channels=3, expand_animations=False)
+      image = pixels.decode(batch["image"][index])
       examples[identifier.decode()] = {"image": image.numpy(),
                                        spec.target_key: batch[spec.target_key][index]}
   return examples

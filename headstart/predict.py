@@ -22,12 +22,11 @@ import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
-import cv2
 import keras
 import numpy as np
 import tensorflow as tf
 
-from contracts import cli, runs
+from contracts import cli, pixels, runs
 from heads import export
 from pipeline import fetch, image_decode, paths, redact, sources
 
@@ -82,7 +81,10 @@ def list_images(images: str) -> list[tuple[str, str, str]]:
 
 
 def prepare_image(data: bytes, settings: dict[str, Any]) -> np.ndarray:
-  """Encoded image bytes -> float32 `[S, S, 3]` in [0, 255], as the stored training image.
+  """Encoded image bytes -> float32 `[S, S, 3]` in [0, 255]: the pixels the model saw in
+  training. Ingest's own decode/resize gives the image ingest would store, encoded as it would
+  be stored (JPEG is lossy, and the backbone saw the stored JPEG), then `contracts.pixels.decode`
+  decodes it as extraction did.
 
   Raises:
     pipeline.image_decode.ImageError: the bytes are not a usable image.
@@ -91,13 +93,11 @@ def prepare_image(data: bytes, settings: dict[str, Any]) -> np.ndarray:
   decoded = image_decode.decode_and_resize(
       data, size=int(settings["image_size"]), resize=settings.get("resize") or "stretch",
       background=background)
-  rgb = decoded.rgb
   image_format = settings.get("format")
-  if image_format in image_decode.FORMATS:
-    stored = image_decode.encode(rgb, image_format)
-    rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(stored, np.uint8), cv2.IMREAD_COLOR),
-                       cv2.COLOR_BGR2RGB)
-  return rgb.astype(np.float32)
+  if image_format not in image_decode.FORMATS:
+    return decoded.rgb.astype(np.float32)   # a dataset that does not record its format
+  stored = image_decode.encode(decoded.rgb, image_format)
+  return pixels.decode(stored).numpy().astype(np.float32)
 
 
 def predict_images(run_dir: str, images: str, out_path: str, *, batch_size: int = 32,

@@ -164,11 +164,11 @@ def test_decode_image_fn_process(tiny_image_dataset):
   schema = schema_lib.from_manifest(image_manifest)
   shard = datasets.shard_paths(str(tiny_image_dataset), image_manifest, "train")[0]
   serialized = next(iter(tf.data.TFRecordDataset(shard))).numpy()
-  fn = extract_transforms.DecodeImageFn(schema, 16, views=2, seed=0, image_size=64)
+  fn = extract_transforms.DecodeImageFn(schema, views=2, seed=0, image_size=64)
   name = shard.rsplit("/", 1)[-1]
   records, tagged = _split_outputs(fn.process((name, serialized)))
   assert [r.view for r in records] == [0, 1, 2] and not tagged
-  assert records[0].image.shape == (16, 16, 3) and records[0].image.dtype == np.uint8
+  assert records[0].image.shape == (64, 64, 3) and records[0].image.dtype == np.uint8
   assert not np.array_equal(records[0].image, records[1].image)   # an augmented view
   records, tagged = _split_outputs(fn.process((name, b"not an example")))
   assert records == []

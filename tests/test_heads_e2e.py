@@ -128,7 +128,7 @@ def test_exported_model_reproduces_test_predictions(conv_run, stages, tmp_path):
 
 
 def test_export_resizes_like_extraction_when_input_size_differs(stages, tmp_path):
-  """Features extracted at 48 px from 64 px images: the model's resize must match OpenCV's."""
+  """Features extracted at 48 px from 64 px images: the model resizes with extraction's layer."""
   from features import run as extract
 
   manifest, images, _ = stages
@@ -144,7 +144,7 @@ def test_export_resizes_like_extraction_when_input_size_differs(stages, tmp_path
   _assert_reproduces_test_predictions(run_dir, manifest, tmp_path / "pred.csv")
   model = keras.models.load_model(run_dir / "model.keras")
   assert model.input_shape == (None, IMAGE_SIZE, IMAGE_SIZE, 3)
-  assert model.get_layer("resize_rows").output.shape[1] == 48
+  assert model.get_layer("stored_to_input_area").output.shape[1] == 48
 
 
 def test_predict_on_a_folder_and_plain_keras_load(conv_run, stages, tmp_path):

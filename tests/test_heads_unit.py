@@ -433,26 +433,6 @@ def test_run_refuses_features_with_another_cache_key(binary_dir, tmp_path):
     runs.RunDir(str(tmp_path / "nowhere")).load()
 
 
-@pytest.mark.parametrize("size_in,size_out,method,max_mismatch", [
-    # Non-dyadic weights (50 -> 37) can land a float sum on the other side of a tie.
-    (64, 48, "cv2_area", 0.0), (64, 32, "cv2_area", 0.0), (50, 37, "cv2_area", 0.001),
-    (32, 48, "cv2_linear", 0.2)])
-def test_export_resize_matches_opencv_uint8(size_in, size_out, method, max_mismatch):
-  import cv2
-
-  from heads import export
-
-  image = np.random.default_rng(1).integers(0, 256, (size_in, size_in, 3), dtype=np.uint8)
-  expected = cv2.resize(image, (size_out, size_out),
-                        interpolation={"cv2_area": cv2.INTER_AREA,
-                                       "cv2_linear": cv2.INTER_LINEAR}[method])
-  inputs = keras.Input((size_in, size_in, 3))
-  model = keras.Model(inputs, export._cv2_resize_layers(size_in, size_out, method)(inputs))
-  got = model.predict(image[None].astype(np.float32), verbose=0)[0]
-  difference = np.abs(got - expected.astype(np.float32))
-  assert difference.max() <= 1.0 and (difference > 0).mean() <= max_mismatch
-
-
 def test_views_flag_trains_on_augmented_views_too(binary_dir, tmp_path):
   plain = training.train(str(binary_dir), "linear", str(tmp_path / "a"), tiny(epochs=1),
                          verbose=0)
