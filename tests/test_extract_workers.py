@@ -63,7 +63,8 @@ def test_a_copy_shared_over_the_socket_computes_what_a_local_copy_computes(tiny_
       "--images", str(tiny_image_dataset), "--out", str(tmp_path), "--backbones", "mobilenet",
       "--weights", "imagenet", "--input-size", str(SIZE)])  # the shipped weights: no download
   (job,) = [jobs_lib.prepare(job) for job in jobs_lib.plan(config).jobs]
-  images = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), np.uint8)
+  side = job.image_info["image_size"]   # the forward takes stored images and resizes them
+  images = np.random.default_rng(0).integers(0, 256, (3, side, side, 3), np.uint8)
   tag = model_host.new_run_tag()
   try:
     local = model_host.acquire([job], jit_compile=False, batch_size=3, sharing="process",
