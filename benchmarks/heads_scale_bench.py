@@ -119,18 +119,18 @@ def r8(work: pathlib.Path, records: int, *, heads: Sequence[str] = ("linear", "m
        seeds: int = 6, epochs: int = 3) -> tuple[measure.Ratio, dict[str, Any]]:
   """Compare wall time of len(heads) x seeds pooled-head runs / (runs x one run alone)."""
   from contracts import layout
-  from heads import compare, reader, training
+  from heads import caching, compare, reader, training
   from heads import config as config_lib
 
   data = write_feature_dataset(work / "r8", records)
   config = config_lib.override(config_lib.Config(), {"train": {"epochs": epochs}})
-  reader.release_shared()
+  caching.release_shared()
   started = time.perf_counter()
   with measure.quiet():
     training.train(str(data), heads[0], str(work / "r8_single"), config, verbose=0,
                    export_model=False)
   single = time.perf_counter() - started
-  reader.release_shared()
+  caching.release_shared()
   before = {split: reader.records_read(str(data), split) for split in layout.SPLITS}
   started = time.perf_counter()
   with measure.quiet():

@@ -230,3 +230,15 @@ def machine() -> dict[str, Any]:
           break
   return {"cpu_model": model, "cores": os.cpu_count(), "load_average": os.getloadavg(),
           "python": sys.version.split()[0]}
+
+
+def head_parser(prog: str, description: str, *, head: str, epochs: int):
+  """The flags of the stand-alone head benchmarks: a feature dataset, a head, epochs."""
+  import argparse
+
+  from heads import zoo
+  parser = argparse.ArgumentParser(prog=prog, description=description)
+  parser.add_argument("--features", required=True)
+  parser.add_argument("--head", default=head, choices=zoo.HEADS)
+  parser.add_argument("--epochs", type=int, default=epochs)
+  return parser

@@ -9,7 +9,6 @@ JPEG decoding. Prints one JSON line: examples/s of each side and their ratio.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -61,11 +60,9 @@ def measure(features_dir: str, head: str, *, epochs: int = 3, batch_size: int = 
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.payoff",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--features", required=True)
-  parser.add_argument("--head", default="gap_dense", choices=zoo.HEADS)
-  parser.add_argument("--epochs", type=int, default=3)
+  from benchmarks import measure as measure_lib
+  parser = measure_lib.head_parser("python -m benchmarks.payoff", __doc__.split("\n")[0],
+                                   head="gap_dense", epochs=3)
   parser.add_argument("--batch-size", type=int, default=32)
   args = parser.parse_args()
   print(json.dumps(measure(args.features, args.head, epochs=args.epochs,

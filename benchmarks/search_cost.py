@@ -10,13 +10,12 @@ over the search (what training them together saves).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from typing import Any
 
 from heads import config as config_lib
-from heads import search, training, zoo
+from heads import search, training
 
 
 def measure(features_dir: str, head: str, *, epochs: int = 10,
@@ -40,10 +39,8 @@ def measure(features_dir: str, head: str, *, epochs: int = 10,
 
 
 if __name__ == "__main__":
-  parser = argparse.ArgumentParser(prog="python -m benchmarks.search_cost",
-                                   description=__doc__.split("\n")[0])
-  parser.add_argument("--features", required=True)
-  parser.add_argument("--head", default="mlp", choices=zoo.HEADS)
-  parser.add_argument("--epochs", type=int, default=10)
+  from benchmarks import measure as measure_lib
+  parser = measure_lib.head_parser("python -m benchmarks.search_cost", __doc__.split("\n")[0],
+                                   head="mlp", epochs=10)
   args = parser.parse_args()
   print(json.dumps(measure(args.features, args.head, epochs=args.epochs)))

@@ -42,37 +42,14 @@ class RunDir:
   def file(self, name: str) -> str:
     return f"{self.path}/{name}"
 
-  @property
-  def config_path(self) -> str:
-    return self.file(CONFIG_NAME)
-
-  @property
-  def metrics_path(self) -> str:
-    return self.file(METRICS_NAME)
-
-  @property
-  def history_path(self) -> str:
-    return self.file(HISTORY_NAME)
-
-  @property
-  def head_path(self) -> str:
-    return self.file(HEAD_NAME)
-
-  @property
-  def model_path(self) -> str:
-    return self.file(MODEL_NAME)
-
-  @property
-  def predictions_path(self) -> str:
-    return self.file(PREDICTIONS_NAME)
-
-  @property
-  def best_weights_path(self) -> str:
-    return self.file(BEST_WEIGHTS)
-
-  @property
-  def backup_dir(self) -> str:
-    return self.file(BACKUP_DIR)
+  config_path = property(lambda self: self.file(CONFIG_NAME))
+  metrics_path = property(lambda self: self.file(METRICS_NAME))
+  history_path = property(lambda self: self.file(HISTORY_NAME))
+  head_path = property(lambda self: self.file(HEAD_NAME))
+  model_path = property(lambda self: self.file(MODEL_NAME))
+  predictions_path = property(lambda self: self.file(PREDICTIONS_NAME))
+  best_weights_path = property(lambda self: self.file(BEST_WEIGHTS))
+  backup_dir = property(lambda self: self.file(BACKUP_DIR))
 
   def exists(self, name: str) -> bool:
     return tf.io.gfile.exists(self.file(name))

@@ -123,23 +123,14 @@ def _image_fingerprint(manifest: Mapping[str, Any]) -> str:
       {split: entry["shards"] for split, entry in manifest["splits"].items()})
 
 
-def plan(config: ExtractConfig) -> ExtractPlan:
-  """Computes every backbone's cache key and whether a complete dataset already holds it.
-
-  Raises:
-    ValueError: the image dataset is missing/incomplete, or a flag value is invalid.
-  """
-  image_manifest = datasets.read_manifest(config.images)
+def _image_info(config: ExtractConfig, image_manifest: Mapping[str, Any]) -> dict[str, Any]:
+  """What every job needs to know of the image dataset (copied into the feature manifests)."""
   if image_manifest.get("kind", "images") != "images":
     raise ValueError(f"--images {config.images!r} is a {image_manifest.get('kind')!r} dataset; "
                      "pass the image dataset written by `headstart ingest`")
-  image_size = int(image_manifest.get("image_size") or 0)
-  input_size = config.input_size or image_size
-  if not input_size:
-    raise ValueError(f"{config.images!r} records no image_size; pass --input-size")
-  image_info = {
+  return {
       "image_dataset": _absolute(config.images),
-      "image_size": image_size,
+      "image_size": int(image_manifest.get("image_size") or 0),
       "image_format": image_manifest.get("format"),
       "resize": image_manifest.get("resize", "stretch"),
       "task": image_manifest.get("task", "unlabelled"),
@@ -147,51 +138,73 @@ def plan(config: ExtractConfig) -> ExtractPlan:
       "num_keypoints": image_manifest.get("num_keypoints"),
       "image_fingerprint": _image_fingerprint(image_manifest),
   }
+
+
+def _backbone_choice(entry: str, config: ExtractConfig, input_size: int
+                     ) -> tuple[str, str, str | None, str | None, weights_lib.WeightsChoice]:
+  """(name, preprocess mode, model path, model sha256, weights) of one `--backbones` entry."""
+  if backbones_lib.is_custom_model(entry):
+    if not tf.io.gfile.exists(entry):
+      raise ValueError(f"backbone model {entry!r} does not exist; pass a .keras file or a "
+                       "SavedModel directory")
+    sha = weights_lib.file_sha256(entry)
+    choice = weights_lib.WeightsChoice("file", "model", entry, entry.rsplit("/", 1)[-1], sha)
+    return backbones_lib.custom_model_name(entry), "none", entry, sha, choice
+  spec = backbones_lib.BACKBONES[entry]
+  if input_size < spec.min_size:
+    raise ValueError(f"--input-size {input_size!r} is too small for {entry}; it needs at "
+                     f"least {spec.min_size}")
+  choice = weights_lib.resolve(entry, config.weights, input_size=input_size,
+                               weights_dir=config.weights_dir)
+  return entry, spec.preprocess, None, None, choice
+
+
+def _job(index: int, entry: str, config: ExtractConfig, image_info: Mapping[str, Any],
+         input_size: int) -> FeatureJob:
+  """One backbone's job: its cache key, directory and whether a complete dataset holds it."""
+  name, preprocess, model_path, model_sha, choice = _backbone_choice(entry, config, input_size)
+  fields = cache_key_lib.cache_key_fields(
+      image_fingerprint=image_info["image_fingerprint"], backbone=name,
+      weights_kind=choice.kind, weights_sha256=choice.sha256, seed=config.seed,
+      layer=config.layer, input_size=input_size, resize=image_info["resize"],
+      input_resize=pixels.resize_name(image_info["image_size"] or input_size, input_size),
+      preprocess=preprocess, dtype=config.precision, store=config.store, views=config.views,
+      model_sha256=model_sha)
+  key = cache_key_lib.cache_key(fields)
+  out_dir = f"{config.out.rstrip('/')}/{cache_key_lib.dataset_dir_name(name, choice.kind, key)}"
+  return FeatureJob(
+      backbone=name, tag=f"b{index}", out_dir=out_dir, cache_key=key, cache_key_fields=fields,
+      weights=choice, input_size=input_size, layer=config.layer, preprocess=preprocess,
+      precision=config.precision, seed=config.seed, store=config.store, views=config.views,
+      image_info=image_info, model_path=model_path,
+      weights_dir=weights_lib.weights_dir_from(config.weights_dir),
+      hit=not config.force and _is_complete(out_dir, key),
+      max_error_fraction=config.max_error_fraction)
+
+
+def plan(config: ExtractConfig) -> ExtractPlan:
+  """Computes every backbone's cache key and whether a complete dataset already holds it.
+
+  Raises:
+    ValueError: the image dataset is missing/incomplete, or a flag value is invalid.
+  """
+  image_manifest = datasets.read_manifest(config.images)
+  image_info = _image_info(config, image_manifest)
+  input_size = config.input_size or image_info["image_size"]
+  if not input_size:
+    raise ValueError(f"{config.images!r} records no image_size; pass --input-size")
   registered = [b for b in config.backbones if not backbones_lib.is_custom_model(b)]
   if config.weights not in ("imagenet", "none") and len(registered) > 1:
     raise ValueError(f"--weights {config.weights!r} is one file but {len(registered)} backbones "
                      "were given; extract one backbone per weights file")
-  jobs = []
-  for index, entry in enumerate(config.backbones):
-    if backbones_lib.is_custom_model(entry):
-      name = backbones_lib.custom_model_name(entry)
-      if not tf.io.gfile.exists(entry):
-        raise ValueError(f"backbone model {entry!r} does not exist; pass a .keras file or a "
-                         "SavedModel directory")
-      sha = weights_lib.file_sha256(entry)
-      choice = weights_lib.WeightsChoice("file", "model", entry, entry.rsplit("/", 1)[-1], sha)
-      preprocess, model_path, model_sha = "none", entry, sha
-    else:
-      spec = backbones_lib.BACKBONES[entry]
-      if input_size < spec.min_size:
-        raise ValueError(f"--input-size {input_size!r} is too small for {entry}; it needs at "
-                         f"least {spec.min_size}")
-      name, preprocess, model_path, model_sha = entry, spec.preprocess, None, None
-      choice = weights_lib.resolve(entry, config.weights, input_size=input_size,
-                                   weights_dir=config.weights_dir)
-    fields = cache_key_lib.cache_key_fields(
-        image_fingerprint=image_info["image_fingerprint"], backbone=name,
-        weights_kind=choice.kind, weights_sha256=choice.sha256, seed=config.seed,
-        layer=config.layer, input_size=input_size, resize=image_info["resize"],
-        input_resize=pixels.resize_name(image_size or input_size, input_size),
-        preprocess=preprocess, dtype=config.precision, store=config.store, views=config.views,
-        model_sha256=model_sha)
-    key = cache_key_lib.cache_key(fields)
-    out_dir = f"{config.out.rstrip('/')}/{cache_key_lib.dataset_dir_name(name, choice.kind, key)}"
-    jobs.append(FeatureJob(
-        backbone=name, tag=f"b{index}", out_dir=out_dir, cache_key=key, cache_key_fields=fields,
-        weights=choice, input_size=input_size, layer=config.layer, preprocess=preprocess,
-        precision=config.precision, seed=config.seed, store=config.store, views=config.views,
-        image_info=image_info, model_path=model_path,
-        weights_dir=weights_lib.weights_dir_from(config.weights_dir),
-        hit=not config.force and _is_complete(out_dir, key),
-        max_error_fraction=config.max_error_fraction))
+  jobs = tuple(_job(index, entry, config, image_info, input_size)
+               for index, entry in enumerate(config.backbones))
   shards = tuple(
       (path, int(entry["num_examples"]))
       for split in image_manifest["splits"]
       for path, entry in zip(datasets.shard_paths(config.images, image_manifest, split),
                              image_manifest["splits"][split]["shards"]))
-  return ExtractPlan(config, shards, tuple(jobs))
+  return ExtractPlan(config, shards, jobs)
 
 
 def _absolute(path: str) -> str:
@@ -289,15 +302,42 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
     dead-lettered: then no manifest is written and the driver reports the failure.
   """
   write_errors(job.out_dir, dead_letters)
-  dead = len(dead_letters)
-  if input_records and dead / input_records > job.max_error_fraction:
+  if input_records and len(dead_letters) / input_records > job.max_error_fraction:
     return None
   grouped = datasets.group_shards(shards, job.out_dir)
+  fingerprint = datasets.fingerprint(grouped)
   info = job.image_info
-  features = job.schema().tfds_features()
-  seconds = max(time.time() - job.start_time, 1e-9)
-  examples = sum(s["num_examples"] for entries in grouped.values() for s in entries)
-  forward_seconds = health.get("forward_seconds", 0.0)
+  extra = {
+      "kind": "features", "backbone": job.backbone, **job.weights.to_manifest(),
+      "seed": job.seed if job.weights.kind == "none" else None, "model_path": job.model_path,
+      "layer": job.layer, "input_size": job.input_size, "resize": info["resize"],
+      "input_resize": job.cache_key_fields["input_resize"], "preprocess": job.preprocess,
+      "dtype": job.precision, "cache_key": job.cache_key,
+      "cache_key_fields": dict(job.cache_key_fields), "feature_map_shape": list(job.map_shape),
+      "feature_map_dtype": "float16", "pooled_dim": job.pooled_dim, "pooled_dtype": "float32",
+      "store": job.store, "views": job.views,
+      **{key: info[key] for key in ("image_dataset", "image_size", "image_format",
+                                    "image_fingerprint", "task", "class_names",
+                                    "num_keypoints")},
+      "fingerprint": fingerprint,
+      "statistics": {**statistics, "fingerprint": fingerprint} if statistics else None,
+      "health": health_lib.summarize_health(health),
+      "counts": _counts(grouped, job, dead_letters, input_records),
+      **_timings(grouped, health, job),
+      "backbone_weights_file": RANDOM_WEIGHTS_NAME if job.weights.kind == "none" else None,
+      "estimate": dict(job.estimate) if job.estimate else None,
+      **(usage or {}),
+  }
+  return datasets.finalize_dataset(
+      job.out_dir, layout.FEATURES_NAME, job.schema().tfds_features(), grouped, extra,
+      description=f"{job.backbone} features ({job.weights.kind} weights) of "
+                  f"{info['image_dataset']}")
+
+
+def _counts(grouped: Mapping[str, Sequence[Mapping[str, Any]]], job: FeatureJob,
+            dead_letters: Sequence[Mapping[str, Any]], input_records: int | None
+            ) -> dict[str, Any]:
+  """The manifest's `counts`: image records in, images written, dead letters by reason."""
   by_reason: dict[str, int] = {}
   for entry in dead_letters:
     by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + 1
@@ -305,54 +345,24 @@ def finalize(shards: Sequence[Mapping[str, Any]], health: Mapping[str, float],
   images_written = sum(
       sum(s["num_examples"] for s in entries) // (1 + job.views if split == "train" else 1)
       for split, entries in grouped.items())
-  counts = {"input_records": input_records, "written": images_written, "dead_lettered": dead,
-            "by_reason": by_reason, "examples": examples,
-            "balanced": input_records is None or images_written + dead == input_records}
-  extra = {
-      "kind": "features",
-      "backbone": job.backbone,
-      **job.weights.to_manifest(),
-      "seed": job.seed if job.weights.kind == "none" else None,
-      "model_path": job.model_path,
-      "layer": job.layer,
-      "input_size": job.input_size,
-      "resize": info["resize"],
-      "input_resize": job.cache_key_fields["input_resize"],
-      "preprocess": job.preprocess,
-      "dtype": job.precision,
-      "cache_key": job.cache_key,
-      "cache_key_fields": dict(job.cache_key_fields),
-      "feature_map_shape": list(job.map_shape),
-      "feature_map_dtype": "float16",
-      "pooled_dim": job.pooled_dim,
-      "pooled_dtype": "float32",
-      "store": job.store,
-      "views": job.views,
-      "image_dataset": info["image_dataset"],
-      "image_size": info["image_size"],
-      "image_format": info["image_format"],
-      "image_fingerprint": info["image_fingerprint"],
-      "task": info["task"],
-      "class_names": info["class_names"],
-      "num_keypoints": info["num_keypoints"],
-      "fingerprint": datasets.fingerprint(grouped),
-      "statistics": ({**statistics, "fingerprint": datasets.fingerprint(grouped)}
-                     if statistics else None),
-      "health": health_lib.summarize_health(health),
-      "counts": counts,
-      "extraction_seconds": round(seconds, 3),
-      "images_per_second": round(examples / seconds, 3),
-      "forward_seconds": round(forward_seconds, 3),
-      "forward_images_per_second": (round(health.get("examples", 0) / forward_seconds, 3)
-                                    if forward_seconds else None),
-      "backbone_weights_file": RANDOM_WEIGHTS_NAME if job.weights.kind == "none" else None,
-      "estimate": dict(job.estimate) if job.estimate else None,
-      **(usage or {}),
-  }
-  return datasets.finalize_dataset(
-      job.out_dir, layout.FEATURES_NAME, features, grouped, extra,
-      description=f"{job.backbone} features ({job.weights.kind} weights) of "
-                  f"{info['image_dataset']}")
+  dead = len(dead_letters)
+  return {"input_records": input_records, "written": images_written, "dead_lettered": dead,
+          "by_reason": by_reason,
+          "examples": sum(s["num_examples"] for entries in grouped.values() for s in entries),
+          "balanced": input_records is None or images_written + dead == input_records}
+
+
+def _timings(grouped: Mapping[str, Sequence[Mapping[str, Any]]], health: Mapping[str, float],
+             job: FeatureJob) -> dict[str, Any]:
+  """Extraction seconds and rates (end to end, and of the forward alone) for the manifest."""
+  seconds = max(time.time() - job.start_time, 1e-9)
+  examples = sum(s["num_examples"] for entries in grouped.values() for s in entries)
+  forward_seconds = health.get("forward_seconds", 0.0)
+  return {"extraction_seconds": round(seconds, 3),
+          "images_per_second": round(examples / seconds, 3),
+          "forward_seconds": round(forward_seconds, 3),
+          "forward_images_per_second": (round(health.get("examples", 0) / forward_seconds, 3)
+                                        if forward_seconds else None)}
 
 
 def write_index(out: str, jobs: Sequence[FeatureJob]) -> dict[str, Any]:

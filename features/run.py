@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from contracts import cli, progress
+from contracts import cli, datasets, progress
 from features import backbones as backbones_lib
 from features import model_host, records
 
@@ -153,38 +154,43 @@ def run(argv: list[str] | None = None) -> Any:
     return None
   missing = [dataclasses.replace(job, estimate=estimate_lib.for_job(config.out, job.cache_key))
              for job in missing]
-  failed = []
-  result = None
-  if missing:
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from contracts import datasets
-    start = time.time()
-    missing = [dataclasses.replace(jobs_lib.prepare(job), start_time=start) for job in missing]
-    for job in missing:
-      print(f"extracting {job.backbone} -> {job.out_dir} (weights {job.weights.kind} from "
-            f"{job.weights.source}: {job.weights.path}, sha256 {job.weights.sha256})")
-    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    run_tag = model_host.new_run_tag()
-    build_pipeline(pipeline, dataclasses.replace(plan, jobs=tuple(missing)), run_tag)
-    progress.report("extract", total=sum(count for _, count in plan.shards), unit="img")
-    try:
-      result = pipeline.run()
-      result.wait_until_finish()
-    finally:
-      model_host.remove_rendezvous_files(run_tag)
-    progress.report("extract", done=True)
-    failed = [job for job in missing if not datasets.has_manifest(job.out_dir)]
-    for job in missing:
-      if job not in failed:
-        for line in jobs_lib.summary_lines(job, datasets.read_manifest(job.out_dir)):
-          print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
+  result = _extract(plan, missing, beam_args) if missing else None
   jobs_lib.write_index(config.out, [*missing, *hits])
+  failed = [job for job in missing if not datasets.has_manifest(job.out_dir)]
   if failed:
     raise ValueError(f"more than {config.max_error_fraction:g} of the image records were "
                      f"unusable, so {failed[0].out_dir!r} was not published; see its "
                      "errors.jsonl")
+  return result
+
+
+def _extract(plan: Any, missing: Sequence[Any], beam_args: list[str]) -> Any:
+  """Runs the Beam job for the jobs the cache misses; prints each finished dataset's summary."""
+  import dataclasses
+
+  import apache_beam as beam
+  from apache_beam.options.pipeline_options import PipelineOptions
+
+  from features import jobs as jobs_lib
+  start = time.time()
+  prepared = [dataclasses.replace(jobs_lib.prepare(job), start_time=start) for job in missing]
+  for job in prepared:
+    print(f"extracting {job.backbone} -> {job.out_dir} (weights {job.weights.kind} from "
+          f"{job.weights.source}: {job.weights.path}, sha256 {job.weights.sha256})")
+  pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+  run_tag = model_host.new_run_tag()
+  build_pipeline(pipeline, dataclasses.replace(plan, jobs=tuple(prepared)), run_tag)
+  progress.report("extract", total=sum(count for _, count in plan.shards), unit="img")
+  try:
+    result = pipeline.run()
+    result.wait_until_finish()
+  finally:
+    model_host.remove_rendezvous_files(run_tag)
+  progress.report("extract", done=True)
+  for job in prepared:
+    if datasets.has_manifest(job.out_dir):
+      for line in jobs_lib.summary_lines(job, datasets.read_manifest(job.out_dir)):
+        print(line, file=sys.stderr if line.startswith("WARNING") else sys.stdout)
   return result
 
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from heads import reader
+
 WHERE = ("memory", "file", "none")
 DEFAULT_BUDGET_FRACTION = 0.25
 # A file cache needs its size on disk plus TFRecord-like framing; keep some room besides.
@@ -150,3 +152,56 @@ def clear_partial(prefix: str) -> None:
 
 def _mib(size: int) -> str:
   return f"{size / 2**20:,.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached splits shared by every run of this process on the same data (a compare grid's cells)
+
+_SHARED: dict[tuple, tf.data.Dataset] = {}
+# Input kinds a grid will read from a dataset: one cache then holds them all (one read).
+_SHARED_KINDS: dict[str, tuple[str, ...]] = {}
+
+
+def share_inputs(data_dir: str, input_kinds: Sequence[str]) -> None:
+  """Announces that runs of this process will read these kinds from a dataset, so the first
+  run caches all of them together and the dataset is read once (a grid with pooled and map
+  heads on the same features)."""
+  _SHARED_KINDS[data_dir.rstrip("/")] = tuple(sorted(set(input_kinds)))
+
+
+def shared_kinds(spec: reader.DatasetSpec, input_kind: str) -> tuple[str, ...]:
+  """The kinds cached together with `input_kind` for this dataset (at least itself)."""
+  kinds = _SHARED_KINDS.get(spec.data_dir, ())
+  return kinds if input_kind in kinds else (input_kind,)
+
+
+def cached_split(spec: reader.DatasetSpec, split: str, *, input_kind: str, views: bool = False,
+                 where: str = "memory", cache_file: str | None = None) -> tf.data.Dataset:
+  """Per-example dicts `{x (as stored), y, id}` of a split, cached where told, shared in-process.
+
+  Every run of this process that asks for the same split and placement gets the same cached
+  dataset (holding every kind announced with `share_inputs`), so the first run's pass fills the
+  cache and later runs read it: a compare grid reads its data once. The declared cardinality is
+  the manifest's count; a shard that yields another number fails the pass (see `training` for
+  how it is named).
+  """
+  kinds = shared_kinds(spec, input_kind)
+  key = (spec.data_dir, spec.cache_key, split, kinds, views, where, cache_file)
+  if key not in _SHARED:
+    extra = ("height", "width") if spec.task == "keypoints" and spec.kind == "images" else ()
+    records = reader.read_split(spec, split, input_kind=kinds if len(kinds) > 1 else kinds[0],
+                         views=views, with_id=True, extra_keys=extra, as_stored=True).apply(
+        tf.data.experimental.assert_cardinality(reader.count_examples(spec, split, views=views)))
+    _SHARED[key] = reader.cache_as(records, where, cache_file)
+  if len(kinds) == 1:
+    return _SHARED[key]
+  return _SHARED[key].map(
+      lambda record: {("x" if k == input_kind else k): v for k, v in record.items()
+                      if k == input_kind or k not in kinds},
+      num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def release_shared() -> None:
+  """Drops the shared caches (a grid moving to its next dataset frees the last one's memory)."""
+  _SHARED.clear()
+  _SHARED_KINDS.clear()

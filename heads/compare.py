@@ -46,7 +46,7 @@ def train_cell(cell: grid.Cell, seed: int, run: runs.RunDir, config: config_lib.
   """Trains one cell and seed in this process (no `model.keras`: only the best run gets one).
 
   Runs of this process on the same dataset share its parsed, cached splits
-  (`reader.cached_split`), so a grid reads each dataset's shards once.
+  (`caching.cached_split`), so a grid reads each dataset's shards once.
   """
   from heads import training
   return training.train(cell.data_dir, cell.head, run.path, config, verbose=verbose,
@@ -105,7 +105,7 @@ def check_same_settings(run: runs.RunDir, run_config: config_lib.Config) -> None
 def run_cells(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config_lib.Config, *,
               train_one: CellTrainer, log: Callable[[str], None]) -> list[dict[str, Any]]:
   """Trains every cell and seed not finished yet; returns one leaderboard seed row per run."""
-  from heads import reader
+  from heads import caching
   total = len(cells) * seeds
   progress.report("compare", total=total, unit="run")
   order = [(cell, seed) for cell in cells for seed in range(seeds)]
@@ -117,7 +117,7 @@ def run_cells(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config
     for position, (index, (cell, seed)) in enumerate(by_dataset):
       if position == 0 or by_dataset[position - 1][1][0].dataset != cell.dataset:
         # The scratch baseline reads the image dataset behind the features: not shared.
-        reader.share_inputs(cell.data_dir, [zoo.input_kind(c.head) for c in cells
+        caching.share_inputs(cell.data_dir, [zoo.input_kind(c.head) for c in cells
                                             if c.dataset == cell.dataset
                                             and zoo.input_kind(c.head) != "image"])
       run = runs.cell_dir(out_dir, cell.dataset, cell.head, seed)
@@ -133,7 +133,7 @@ def run_cells(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config
       progress.report("compare", advance=1)
       following = by_dataset[position + 1][1][0].dataset if position + 1 < total else None
       if following != cell.dataset:
-        reader.release_shared()
+        caching.release_shared()
   finally:
     progress.report("compare", done=True)
   return [leaderboard.seed_row(cell, seed, runs.cell_dir(out_dir, cell.dataset, cell.head,
@@ -211,20 +211,12 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
   Raises:
     ValueError: bad seeds/epochs, unknown heads or backbones, no index.
   """
-  if seeds < 1:
-    raise ValueError(f"--seeds must be at least 1, got {seeds!r}")
-  if epochs is not None and epochs < 1:
-    raise ValueError(f"--epochs must be at least 1, got {epochs!r}")
+  base = _grid_config(config, seeds=seeds, epochs=epochs, search=search)
   out_dir = out_dir.rstrip("/")
   for head in heads:
     zoo.input_kind(head)
   entries = grid.read_index(features_dir, backbones)
   cells, notes = grid.plan_cells(entries, heads, pairs=pairs)
-  base = config or config_lib.Config()
-  if epochs is not None:
-    base = config_lib.override(base, {"train": {"epochs": epochs}})
-  if search is not None:
-    base = config_lib.override(base, {"train": {"search": search}})
   tf.io.gfile.makedirs(out_dir)
   if cache_dir is None and "://" not in out_dir:
     cache_dir = f"{out_dir}/cache"
@@ -235,6 +227,28 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
                         train_one=train_one or functools.partial(
                             train_cell, verbose=verbose, cache_budget=cache_budget,
                             cache_dir=cache_dir))
+  return _publish(out_dir, entries, seed_rows, notes, report=report, log=log)
+
+
+def _grid_config(config: config_lib.Config | None, *, seeds: int, epochs: int | None,
+                 search: str | None) -> config_lib.Config:
+  """The settings every cell trains with (the grid's overrides on top of `config`)."""
+  if seeds < 1:
+    raise ValueError(f"--seeds must be at least 1, got {seeds!r}")
+  if epochs is not None and epochs < 1:
+    raise ValueError(f"--epochs must be at least 1, got {epochs!r}")
+  base = config or config_lib.Config()
+  if epochs is not None:
+    base = config_lib.override(base, {"train": {"epochs": epochs}})
+  if search is not None:
+    base = config_lib.override(base, {"train": {"search": search}})
+  return base
+
+
+def _publish(out_dir: str, entries: Sequence[grid.FeatureEntry],
+             seed_rows: list[dict[str, Any]], notes: list[str], *, report: bool,
+             log: Callable[[str], None]) -> CompareResult:
+  """Leaderboards, cost ledger, the best run's `model.keras` and the report of a trained grid."""
   rows = leaderboard.aggregate(seed_rows)
   ledger = leaderboard.cost_ledger(entries, seed_rows)
   best = leaderboard.best_run(rows, seed_rows)

@@ -136,6 +136,27 @@ class WarmStartCheck(keras.callbacks.Callback):
           "weights are kept")
 
 
+def _compile(model: keras.Model, spec: reader.DatasetSpec, config: Any, *,
+             learning_rate: float | None, warmup_epochs: int | None,
+             batch_size: int | None) -> tuple[float, int, int]:
+  """Compiles with Adam warming up to the fine-tuning rate; returns (rate, warm-up epochs,
+  batch size) with the run config's defaults filled in."""
+  rate = learning_rate or config.train.finetune_learning_rate
+  warmup = config.train.finetune_warmup_epochs if warmup_epochs is None else warmup_epochs
+  batch_size = batch_size or config.train.batch_size
+  steps = warmup * -(-spec.num_examples("train") // batch_size)
+  training.compile_head(model, spec.task, keras.optimizers.Adam(warmup_schedule(rate, steps)))
+  return rate, warmup, batch_size
+
+
+def _notes(spec: reader.DatasetSpec, run_config: dict[str, Any]) -> list[str]:
+  """What a fine-tune's `metrics.json` says of its data before training."""
+  notes = evaluation.missing_split_notes(spec)
+  if run_config.get("image_fingerprint") and run_config["image_fingerprint"] != spec.cache_key:
+    notes.append("these images are not the ones the run's features were extracted from")
+  return notes
+
+
 def _image_dataset(images_dir: str, run_config: dict[str, Any]) -> reader.DatasetSpec:
   """The image dataset to fine-tune on, checked against the run's model.
 
@@ -177,6 +198,7 @@ def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | Non
   Raises:
     ValueError: not a run, no exported model, image dataset of another size, bad `unfreeze`.
   """
+  # Over 60 lines only by its docstring (the nine arguments); the body is one straight sequence.
   started = time.perf_counter()
   base = runs.RunDir(run_dir)
   out = runs.RunDir(out_dir or base.file("finetune"))
@@ -185,34 +207,28 @@ def finetune(run_dir: str, images_dir: str, *, unfreeze: int, out_dir: str | Non
   if not base.exists(runs.MODEL_NAME):
     raise ValueError(f"run {base.path!r} has no {runs.MODEL_NAME} to fine-tune")
   spec = _image_dataset(images_dir, run_config)
-  notes = evaluation.missing_split_notes(spec)
-  if run_config.get("image_fingerprint") and run_config["image_fingerprint"] != spec.cache_key:
-    notes.append("these images are not the ones the run's features were extracted from")
+  notes = _notes(spec, run_config)
   keras.utils.set_random_seed(config.train.seed)
   model = keras.models.load_model(base.model_path, compile=False)
   trainable = unfreeze_last(find_backbone(model), unfreeze)
-  rate = learning_rate or config.train.finetune_learning_rate
-  warmup = config.train.finetune_warmup_epochs if warmup_epochs is None else warmup_epochs
-  batch_size = batch_size or config.train.batch_size
-  steps = warmup * -(-spec.num_examples("train") // batch_size)
-  training.compile_head(model, spec.task, keras.optimizers.Adam(warmup_schedule(rate, steps)))
-  out.write_config({
-      **run_config, "finetune": {"base_run": base.path, "images": spec.data_dir,
-                                 "unfreeze": unfreeze, "trainable_layers": trainable,
-                                 "learning_rate": rate, "warmup_epochs": warmup,
-                                 "epochs": epochs, "batch_size": batch_size}})
-  plan = caching.plan_cache(spec, "image", spec.splits, budget=None, cache_dir=None,
-                            run_dir=out.path)
+  rate, warmup, batch_size = _compile(model, spec, config, learning_rate=learning_rate,
+                                      warmup_epochs=warmup_epochs, batch_size=batch_size)
+  settings = {"base_run": base.path, "images": spec.data_dir, "unfreeze": unfreeze,
+              "trainable_layers": trainable, "learning_rate": rate, "warmup_epochs": warmup,
+              "epochs": epochs, "batch_size": batch_size}
+  out.write_config({**run_config, "finetune": settings})
   inputs = fitting.make_inputs(spec, "image", batch_size=batch_size, train=config.train,
-                               settings=run_config["image"], cache=plan)
+                               settings=run_config["image"], cache=caching.plan_cache(
+                                   spec, "image", spec.splits, budget=None, cache_dir=None,
+                                   run_dir=out.path))
   # Where the fine-tune starts: the loaded model on the train (and validation) split, before
   # any update. Evaluating the train batches here also fills their cache for epoch 1.
   start = starting_point(model, inputs, spec.task)
   describe = {
-      "task": spec.task, "head": run_config["head_name"], "backbone": run_config["backbone"],
-      "weights_kind": run_config["weights_kind"], "cache_key": run_config["cache_key"],
-      "finetuned_from": base.path, "unfreeze": unfreeze, "trainable_layers": trainable,
-      "learning_rate": rate, "warmup_epochs": warmup, "params": int(model.count_params()),
+      **{key: run_config[key] for key in ("backbone", "weights_kind", "cache_key")},
+      "task": spec.task, "head": run_config["head_name"], "finetuned_from": base.path,
+      **{key: settings[key] for key in ("unfreeze", "trainable_layers", "learning_rate",
+                                        "warmup_epochs")}, "params": int(model.count_params()),
       "trainable_params": int(sum(keras.ops.size(w) for w in model.trainable_weights)),
       "class_names": list(spec.class_names), "num_train_examples": inputs.num_train}
   monitored = start.get("validation", start["train"])["loss"]

@@ -191,7 +191,7 @@ def make_inputs(spec: reader.DatasetSpec, input_kind: str, *, batch_size: int,
                 epoch: tf.Variable | None = None) -> RunInputs:
   """Shuffled train batches and validation batches of `spec` (see `reader.make_for_train`).
 
-  The splits come from `reader.cached_split`, cached where `cache` says and shared with every
+  The splits come from `caching.cached_split`, cached where `cache` says and shared with every
   other run of this process on the same data.
 
   Args:
@@ -218,9 +218,9 @@ def make_inputs(spec: reader.DatasetSpec, input_kind: str, *, batch_size: int,
 
 def split_records(spec: reader.DatasetSpec, split: str, input_kind: str,
                   cache: caching.CachePlan, *, views: bool = False) -> tf.data.Dataset:
-  """One split's shared, cached per-example dicts (`reader.cached_split`) under `cache`."""
-  key = caching.cache_key(spec, reader.shared_kinds(spec, input_kind), views)
-  return reader.cached_split(spec, split, input_kind=input_kind, views=views, where=cache.where,
+  """One split's shared, cached per-example dicts (`caching.cached_split`) under `cache`."""
+  key = caching.cache_key(spec, caching.shared_kinds(spec, input_kind), views)
+  return caching.cached_split(spec, split, input_kind=input_kind, views=views, where=cache.where,
                              cache_file=cache.file_prefix(split, key))
 
 

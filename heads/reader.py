@@ -216,12 +216,6 @@ def count_examples(spec: DatasetSpec, split: str, *, views: bool = False) -> int
 # Records read from shards per (dataset, split) in this process: how tests and benchmarks count
 # the passes a run or a grid makes over its data (a cached epoch reads none).
 _READS: dict[tuple[str, str], tf.Variable] = {}
-# Cached splits shared by every run of this process on the same data (a compare grid's cells).
-_SHARED: dict[tuple, tf.data.Dataset] = {}
-# Input kinds a grid will read from a dataset: one cache then holds them all (one read).
-_SHARED_KINDS: dict[str, tuple[str, ...]] = {}
-
-
 def _read_counter(data_dir: str, split: str) -> tf.Variable:
   key = (data_dir.rstrip("/"), split)
   if key not in _READS:
@@ -236,53 +230,9 @@ def records_read(data_dir: str, split: str) -> int:
   return int(counter.numpy()) if counter is not None else 0
 
 
-def share_inputs(data_dir: str, input_kinds: Sequence[str]) -> None:
-  """Announces that runs of this process will read these kinds from a dataset, so the first
-  run caches all of them together and the dataset is read once (a grid with pooled and map
-  heads on the same features)."""
-  _SHARED_KINDS[data_dir.rstrip("/")] = tuple(sorted(set(input_kinds)))
-
-
-def shared_kinds(spec: DatasetSpec, input_kind: str) -> tuple[str, ...]:
-  """The kinds cached together with `input_kind` for this dataset (at least itself)."""
-  kinds = _SHARED_KINDS.get(spec.data_dir, ())
-  return kinds if input_kind in kinds else (input_kind,)
-
-
-def cached_split(spec: DatasetSpec, split: str, *, input_kind: str, views: bool = False,
-                 where: str = "memory", cache_file: str | None = None) -> tf.data.Dataset:
-  """Per-example dicts `{x (as stored), y, id}` of a split, cached where told, shared in-process.
-
-  Every run of this process that asks for the same split and placement gets the same cached
-  dataset (holding every kind announced with `share_inputs`), so the first run's pass fills the
-  cache and later runs read it: a compare grid reads its data once. The declared cardinality is
-  the manifest's count; a shard that yields another number fails the pass (see `training` for
-  how it is named).
-  """
-  kinds = shared_kinds(spec, input_kind)
-  key = (spec.data_dir, spec.cache_key, split, kinds, views, where, cache_file)
-  if key not in _SHARED:
-    extra = ("height", "width") if spec.task == "keypoints" and spec.kind == "images" else ()
-    records = read_split(spec, split, input_kind=kinds if len(kinds) > 1 else kinds[0],
-                         views=views, with_id=True, extra_keys=extra, as_stored=True).apply(
-        tf.data.experimental.assert_cardinality(count_examples(spec, split, views=views)))
-    _SHARED[key] = _cache(records, where, cache_file)
-  if len(kinds) == 1:
-    return _SHARED[key]
-  return _SHARED[key].map(
-      lambda record: {("x" if k == input_kind else k): v for k, v in record.items()
-                      if k == input_kind or k not in kinds},
-      num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def release_shared() -> None:
-  """Drops the shared caches (a grid moving to its next dataset frees the last one's memory)."""
-  _SHARED.clear()
-  _SHARED_KINDS.clear()
-
-
-def _cache(dataset: tf.data.Dataset, where: str | bool, cache_file: str | None
-           ) -> tf.data.Dataset:
+def cache_as(dataset: tf.data.Dataset, where: str | bool, cache_file: str | None
+             ) -> tf.data.Dataset:
+  """`dataset` cached in memory, in a `tf.data` file cache at `cache_file`, or not at all."""
   where = {True: "memory", False: "none"}.get(where, where)
   if where == "memory":
     return dataset.cache()
@@ -313,7 +263,7 @@ def _pairs(dataset: tf.data.Dataset, *, cache: str | bool, cache_file: str | Non
   dataset = dataset.map(_to_pair, num_parallel_calls=tf.data.AUTOTUNE)
   if num_examples is not None:
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
-  return _cache(dataset, cache, cache_file)
+  return cache_as(dataset, cache, cache_file)
 
 
 def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer: int,

@@ -210,7 +210,7 @@ def _name_damaged_shard(spec: reader.DatasetSpec, error: tf.errors.OpError) -> N
 
 def _cache_plan(spec: reader.DatasetSpec, kind: str, run: runs.RunDir, config: Config, *,
                 budget: int | None, cache_dir: str | None) -> caching.CachePlan:
-  plan = caching.plan_cache(spec, reader.shared_kinds(spec, kind), spec.splits, budget=budget,
+  plan = caching.plan_cache(spec, caching.shared_kinds(spec, kind), spec.splits, budget=budget,
                             cache_dir=cache_dir, run_dir=run.path, views=config.train.views)
   logging.getLogger("headstart").info("train: input cached in %s: %s", plan.where, plan.reason)
   return plan
@@ -245,11 +245,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   started = time.perf_counter()
   run = runs.RunDir(out_dir)
   kind = zoo.input_kind(head)
-  if sweep_l2 and head != "linear":
-    raise ValueError(f"--sweep tunes the linear probe's L2 strength; head {head!r} has no sweep")
-  if sweep_l2 and config.train.search != "none":
-    raise ValueError(f"--sweep and --search {config.train.search} both choose the linear head's "
-                     "L2 strength; use one of them")
+  _check_sweep(head, sweep_l2, config)
   spec = _checked_dataset(features_dir, head, run)
   notes = evaluation.missing_split_notes(spec)
   keras.utils.set_random_seed(config.train.seed)
@@ -279,6 +275,15 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
       head, spec, run, inputs, config, stats=stats, input_stats=input_stats, linear=linear,
       extra=extra, notes=notes, started=started, callbacks=(epoch_seed, *callbacks),
       verbose=verbose, export_model=export_model))
+
+
+def _check_sweep(head: str, sweep_l2: bool, config: Config) -> None:
+  """`--sweep` tunes the linear probe only, and not together with `--search`."""
+  if sweep_l2 and head != "linear":
+    raise ValueError(f"--sweep tunes the linear probe's L2 strength; head {head!r} has no sweep")
+  if sweep_l2 and config.train.search != "none":
+    raise ValueError(f"--sweep and --search {config.train.search} both choose the linear head's "
+                     "L2 strength; use one of them")
 
 
 def _guarded(spec: reader.DatasetSpec, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:

@@ -137,6 +137,22 @@ def build_head(head: str, spec: DatasetSpec, config: HeadConfig = HeadConfig(), 
   if kind == "pooled" and input_stats is not None:
     x = keras.layers.Normalization(mean=input_stats[0], variance=input_stats[1],
                                    name="standardize")(x)
+  x = _body(head, x, config)
+  if linear_start is None:
+    return keras.Model(inputs, _output(x, spec, config, target_mean), name=f"head_{head}")
+  # A frozen linear path holding the ridge fit, plus the head's own path as a correction that
+  # starts at zero: the head starts exactly at the ridge fit (see `heads.ridge.linear_start`).
+  correction = _output(x, spec, config, np.zeros(spec.num_outputs, np.float32))
+  start = keras.layers.Dense(spec.num_outputs, trainable=False, dtype="float32",
+                             name="ridge_start")
+  linear = start(keras.layers.Flatten(name="ridge_flatten")(inputs))
+  start.set_weights([np.asarray(w, np.float32) for w in linear_start])
+  outputs = keras.layers.Add(dtype="float32", name="start_plus_correction")([linear, correction])
+  return keras.Model(inputs, outputs, name=f"head_{head}")
+
+
+def _body(head: str, x, config: HeadConfig):
+  """The head's layers between its (standardised) input and its output layer."""
   if head == "mlp":
     x = keras.layers.Dense(config.hidden_units, activation="relu", name="hidden")(x)
     x = keras.layers.Dropout(config.dropout, name="dropout")(x)
@@ -162,14 +178,4 @@ def build_head(head: str, spec: DatasetSpec, config: HeadConfig = HeadConfig(), 
       x = _conv_block(x, filters, f"block{index + 1}")
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     x = keras.layers.Dropout(config.dropout, name="dropout")(x)
-  if linear_start is None:
-    return keras.Model(inputs, _output(x, spec, config, target_mean), name=f"head_{head}")
-  # A frozen linear path holding the ridge fit, plus the head's own path as a correction that
-  # starts at zero: the head starts exactly at the ridge fit (see `heads.ridge.linear_start`).
-  correction = _output(x, spec, config, np.zeros(spec.num_outputs, np.float32))
-  start = keras.layers.Dense(spec.num_outputs, trainable=False, dtype="float32",
-                             name="ridge_start")
-  linear = start(keras.layers.Flatten(name="ridge_flatten")(inputs))
-  start.set_weights([np.asarray(w, np.float32) for w in linear_start])
-  outputs = keras.layers.Add(dtype="float32", name="start_plus_correction")([linear, correction])
-  return keras.Model(inputs, outputs, name=f"head_{head}")
+  return x

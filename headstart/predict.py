@@ -129,49 +129,61 @@ def predict_images(run_dir: str, images: str, out_path: str, *, batch_size: int 
   if not listed:
     raise ValueError(f"no images found in {images!r}")
   model = keras.models.load_model(trained.model_path, compile=False)
-  fetcher = fetch.Fetcher(fetch_config)
-  ids, sources_written, errors, outputs = [], [], [], []
-  pending: list[np.ndarray] = []
-  pending_rows: list[int] = []
+  outputs, errors = _predict_rows(model, listed, settings, batch_size, fetch.Fetcher(fetch_config))
+  _write_csv(out_path, run, listed, outputs, errors)
+  predicted = sum(output is not None for output in outputs)
+  return {"rows": len(listed), "predicted": predicted, "errors": len(listed) - predicted,
+          "out": out_path}
+
+
+def _predict_rows(model: keras.Model, listed: list[tuple[str, str, str]],
+                  settings: dict[str, Any], batch_size: int, fetcher: fetch.Fetcher
+                  ) -> tuple[list[np.ndarray | None], list[str]]:
+  """The model's output per listed image (None where it failed) and each row's error reason."""
+  outputs: list[np.ndarray | None] = [None] * len(listed)
+  errors = [reason for _, _, reason in listed]
+  pending: list[tuple[int, np.ndarray]] = []
 
   def flush():
     if pending:
-      result = np.asarray(model.predict_on_batch(np.stack(pending)))
-      for row, output in zip(pending_rows, result):
+      result = np.asarray(model.predict_on_batch(np.stack([image for _, image in pending])))
+      for (row, _), output in zip(pending, result):
         outputs[row] = output
       pending.clear()
-      pending_rows.clear()
 
-  for location, canonical, reason in listed:
-    ids.append(sources.source_id(canonical))
-    sources_written.append(redact.redact(canonical))  # ids hash the URL; outputs never show secrets
-    outputs.append(None)
-    errors.append(reason)
+  for row, (location, _, reason) in enumerate(listed):
     if reason:
       continue
     try:
-      pending.append(prepare_image(fetcher.fetch(location), settings))
-      pending_rows.append(len(ids) - 1)
+      pending.append((row, prepare_image(fetcher.fetch(location), settings)))
     except (fetch.FetchError, image_decode.ImageError) as error:
-      errors[-1] = error.reason
+      errors[row] = error.reason
     if len(pending) == batch_size:
       flush()
   flush()
+  return outputs, errors
+
+
+def _write_csv(out_path: str, run: dict[str, Any], listed: list[tuple[str, str, str]],
+               outputs: list[np.ndarray | None], errors: list[str]) -> None:
+  """Predicted rows as `heads.export.predictions_csv` writes them, then the rows in error."""
+  ids = [sources.source_id(canonical) for _, canonical, _ in listed]
+  # Ids hash the URL as written; what is shown never carries its secrets.
+  shown = [redact.redact(canonical) for _, canonical, _ in listed]
   width = len(run["class_names"]) if run["task"] == "multiclass" else (
       1 if run["task"] == "binary" else 2 * int(run["num_keypoints"]))
   good = [row for row, output in enumerate(outputs) if output is not None]
-  bad = [row for row, output in enumerate(outputs) if output is None]
   text = export.predictions_csv(
       [ids[row] for row in good], np.array([outputs[row] for row in good]).reshape(-1, width),
       task=run["task"], class_names=run["class_names"], num_keypoints=run["num_keypoints"] or 0,
-      extra={"source": [sources_written[row] for row in good], "error": ["" for _ in good]})
+      extra={"source": [shown[row] for row in good], "error": ["" for _ in good]})
   buffer = io.StringIO()
   writer = csv.writer(buffer)
-  for row in bad:
-    writer.writerow([ids[row], sources_written[row], errors[row]])
+  for row, output in enumerate(outputs):
+    if output is None:
+      writer.writerow([ids[row], shown[row], errors[row]])
   with tf.io.gfile.GFile(out_path, "w") as f:
     f.write(text + buffer.getvalue())
-  return {"rows": len(listed), "predicted": len(good), "errors": len(bad), "out": out_path}
 
 
 def main(argv: list[str]) -> int:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from contracts import layout
-from heads import compare, config as config_lib, dataset_stats, reader, training
+from heads import caching, compare, config as config_lib, dataset_stats, reader, training
 from tests.test_heads_unit import write_feature_dataset
 
 
@@ -28,17 +28,17 @@ def _metrics_without_timing(result):
 
 
 def test_budgeted_cache_file_or_stream_equals_in_memory(features, tmp_path):
-  reader.release_shared()
+  caching.release_shared()
   memory = training.train(str(features), "gap_dense", str(tmp_path / "memory"), _tiny(),
                           verbose=0, export_model=False)
   assert memory["input_cache"]["where"] == "memory"
-  reader.release_shared()
+  caching.release_shared()
   on_disk = training.train(str(features), "gap_dense", str(tmp_path / "file"), _tiny(),
                            verbose=0, export_model=False, cache_budget=1000)
   assert on_disk["input_cache"]["where"] == "file" and "exceeds" in on_disk["input_cache"][
       "reason"]
   assert list((tmp_path / "file" / "cache").glob("*.index"))   # a finished tf.data file cache
-  reader.release_shared()
+  caching.release_shared()
   streamed = training.train(str(features), "gap_dense", str(tmp_path / "stream"), _tiny(),
                             verbose=0, export_model=False, cache_budget=1000,
                             cache_dir="gs://nowhere/cache")
@@ -57,7 +57,7 @@ def test_no_pass_over_the_data_before_fit_when_statistics_are_known(features, tm
     raise AssertionError("statistics were computed again")
 
   monkeypatch.setattr(dataset_stats, "compute", no_second_pass)
-  reader.release_shared()
+  caching.release_shared()
   before = {split: reader.records_read(str(features), split) for split in layout.SPLITS}
   training.train(str(features), "linear", str(tmp_path / "run"), _tiny(epochs=4), verbose=0,
                  export_model=False)
@@ -71,7 +71,7 @@ def test_a_grid_reads_each_dataset_once(features, tmp_path):
   index_dir = features.parent
   (index_dir / "index.json").write_text(json.dumps({"datasets": [
       {"dir": features.name, "backbone": "tiny", "weights_kind": "none", "cache_key": "k1"}]}))
-  reader.release_shared()
+  caching.release_shared()
   before = {split: reader.records_read(str(features), split) for split in layout.SPLITS}
   result = compare.compare(str(index_dir), ["linear", "gap_dense"], str(tmp_path / "grid"),
                            seeds=2, config=_tiny(epochs=2), report=False, log=lambda _: None)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from heads import compare, config as config_lib, reader, search, training
+from heads import caching, compare, config as config_lib, reader, search, training
 from tests.test_compare import feature_dir  # noqa: F401  (session fixture)
 from tests.test_heads_unit import multiclass_dir, tiny  # noqa: F401
 
@@ -57,13 +57,13 @@ def test_search_picks_by_validation_and_reads_like_one_head(multiclass_dir, tmp_
   from heads import dataset_stats
   dataset_stats.load(reader.load_spec(str(multiclass_dir)))   # an older dataset's one pass
   read, splits = _counting_reads(monkeypatch)
-  reader.release_shared()
+  caching.release_shared()
   one = training.train(str(multiclass_dir), "mlp", str(tmp_path / "one"), config, verbose=0,
                        export_model=False)
   reads_one, splits_one = int(read.numpy()), list(splits)
   read.assign(0)
   splits.clear()
-  reader.release_shared()   # start cold: runs of one process share their parsed input
+  caching.release_shared()   # start cold: runs of one process share their parsed input
   searched = training.train(str(multiclass_dir), "mlp", str(tmp_path / "six"),
                             config_lib.override(config, {"train": {"search": "small"}}),
                             verbose=0, export_model=False)
