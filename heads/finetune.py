@@ -129,10 +129,12 @@ class WarmStartCheck(keras.callbacks.Callback):
                       else ("train", "loss"))
     with tf.io.gfile.GFile(self.history_path, "r") as f:
       values = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)]
-    if values and min(values) >= self.start[split]["loss"]:
+    # "Not below" rather than ">=": a diverged epoch's NaN loss improves on nothing either.
+    if values and not any(value < self.start[split]["loss"] for value in values):
+      best = min((value for value in values if value == value), default=float("nan"))
       self.notes.append(
           f"no epoch improved on the starting model's {split} loss "
-          f"{self.start[split]['loss']:.4g} (best epoch {min(values):.4g}): the starting "
+          f"{self.start[split]['loss']:.4g} (best epoch {best:.4g}): the starting "
           "weights are kept")
 
 
