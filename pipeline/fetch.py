@@ -21,30 +21,34 @@ requests one host may have in flight, so none is ever "full".
 """
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import dataclasses
 import ipaddress
 import itertools
 import random
 import socket
+import ssl
 import time
 import urllib.parse
+import zlib
 from collections.abc import Sequence
 
 import tensorflow as tf
-import urllib3
 
 from contracts import layout
-from pipeline import address_guard, hosts, redact, sources
+from pipeline import address_guard, hosts, http_client, redact, sources
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
-_CHUNK_BYTES = 64 << 10
+# How long a host name's vetted DNS answer is reused (seconds), and how many names are kept.
+_DNS_TTL = 60.0
+_DNS_NAMES = 4096
 USER_AGENT = f"headstart/{layout.CODE_VERSION} (image dataset ingest)"
 # Dead-letter reasons a later `--retry-failed` fetches again: the source may well answer then.
 TRANSIENT_REASONS = frozenset({"timeout", "dns_timeout", "connection_error", "rate_limited",
                                "http_429"})
-# urllib3 logs request lines (query strings and all) at DEBUG: signed URLs must not reach logs.
+# Request lines (query strings and all) are logged at DEBUG: signed URLs must not reach logs.
 redact.install_log_filter()
 
 
@@ -103,6 +107,8 @@ class Fetcher:
     self._allowed = tuple(ipaddress.ip_network(n, strict=False) for n in config.allowed_networks)
     self._hosts = hosts.HostLimiter(config.max_per_host)
     self._pools = hosts.PoolCache(config.max_pools, self._new_pool)
+    self._dns = hosts.LruCache(_DNS_NAMES)
+    self._ssl_context = ssl.create_default_context()
     self._rng = random.Random()
     # getaddrinfo has no timeout of its own: lookups run here and are waited on with a deadline.
     self._resolver = concurrent.futures.ThreadPoolExecutor(
@@ -154,10 +160,11 @@ class Fetcher:
 
   def _follow_redirects(self, url: str, started: float) -> bytes:
     for _ in range(self.config.max_redirects + 1):
-      host = (urllib.parse.urlsplit(url).hostname or "").lower()
+      parts = urllib.parse.urlsplit(url)
+      host = (parts.hostname or "").lower()
       try:
         with self._hosts.slot(host, max_wait=self.config.deadline - (time.monotonic() - started)):
-          result = self._hop(url, host, started)
+          result = self._hop(url, parts, host, started)
       except hosts.HostPaused as paused:
         raise FetchError("rate_limited", f"{paused}, longer than this download may take "
                          f"(--timeout {self.config.deadline:g})") from None
@@ -166,12 +173,13 @@ class Fetcher:
       url = result
     raise FetchError("too_many_redirects", f"more than {self.config.max_redirects} redirects")
 
-  def _hop(self, url: str, host: str, started: float) -> bytes | str:
+  def _hop(self, url: str, parts: urllib.parse.SplitResult, host: str,
+           started: float) -> bytes | str:
     """One request: the body, or the URL a redirect points to."""
-    response = self._request(url, started)
+    response = self._request(parts, host, started)
     try:
       if response.status in _REDIRECT_STATUSES:
-        target = response.headers.get("Location")
+        target = response.get("Location")
         if not target:
           raise FetchError("http_error", f"redirect {response.status} without a Location")
         target = urllib.parse.urljoin(url, target)
@@ -179,7 +187,7 @@ class Fetcher:
           raise FetchError("unsupported_scheme", "redirect to a non-http(s) URL refused")
         return target
       if response.status in _RETRY_STATUSES:
-        retry_after = hosts.retry_after_seconds(response.headers.get("Retry-After"))
+        retry_after = hosts.retry_after_seconds(response.get("Retry-After"))
         if retry_after is not None:
           self._hosts.pause(host, retry_after)  # every thread leaves the host alone meanwhile
         raise FetchError(f"http_{response.status}", f"HTTP {response.status}", retryable=True,
@@ -187,26 +195,36 @@ class Fetcher:
       if response.status != 200:
         reason = "not_found" if response.status in (404, 410) else f"http_{response.status}"
         raise FetchError(reason, f"HTTP {response.status}")
-      directive = (hosts.opt_out(response.headers.getlist("X-Robots-Tag"))
+      directive = (hosts.opt_out(response.getlist("X-Robots-Tag"))
                    if self.config.respect_opt_out else None)
       if directive:
         raise FetchError("opted_out", f"the publisher opted out (X-Robots-Tag: {directive})")
       return self._read_body(response, started)
     finally:
-      response.release_conn()
+      response.release()
 
-  def _new_pool(self, key: tuple) -> urllib3.HTTPConnectionPool:
+  def _new_pool(self, key: tuple) -> http_client.ConnectionPool:
     scheme, address, port, host = key
-    timeout = urllib3.Timeout(connect=self.config.connect_timeout, read=self.config.read_timeout)
-    if scheme == "https":
-      return urllib3.HTTPSConnectionPool(
-          address, port, timeout=timeout, retries=False, server_hostname=host,
-          assert_hostname=host, maxsize=self.config.pool_size)
-    return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False,
-                                      maxsize=self.config.pool_size)
+    return http_client.ConnectionPool(scheme, address, port, host, self.config.pool_size,
+                                      self._ssl_context if scheme == "https" else None)
 
   def _resolve(self, host: str, port: int, started: float) -> list[str]:
-    """The host's addresses, each vetted, within the download's deadline."""
+    """The host's addresses, each vetted, within the download's deadline.
+
+    An IP literal needs no lookup; a vetted answer is kept for `_DNS_TTL` seconds (every
+    connection still goes to a vetted address, and a lookup per image cost a thread hand-off).
+    """
+    cached = self._dns.get((host, port))
+    if cached is not None and cached[0] > time.monotonic():
+      return cached[1]
+    try:
+      ipaddress.ip_address(host)
+    except ValueError:
+      pass
+    else:
+      _vet(host, self._allowed)
+      self._dns.put((host, port), (time.monotonic() + _DNS_TTL, [host]))
+      return [host]
     wait = min(self.config.connect_timeout, self.config.deadline - (time.monotonic() - started))
     lookup = self._resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
@@ -220,65 +238,64 @@ class Fetcher:
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for address in addresses:  # every answer must be public, not just the first
       _vet(address, self._allowed)
+    self._dns.put((host, port), (time.monotonic() + _DNS_TTL, addresses))
     return addresses
 
-  def _request(self, url: str, started: float) -> urllib3.BaseHTTPResponse:
-    parts = urllib.parse.urlsplit(url)
-    scheme, host = parts.scheme.lower(), parts.hostname
+  def _request(self, parts: urllib.parse.SplitResult, host: str,
+               started: float) -> http_client.Response:
+    scheme = parts.scheme.lower()
     if not host:
       raise FetchError("bad_url", "URL has no host")
-    port = parts.port or (443 if scheme == "https" else 80)
+    try:
+      port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError as error:
+      raise FetchError("bad_url", f"bad port: {error}") from None
     addresses = self._resolve(host, port, started)
-    path = parts.path or "/"
-    if parts.query:
-      path += "?" + parts.query
     headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": self.config.user_agent,
-               "Accept": "image/*"}
+               "Accept": "image/*", "Accept-Encoding": "identity"}
     if parts.username:
-      headers.update(urllib3.make_headers(
-          basic_auth=f"{urllib.parse.unquote(parts.username)}:"
-                     f"{urllib.parse.unquote(parts.password or '')}"))
+      credentials = (f"{urllib.parse.unquote(parts.username)}:"
+                     f"{urllib.parse.unquote(parts.password or '')}")
+      headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+    target = http_client.request_target(parts.path, parts.query)
     for index, address in enumerate(addresses):
       remaining = self.config.deadline - (time.monotonic() - started)
       if remaining <= 0:
         raise FetchError("timeout", f"total deadline of {self.config.deadline:g}s exceeded")
       try:
-        return self._pools.get((scheme, address, port, host)).urlopen(
-            "GET", path, headers=headers, redirect=False, preload_content=False,
-            timeout=urllib3.Timeout(connect=min(self.config.connect_timeout, remaining),
-                                    read=min(self.config.read_timeout, remaining)))
-      except urllib3.exceptions.NewConnectionError as error:
-        # Checked first: urllib3 2 makes it a subclass of ConnectTimeoutError. A refused or
-        # unreachable address: the host's next vetted address may serve.
+        return self._pools.get((scheme, address, port, host)).request(
+            target, headers, connect_timeout=min(self.config.connect_timeout, remaining),
+            read_timeout=min(self.config.read_timeout, remaining))
+      except http_client.ConnectError as error:
+        # A refused or unreachable address: the host's next vetted address may serve.
         if index + 1 < len(addresses):
           continue
         raise FetchError("connection_error", redact.redact(f"cannot connect: {error}"),
                          retryable=True) from None
-      except urllib3.exceptions.TimeoutError as error:
-        raise FetchError("timeout", f"timed out: {type(error).__name__}", retryable=True) from None
-      except (urllib3.exceptions.HTTPError, OSError) as error:
+      except TimeoutError as error:
+        raise FetchError("timeout", f"timed out: {error or type(error).__name__}",
+                         retryable=True) from None
+      except OSError as error:
         raise FetchError("connection_error", redact.redact(f"{type(error).__name__}: {error}"),
                          retryable=True) from None
     raise FetchError("dns_error", "the host resolved to no address")
 
-  def _read_body(self, response: urllib3.BaseHTTPResponse, started: float) -> bytes:
-    declared = response.headers.get("Content-Length", "")
+  def _read_body(self, response: http_client.Response, started: float) -> bytes:
+    declared = response.get("Content-Length", "")
     if declared.isdigit() and int(declared) > self.config.max_bytes:
       raise FetchError("too_many_bytes", f"Content-Length {declared} exceeds the cap of "
                        f"{self.config.max_bytes} bytes")
-    chunks, total = [], 0
     try:
-      for chunk in response.stream(_CHUNK_BYTES):
-        total += len(chunk)
-        if total > self.config.max_bytes:
-          raise FetchError("too_many_bytes", f"body exceeds the cap of {self.config.max_bytes} bytes")
-        if time.monotonic() - started > self.config.deadline:
-          raise FetchError("timeout", f"total deadline of {self.config.deadline:g}s exceeded "
-                           f"after {total} bytes")
-        chunks.append(chunk)
-    except urllib3.exceptions.TimeoutError:
+      return response.read_body(self.config.max_bytes, started + self.config.deadline,
+                                self.config.read_timeout)
+    except http_client.BodyTooLarge:
+      raise FetchError("too_many_bytes",
+                       f"body exceeds the cap of {self.config.max_bytes} bytes") from None
+    except http_client.DeadlineExceeded as error:
+      raise FetchError("timeout", f"total deadline of {self.config.deadline:g}s exceeded "
+                       f"{error}") from None
+    except TimeoutError:
       raise FetchError("timeout", "read timed out", retryable=True) from None
-    except (urllib3.exceptions.ProtocolError, urllib3.exceptions.HTTPError) as error:
+    except (OSError, zlib.error) as error:
       raise FetchError("connection_error", f"body interrupted: {type(error).__name__}",
                        retryable=True) from None
-    return b"".join(chunks)

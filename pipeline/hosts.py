@@ -138,6 +138,33 @@ def opt_out(values: Iterable[str], agent: str = AGENT_TOKEN) -> str | None:
   return None
 
 
+class LruCache:
+  """A thread-safe mapping of at most `capacity` entries; the least recently used goes first."""
+
+  def __init__(self, capacity: int):
+    if capacity < 1:
+      raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+    self._capacity = capacity
+    self._items: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def get(self, key, default=None):
+    """The value of `key` (now the most recently used), or `default`."""
+    with self._lock:
+      if key not in self._items:
+        return default
+      self._items.move_to_end(key)
+      return self._items[key]
+
+  def put(self, key, value) -> None:
+    """Stores `value`, dropping the least recently used entry when full."""
+    with self._lock:
+      self._items[key] = value
+      self._items.move_to_end(key)
+      if len(self._items) > self._capacity:
+        self._items.popitem(last=False)
+
+
 class PoolCache:
   """At most `capacity` connection pools; the least recently used one is closed to make room.
 

@@ -8,23 +8,27 @@ row, message) and bumps a counter named after the reason; nothing is dropped sil
 """
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 from apache_beam.io import fileio
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils import shared
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from contracts import progress
 from contracts import schema as schema_lib
-from pipeline import (decoder_pool, download_cache, fetch, folder_tree, image_decode, redact,
-                      sources, splits)
+from pipeline import (decoder_pool, download_cache, fetch, folder_tree, image_decode, inflight,
+                      redact, sinks, sources, splits)
 
 DEAD = "dead"
 STATS = "stats"
@@ -41,7 +45,8 @@ class IngestConfig:
   max_pixels: int = image_decode.DEFAULT_MAX_PIXELS
   min_side: int = image_decode.DEFAULT_MIN_SIDE
   fetch: fetch.FetchConfig = fetch.FetchConfig()
-  fetch_threads: int = 16
+  fetch_threads: int = 256     # rows fetched or decoded at once per worker process
+  max_in_flight_mb: int = 256  # bytes a worker process holds for rows in flight
   classes: tuple[str, ...] | None = None
   download_cache: str | None = None
   decode_timeout: float = 30.0  # 0 decodes in-process (no crash/hang isolation)
@@ -146,38 +151,69 @@ def prepare_image(row: dict, data: bytes, cfg: IngestConfig) -> dict:
   return image_decode.prepare_record(row, data, cfg.decode_settings)
 
 
-class FetchDecodeBatchFn(_DeadLetteringDoFn):
-  """Batch of source rows -> image dicts, fetching and decoding many at once on a thread pool.
+def _in_global_window(output):
+  """A finish_bundle output (main or tagged) in the global window, as Beam requires there."""
+  if isinstance(output, pvalue.TaggedOutput):
+    return pvalue.TaggedOutput(output.tag, WindowedValue(output.value, MIN_TIMESTAMP,
+                                                         [GlobalWindow()]))
+  return WindowedValue(output, MIN_TIMESTAMP, [GlobalWindow()])
 
-  Downloads wait on the network and OpenCV releases the GIL, so threads keep one worker busy.
+
+class _CpuCounters:
+  """CPU microseconds by phase as Beam counters (`sinks.CPU_NAMESPACE`), created in the worker."""
+
+  def __init__(self):
+    self._counters = {}
+
+  def add(self, seconds: Mapping[str, float]) -> None:
+    for phase, value in seconds.items():
+      if phase not in self._counters:
+        self._counters[phase] = Metrics.counter(sinks.CPU_NAMESPACE, phase)
+      self._counters[phase].inc(int(value * 1e6))
+
+
+class FetchDecodeFn(_DeadLetteringDoFn):
+  """Source row -> lists of image dicts (in input order) + dead letters, with hundreds of rows
+  in flight per worker: downloads on a shared thread pool, decoding in batches, see `inflight`.
+
+  Outputs of earlier rows may leave with a later row or at the end of the bundle: a download
+  must not wait for the bundle's next element to start.
   """
 
   def __init__(self, cfg: IngestConfig):
     super().__init__()
     self._cfg = cfg
     self._shared_fetcher = shared.Shared()
+    self._shared_engine = shared.Shared()
 
   def setup(self):
-    # One fetcher per worker process, whatever the number of DoFn instances Beam runs in it:
-    # --max-per-host and the connection pools are the process's, not one bundle thread's.
-    config = self._cfg.fetch
+    # One fetcher and one set of download threads per worker process, whatever the number of
+    # DoFn instances Beam runs in it: --max-per-host, the pools and --fetch-threads are the
+    # process's, not one bundle thread's.
+    config, cfg = self._cfg.fetch, self._cfg
     self._fetcher = self._shared_fetcher.acquire(lambda: fetch.Fetcher(config), tag=repr(config))
-    self._cache = (download_cache.DownloadCache(self._cfg.download_cache)
-                   if self._cfg.download_cache else None)
+    self._engine = self._shared_engine.acquire(
+        lambda: inflight.Engine(cfg.fetch_threads, cfg.max_in_flight_mb << 20),
+        tag=f"{cfg.fetch_threads}/{cfg.max_in_flight_mb}")
+    self._cache = download_cache.DownloadCache(cfg.download_cache) if cfg.download_cache else None
     self._cache_hits = Metrics.counter("ingest", "download_cache_hits")
     self._cache_errors = Metrics.counter("ingest", "download_cache_errors")
-    self._decode = self._cfg.decoder
-    if self._cfg.decode_timeout > 0:
+    self._decode = cfg.decoder
+    if cfg.decode_timeout > 0:
       self._decode = decoder_pool.IsolatedDecoder(
-          self._cfg.decoder, processes=self._cfg.decode_processes,
-          timeout=self._cfg.decode_timeout, max_memory_bytes=self._cfg.decode_memory_mb << 20)
-    self._pool = concurrent.futures.ThreadPoolExecutor(self._cfg.fetch_threads)
+          cfg.decoder, processes=cfg.decode_processes, timeout=cfg.decode_timeout,
+          max_memory_bytes=cfg.decode_memory_mb << 20)
+    self._decoding = inflight.DecodeStage(self._decode_many, workers=cfg.decode_processes)
     self._done = Metrics.counter("ingest", "images_written")
+    self._cpu = _CpuCounters()
 
   def teardown(self):
-    self._pool.shutdown(wait=False, cancel_futures=True)
+    self._decoding.close()
     if isinstance(self._decode, decoder_pool.IsolatedDecoder):
       self._decode.close()
+
+  def start_bundle(self):
+    self._window = inflight.Window(self._engine, self._decoding, self._bytes_of)
 
   def _bytes_of(self, row: dict) -> bytes:
     remote = "://" in row["location"]
@@ -201,29 +237,63 @@ class FetchDecodeBatchFn(_DeadLetteringDoFn):
                                              row["id"][:12], error)
     return data
 
-  def _one(self, row: dict):
-    try:
-      return self._decode(row, self._bytes_of(row), self._cfg.decode_settings)
-    except (fetch.FetchError, image_decode.ImageError) as error:
-      return error
+  def _decode_many(self, slots: Sequence[inflight.Slot]) -> list:
+    """One result or ImageError per fetched slot (a batch: one message to a decoder process)."""
+    settings = self._cfg.decode_settings
+    if isinstance(self._decode, decoder_pool.IsolatedDecoder):
+      return self._decode.map([(slot.row, slot.data, settings) for slot in slots])
+    results = []
+    for slot in slots:
+      try:
+        results.append(self._decode(slot.row, slot.data, settings))
+      except image_decode.ImageError as error:
+        results.append(error)
+    return results
 
-  def process(self, batch: Sequence[dict]):
-    for row, result in zip(batch, self._pool.map(self._one, batch)):
-      if isinstance(result, Exception):
-        yield self._dead(result.reason, row, str(result))
+  def _outputs(self, slots: Sequence[inflight.Slot]) -> Iterator:
+    """Dead letters, then one list of the images, of finished slots."""
+    if not slots:
+      return
+    images, cpu = [], collections.Counter()
+    for slot in slots:
+      cpu.update(slot.cpu)
+      result = slot.result
+      if isinstance(result, (fetch.FetchError, image_decode.ImageError)):
+        yield self._dead(result.reason, slot.row, str(result))
+      elif isinstance(result, BaseException):
+        raise result  # a bug, not a bad input: the bundle fails as it would in-line
       else:
-        self._done.inc()
-        yield result
-    progress.report("ingest", advance=len(batch), unit="img")
+        cpu.update(result.pop(image_decode.PHASES_KEY, None) or {})
+        images.append(result)
+    self._cpu.add(cpu)
+    if images:
+      self._done.inc(len(images))
+      yield images
+    progress.report("ingest", advance=len(slots), unit="img")
+
+  def process(self, row: dict):
+    yield from self._outputs(self._window.push(row))
+
+  def finish_bundle(self):
+    for output in self._outputs(self._window.drain()):
+      yield _in_global_window(output)
+
+
+class _UnknownLabel(Exception):
+  """A row's label is not one of the class names."""
 
 
 class ToExampleFn(_DeadLetteringDoFn):
-  """Image dict -> (split, serialized tf.train.Example); also emits (split, label) stats."""
+  """List of image dicts -> (split, [serialized tf.train.Example, ...]) per split, in order;
+  also ((split, label), count) stats."""
 
   def __init__(self, cfg: IngestConfig):
     super().__init__()
     self._cfg = cfg
     self._schemas: dict[tuple, schema_lib.Schema] = {}
+
+  def setup(self):
+    self._cpu = _CpuCounters()
 
   def _schema(self, class_names: Sequence[str], num_keypoints: int) -> schema_lib.Schema:
     key = (tuple(class_names or ()), num_keypoints)
@@ -233,7 +303,12 @@ class ToExampleFn(_DeadLetteringDoFn):
           class_names=class_names, num_keypoints=num_keypoints)
     return self._schemas[key]
 
-  def process(self, item: dict, class_names: Sequence[str]):
+  def _one(self, item: dict, class_names: Sequence[str]) -> tuple[str, object, bytes]:
+    """(split, label, serialized record).
+
+    Raises:
+      _UnknownLabel: the label is not one of `class_names`.
+    """
     values = {
         "id": item["id"], "image": item["image"], "source": item["source"],
         "group": item.get("group") or "", "content_sha256": item["content_sha256"],
@@ -241,17 +316,32 @@ class ToExampleFn(_DeadLetteringDoFn):
     }
     if item.get("label") is not None:
       if item["label"] not in class_names:
-        yield self._dead("unknown_label", item, f"label {item['label']!r} is not one of "
-                         f"{list(class_names)}")
-        return
+        raise _UnknownLabel(item["label"])
       values["label"] = class_names.index(item["label"])
     if item.get("targets") is not None:
       values["targets"] = np.asarray(item["targets"], np.float32)
     split = item.get("split") or splits.assign_split(item.get("group") or item["id"],
                                                      self._cfg.splits)
-    yield pvalue.TaggedOutput(STATS, (split, item.get("label")))
     keypoints = len(values["targets"]) if "targets" in values else 0
-    yield split, self._schema(class_names, keypoints).encode(values)
+    return split, item.get("label"), self._schema(class_names, keypoints).encode(values)
+
+  def process(self, items: Sequence[dict], class_names: Sequence[str]):
+    started = time.thread_time()
+    by_split: dict[str, list[bytes]] = {}
+    stats: collections.Counter = collections.Counter()
+    for item in items:
+      try:
+        split, label, record = self._one(item, class_names)
+      except _UnknownLabel:
+        yield self._dead("unknown_label", item, f"label {item['label']!r} is not one of "
+                         f"{list(class_names)}")
+        continue
+      by_split.setdefault(split, []).append(record)
+      stats[split, label] += 1
+    for key, count in stats.items():
+      yield pvalue.TaggedOutput(STATS, (key, count))
+    yield from by_split.items()
+    self._cpu.add({"record": time.thread_time() - started})
 
 
 class ReadCsvSource(beam.PTransform):
@@ -300,7 +390,8 @@ class ReadFolderSource(beam.PTransform):
 
 
 class FetchAndDecode(beam.PTransform):
-  """Unique source rows -> image dicts (decoded, validated, resized, re-encoded) + dead letters."""
+  """Source rows -> lists of image dicts (decoded, validated, resized, re-encoded) + dead
+  letters; duplicate sources are dead-lettered first."""
 
   def __init__(self, cfg: IngestConfig):
     super().__init__()
@@ -312,7 +403,6 @@ class FetchAndDecode(beam.PTransform):
               | "GroupById" >> beam.GroupByKey()
               | "KeepOnePerId" >> beam.ParDo(KeepOnePerIdFn()).with_outputs(DEAD, main="rows"))
     images = (unique.rows
-              | "BatchRows" >> beam.BatchElements(min_batch_size=4, max_batch_size=64)
-              | "FetchDecodeResize" >> beam.ParDo(FetchDecodeBatchFn(self._cfg)).with_outputs(
+              | "FetchDecodeResize" >> beam.ParDo(FetchDecodeFn(self._cfg)).with_outputs(
                   DEAD, main="images"))
     return images.images, (unique[DEAD], images[DEAD]) | "MergeDeadLetters" >> beam.Flatten()
