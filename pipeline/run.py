@@ -55,10 +55,14 @@ def _add_fetch_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--timeout", type=float, default=fetch.FetchConfig.deadline,
                       help="total seconds allowed per download")
   parser.add_argument("--retries", type=int, default=fetch.FetchConfig.retries)
+  parser.add_argument("--max-in-flight", type=cli.positive_int,
+                      default=transforms.IngestConfig.max_in_flight,
+                      help="rows being downloaded or decoded at once per worker (bundle "
+                      "thread); each host still gets at most --max-per-host of them")
   parser.add_argument("--fetch-threads", type=cli.positive_int,
                       default=transforms.IngestConfig.fetch_threads,
-                      help="rows fetched or decoded at once per worker process (its download "
-                      "threads); each host still gets at most --max-per-host of them")
+                      help="threads per worker process reading local and gs:// files and the "
+                      "download cache (http(s) downloads run on one event loop)")
   parser.add_argument("--max-in-flight-mb", type=cli.positive_int,
                       default=transforms.IngestConfig.max_in_flight_mb,
                       help="memory cap (MiB) on what one worker process holds for rows in "
@@ -156,10 +160,11 @@ def _config(args: argparse.Namespace, options: PipelineOptions) -> transforms.In
       max_pixels=args.max_pixels, min_side=args.min_side,
       fetch=fetch.FetchConfig(deadline=args.timeout, max_bytes=args.max_bytes,
                               retries=args.retries, allowed_networks=tuple(args.allow_network),
-                              threads=args.fetch_threads, max_per_host=args.max_per_host,
+                              max_per_host=args.max_per_host,
                               user_agent=args.user_agent,
                               respect_opt_out=args.respect_opt_out),
-      fetch_threads=args.fetch_threads, max_in_flight_mb=args.max_in_flight_mb,
+      fetch_threads=args.fetch_threads, max_in_flight=args.max_in_flight,
+      max_in_flight_mb=args.max_in_flight_mb,
       decode_timeout=args.decode_timeout, decode_processes=args.decode_processes,
       decode_memory_mb=args.decode_memory_mb,
       decoder=_import_function(args.decoder),

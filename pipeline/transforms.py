@@ -45,7 +45,8 @@ class IngestConfig:
   max_pixels: int = image_decode.DEFAULT_MAX_PIXELS
   min_side: int = image_decode.DEFAULT_MIN_SIDE
   fetch: fetch.FetchConfig = fetch.FetchConfig()
-  fetch_threads: int = 256     # rows fetched or decoded at once per worker process
+  fetch_threads: int = 16      # threads reading files (local, gs://) and the download cache
+  max_in_flight: int = 256     # rows being fetched or decoded at once per bundle
   max_in_flight_mb: int = 256  # bytes a worker process holds for rows in flight
   classes: tuple[str, ...] | None = None
   download_cache: str | None = None
@@ -174,7 +175,8 @@ class _CpuCounters:
 
 class FetchDecodeFn(_DeadLetteringDoFn):
   """Source row -> lists of image dicts (in input order) + dead letters, with hundreds of rows
-  in flight per worker: downloads on a shared thread pool, decoding in batches, see `inflight`.
+  in flight per worker: downloads on the fetcher's event loop, decoding in batches (see
+  `inflight`).
 
   Outputs of earlier rows may leave with a later row or at the end of the bundle: a download
   must not wait for the bundle's next element to start.
@@ -183,18 +185,19 @@ class FetchDecodeFn(_DeadLetteringDoFn):
   def __init__(self, cfg: IngestConfig):
     super().__init__()
     self._cfg = cfg
-    self._shared_fetcher = shared.Shared()
     self._shared_engine = shared.Shared()
 
   def setup(self):
-    # One fetcher and one set of download threads per worker process, whatever the number of
-    # DoFn instances Beam runs in it: --max-per-host, the pools and --fetch-threads are the
-    # process's, not one bundle thread's.
-    config, cfg = self._cfg.fetch, self._cfg
-    self._fetcher = self._shared_fetcher.acquire(lambda: fetch.Fetcher(config), tag=repr(config))
+    # One fetcher (event loop, per-host limits, pools) and one byte budget per worker process,
+    # whatever the number of DoFn instances Beam runs in it: --max-per-host, --max-in-flight-mb
+    # and the pools are the process's, not one bundle thread's.
+    cfg = self._cfg
     self._engine = self._shared_engine.acquire(
-        lambda: inflight.Engine(cfg.fetch_threads, cfg.max_in_flight_mb << 20),
-        tag=f"{cfg.fetch_threads}/{cfg.max_in_flight_mb}")
+        lambda: inflight.Engine(fetch.Fetcher(cfg.fetch), max_in_flight=cfg.max_in_flight,
+                                max_bytes=cfg.max_in_flight_mb << 20,
+                                file_threads=cfg.fetch_threads),
+        tag=repr((cfg.fetch, cfg.max_in_flight, cfg.max_in_flight_mb, cfg.fetch_threads)))
+    self._fetcher = self._engine.fetcher
     self._cache = download_cache.DownloadCache(cfg.download_cache) if cfg.download_cache else None
     self._cache_hits = Metrics.counter("ingest", "download_cache_hits")
     self._cache_errors = Metrics.counter("ingest", "download_cache_errors")
@@ -215,27 +218,39 @@ class FetchDecodeFn(_DeadLetteringDoFn):
   def start_bundle(self):
     self._window = inflight.Window(self._engine, self._decoding, self._bytes_of)
 
-  def _bytes_of(self, row: dict) -> bytes:
-    remote = "://" in row["location"]
-    if not (remote and self._cache):
-      return self._fetcher.fetch(row["location"])
+  async def _bytes_of(self, slot: inflight.Slot) -> bytes:
+    """The row's bytes (on the fetcher's loop): a file read on a file thread, or a download,
+    through the download cache when there is one."""
+    row, engine = slot.row, self._engine
+    if not fetch.is_remote(row["location"]):
+      return await engine.in_thread(slot, self._fetcher.read_file, row["location"])
+    if self._cache is None:
+      return await self._fetcher.fetch_http(row["location"])
+    data = await engine.in_thread(slot, self._cached, row["id"])
+    if data is not None:
+      return data
+    data = await self._fetcher.fetch_http(row["location"])
+    await engine.in_thread(slot, self._cache_put, row["id"], data)
+    return data
+
+  def _cached(self, row_id: str) -> bytes | None:
     try:
-      data = self._cache.get(row["id"])
+      data = self._cache.get(row_id)
     except Exception:  # noqa: BLE001 (an unreadable cache entry is a miss, not a failed row)
-      data = None
+      return None
     if data is not None:
       self._cache_hits.inc()
-      return data
-    data = self._fetcher.fetch(row["location"])
+    return data
+
+  def _cache_put(self, row_id: str, data: bytes) -> None:
     try:
-      self._cache.put(row["id"], data)
+      self._cache.put(row_id, data)
     except Exception as error:  # noqa: BLE001 (the cache is an optimisation; the row is fine)
       # A cache that cannot be written (full disk, permissions, an object-store hiccup) costs a
       # re-fetch on the next run, never this row or the job.
       self._cache_errors.inc()
       logging.getLogger("headstart").warning("ingest: download cache not written for %s: %s",
-                                             row["id"][:12], error)
-    return data
+                                             row_id[:12], error)
 
   def _decode_many(self, slots: Sequence[inflight.Slot]) -> list:
     """One result or ImageError per fetched slot (a batch: one message to a decoder process)."""
@@ -254,7 +269,7 @@ class FetchDecodeFn(_DeadLetteringDoFn):
     """Dead letters, then one list of the images, of finished slots."""
     if not slots:
       return
-    images, cpu = [], collections.Counter()
+    images, cpu = [], collections.Counter({"fetch": self._engine.take_loop_cpu()})
     for slot in slots:
       cpu.update(slot.cpu)
       result = slot.result
