@@ -1,10 +1,14 @@
 """A loopback image server for the ingest-from-HTTP benchmark: many distinct URLs over a few
 JPEGs held in memory, with an optional added latency per response.
 
-    python -m benchmarks.http_source --images DIR --latency 0.1    # prints "PORT <n>", serves
+    python -m benchmarks.http_source --images DIR --latency 0.1 --hosts 32  # prints "URLS ..."
 
-    with http_source.serve(jpegs_dir, latency=0.1) as url:          # from the benchmark
-      ...  # GET {url}/img/<i>.jpg -> the (i mod n)-th file of DIR, after `latency` seconds
+    with http_source.serve(jpegs_dir, latency=0.1, hosts=32) as urls:      # from the benchmark
+      ...  # GET {urls[k]}/img/<i>.jpg -> the (i mod n)-th file of DIR, after `latency` seconds
+
+`hosts` loopback addresses (127.0.0.1, 127.0.0.2, ...) each stand for one web host, so a
+manifest spread over them meets the ingest's per-host limit as a real one spread over many
+sites does.
 
 One asyncio event loop in its own process: HTTP/1.1 keep-alive, Content-Length, no threads per
 connection, so hundreds of connections waiting out their latency cost the server (and the two
@@ -59,12 +63,14 @@ class _Server:
       writer.close()
 
 
-async def _serve(bodies: Sequence[bytes], latency: float) -> None:
-  server = await asyncio.start_server(_Server(bodies, latency).handle, "127.0.0.1", 0,
-                                      limit=_HEADER_LIMIT, backlog=1024)
-  print(f"PORT {server.sockets[0].getsockname()[1]}", flush=True)
-  async with server:
-    await server.serve_forever()
+async def _serve(bodies: Sequence[bytes], latency: float, hosts: int) -> None:
+  handler = _Server(bodies, latency).handle
+  servers = [await asyncio.start_server(handler, f"127.0.0.{index + 1}", 0, limit=_HEADER_LIMIT,
+                                        backlog=1024) for index in range(hosts)]
+  urls = [f"http://{host}:{port}" for host, port, *_ in
+          (server.sockets[0].getsockname() for server in servers)]
+  print("URLS " + " ".join(urls), flush=True)
+  await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
 def _bodies(folder: pathlib.Path) -> list[bytes]:
@@ -75,16 +81,19 @@ def _bodies(folder: pathlib.Path) -> list[bytes]:
 
 
 @contextlib.contextmanager
-def serve(folder: pathlib.Path, latency: float = 0.0) -> Iterator[str]:
-  """Runs the server in a child process for the `with` block; yields its base URL."""
+def serve(folder: pathlib.Path, latency: float = 0.0, hosts: int = 1) -> Iterator[list[str]]:
+  """Runs the server in a child process for the `with` block; yields its base URLs (one per
+  loopback host)."""
+  if not 1 <= hosts <= 254:
+    raise ValueError(f"hosts must be 1-254, got {hosts!r}")
   process = subprocess.Popen([sys.executable, "-m", "benchmarks.http_source", "--images",
-                              str(folder), "--latency", str(latency)],
+                              str(folder), "--latency", str(latency), "--hosts", str(hosts)],
                              stdout=subprocess.PIPE, text=True)
   try:
     line = process.stdout.readline()
-    if not line.startswith("PORT "):
+    if not line.startswith("URLS "):
       raise RuntimeError(f"the image server did not start (said {line!r})")
-    yield f"http://127.0.0.1:{int(line.split()[1])}"
+    yield line.split()[1:]
   finally:
     process.kill()
     process.wait()
@@ -95,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.http_source")
   parser.add_argument("--images", required=True, help="folder of the *.jpg files to serve")
   parser.add_argument("--latency", type=float, default=0.0, help="seconds added per response")
+  parser.add_argument("--hosts", type=int, default=1, help="loopback addresses to serve on")
   args = parser.parse_args(argv)
-  asyncio.run(_serve(_bodies(pathlib.Path(args.images)), args.latency))
+  asyncio.run(_serve(_bodies(pathlib.Path(args.images)), args.latency, args.hosts))
   return 0
 
 

@@ -201,12 +201,20 @@ class Window:
     self._slots: collections.deque[Slot] = collections.deque()
     self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
     self.unfinished = 0  # rows being fetched or decoded (guarded by engine.changed)
+    # Rows pushed but not yet started, and whether the loop has been woken for them (guarded
+    # by engine.changed): one wake-up per batch of rows, not per row, while the loop is busy
+    # (each wake-up is a write to the loop's self-pipe and a loop iteration).
+    self._pending: list[Slot] = []
+    self._woken = False
 
-  def _start(self, slot: Slot) -> None:
-    """On the loop: starts the row's download."""
-    task = self._loop.create_task(self._fetch(slot))
-    self._tasks.add(task)
-    task.add_done_callback(self._tasks.discard)
+  def _start_pending(self) -> None:
+    """On the loop: starts the downloads of the rows pushed since the last wake-up."""
+    with self.engine.changed:
+      pending, self._pending, self._woken = self._pending, [], False
+    for slot in pending:
+      task = self._loop.create_task(self._fetch(slot))
+      self._tasks.add(task)
+      task.add_done_callback(self._tasks.discard)
 
   async def _fetch(self, slot: Slot) -> None:
     try:
@@ -251,7 +259,10 @@ class Window:
       self.unfinished += 1
       engine.held += slot.size
       out += self._ready(self._emit_batch)
-    self._loop.call_soon_threadsafe(self._start, slot)
+      self._pending.append(slot)
+      wake, self._woken = not self._woken, True
+    if wake:
+      self._loop.call_soon_threadsafe(self._start_pending)
     return out
 
   def drain(self) -> list[Slot]:
