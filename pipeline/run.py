@@ -61,8 +61,8 @@ def _add_fetch_flags(parser: argparse.ArgumentParser) -> None:
                       "thread); each host still gets at most --max-per-host of them")
   parser.add_argument("--fetch-threads", type=cli.positive_int,
                       default=transforms.IngestConfig.fetch_threads,
-                      help="threads per worker process reading local and gs:// files and the "
-                      "download cache (http(s) downloads run on one event loop)")
+                      help="threads per worker process reading local and gs:// files and a "
+                      "gs:// download cache (http(s) downloads run on one event loop)")
   parser.add_argument("--max-in-flight-mb", type=cli.positive_int,
                       default=transforms.IngestConfig.max_in_flight_mb,
                       help="memory cap (MiB) on what one worker process holds for rows in "
