@@ -18,7 +18,7 @@ itself, so a second DNS answer cannot swap it (DNS rebinding); a refused connect
 the next vetted address. Redirects are followed by hand, each hop vetted the same way.
 
 Manners (`hosts`): at most `max_per_host` requests in flight per host from this process (one
-`Fetcher` serves a whole worker process, see `transforms.FetchDecodeFn`), a host that
+`Fetcher` serves a whole worker process, see `fetch_decode.FetchDecodeFn`), a host that
 answers Retry-After is paused for every download, the client names itself (`user_agent`:
 headstart and its version), and a response carrying `X-Robots-Tag: noai`, `noimageai`,
 `noindex` or `none` is `opted_out` (its body is not read) unless `respect_opt_out` is off.

@@ -1,5 +1,5 @@
 """Many rows in flight per worker: downloaded as coroutines on one event loop, decoded in
-batches, handed back in the order they came (no Beam here; `transforms.FetchDecodeFn` drives
+batches, handed back in the order they came (no Beam here; `fetch_decode.FetchDecodeFn` drives
 it).
 
     engine = inflight.Engine(fetcher, max_in_flight=256, max_bytes=256 << 20, file_threads=16)
