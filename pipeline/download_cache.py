@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -84,9 +85,10 @@ class DownloadCache:
         with open(tmp, "wb") as f:
           f.write(data)
         os.replace(tmp, path)
-      finally:
-        if os.path.exists(tmp):
+      except BaseException:
+        with contextlib.suppress(OSError):  # nothing to remove if open() failed
           os.remove(tmp)
+        raise
       return
     try:
       with tf.io.gfile.GFile(tmp, "wb") as f:
