@@ -26,7 +26,6 @@ REQUIRED_PACKAGES = [
     "protobuf>=6.33,<7",
     "pillow>=12.3,<13",
     "matplotlib>=3.11,<4",
-    "urllib3>=2.8,<3",  # pipeline/fetch.py
     "tqdm>=4.70,<5",  # progress bars of the command line (headstart/logs.py)
     "absl-py>=2.5,<3",  # headstart/logs.py quiets absl's start-up lines
     "psutil>=7.2,<8",  # heads/caching.py: the default cache budget from the memory available

@@ -136,6 +136,8 @@ class ChildResult:
     max_rss_mb: peak RSS of the job's main process (its own ru_maxrss).
     tree_rss_mb: peak of the summed RSS of the whole process tree (sampled), which counts
       decoder subprocesses and Beam workers too.
+    cpu_by_role: sampled CPU seconds of the main process, the isolated decoder processes and
+      other workers (the last sample interval of each may be missing).
   """
   wall_seconds: float
   cpu_seconds: float
@@ -144,6 +146,7 @@ class ChildResult:
   processes: int
   output: str
   usage: dict[str, Any] = dataclasses.field(default_factory=dict)  # the child's report
+  cpu_by_role: dict[str, float] = dataclasses.field(default_factory=dict)  # sampled, see below
 
 
 class _TreeSampler:
@@ -155,7 +158,26 @@ class _TreeSampler:
     self._psutil = psutil
     self._root = psutil.Process(pid)
     self.cpu_by_pid: dict[int, float] = {}
+    self.role_of_pid: dict[int, str] = {pid: "main"}
     self.peak_rss = 0
+
+  def _role(self, process) -> str:
+    """`main` (the job), `decoder` (an isolated decoder process) or `worker` (anything else)."""
+    if process.pid not in self.role_of_pid:
+      try:
+        command = " ".join(process.cmdline())
+      except self._psutil.Error:
+        command = ""
+      self.role_of_pid[process.pid] = "decoder" if "pipeline.decode_worker" in command else "worker"
+    return self.role_of_pid[process.pid]
+
+  def cpu_by_role(self) -> dict[str, float]:
+    """CPU seconds summed by role (see `_role`)."""
+    totals: dict[str, float] = {}
+    for pid, seconds in self.cpu_by_pid.items():
+      role = self.role_of_pid.get(pid, "worker")
+      totals[role] = totals.get(role, 0.0) + seconds
+    return totals
 
   def sample(self) -> None:
     """Records every live process's CPU seconds and the tree's summed RSS."""
@@ -172,6 +194,7 @@ class _TreeSampler:
       except psutil.Error:
         continue
       self.cpu_by_pid[process.pid] = times.user + times.system
+      self._role(process)
     self.peak_rss = max(self.peak_rss, rss)
 
 
@@ -216,7 +239,8 @@ def run_child(stage: str, argv: Sequence[str], *, timeout: float = 1800,
   cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
   cpu = max(cpu, sum(sampler.cpu_by_pid.values()))
   return ChildResult(wall, cpu, float(usage.get("self_mb", float("nan"))),
-                     sampler.peak_rss / 2**20, len(sampler.cpu_by_pid), output, usage)
+                     sampler.peak_rss / 2**20, len(sampler.cpu_by_pid), output, usage,
+                     sampler.cpu_by_role())
 
 
 def machine() -> dict[str, Any]:

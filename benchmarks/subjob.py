@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
     report["hwm_mb"] = _high_water_mb()
   elif argv[0] == "ingest":
     from pipeline import run as ingest
-    ingest.run(argv[1:])
+    summary = ingest.run(argv[1:])
+    report.update(written=summary["written"], cpu_ms_per_image=summary.get("cpu_ms_per_image"))
   elif argv[0] == "extract":
     from features import run as extract
     extract.run(argv[1:])

@@ -1,5 +1,5 @@
-"""The benchmark run: every ratio R1-R7, peak RSS and extract's 1- vs 2-worker rate on one
-image shard, one line each, and a JSON record.
+"""The benchmark run: every ratio (R1-R8, R3s, LATENCY), peak RSS and extract's 1- vs 2-worker
+rate on one image shard, one line each, and a JSON record.
 
     python -m benchmarks --quick --json out/bench.json     # < 5 min on 2 cores
     python -m benchmarks --json out/bench_full.json        # full sizes (VGG16@300, 5000 images), ~9 min
@@ -24,9 +24,10 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from benchmarks import (  # noqa: E402 (after the environment setting above)
-    driver_bench, extract_bench, heads_bench, heads_scale_bench, images, ingest_bench, measure,
-    storage_bench)
+    driver_bench, extract_bench, heads_bench, heads_scale_bench, images, ingest_bench,
+    ingest_http_bench, measure, storage_bench)
 
+RATIO_KEYS = ("R1", "R2", "R3", "R3s", "LATENCY", "R4", "R5", "R6", "R7", "R8")
 # Peak RSS counts as flat when the larger dataset grows it by at most this fraction.
 FLAT_RSS_TOLERANCE = 0.10
 
@@ -57,6 +58,11 @@ class SuiteConfig:
   driver_csv_sizes: tuple[int, int] = (20_000, 200_000)
   heads_budget_mb: int = 128   # head training's cache budget; datasets of 1x and 5x it
   r8_records: int = 4000       # records of the R8 grid's dataset (VGG16@300 maps)
+  # Ingest from loopback HTTP (issue 17): rows at the two sizes, seconds added per response,
+  # runs per size (the least CPU counts).
+  http_sizes: tuple[int, int] = (1000, 5000)
+  http_latency: float = 0.1
+  http_repeats: int = 2
 
   @classmethod
   def quick_config(cls) -> SuiteConfig:
@@ -86,7 +92,7 @@ class SuiteConfig:
         mobilenet_size=224, vgg_size=300, vgg_source_size=(640, 480), vgg_counts=(64, 192),
         batch_size=32, naive_count=40, bare_seconds=6.0, e2e_images=64, cached_epochs=5,
         r6_epochs=10, r6_passes=5, extract_repeats=1, scaling=("mobilenet_v2", 224, 2000),
-        heads_budget_mb=512, r8_records=20_000)
+        heads_budget_mb=512, r8_records=20_000, http_sizes=(2000, 10_000), http_repeats=3)
 
 
 def _progress(message: str) -> None:
@@ -176,6 +182,12 @@ def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
                                     "--splits", "train=100", "--num-shards", "1")
   scaling = extract_bench.worker_scaling(one_shard, work, backbone, size, config.batch_size)
 
+  _progress(f"R3s/LATENCY: ingest from loopback HTTP, {config.http_sizes} URLs at 0 and "
+            f"{config.http_latency * 1e3:g} ms per response")
+  r3s, latency = ingest_http_bench.ratios(work / "http", sizes=config.http_sizes,
+                                          latency=config.http_latency,
+                                          repeats=config.http_repeats)
+
   _progress("R5: end-to-end vs cached head epochs")
   vgg_features = vgg["feature_dirs"][max(config.vgg_counts)]
   r5 = heads_bench.r5(vgg_features, batch_size=config.batch_size, e2e_images=config.e2e_images,
@@ -201,14 +213,15 @@ def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
   r8, _ = heads_scale_bench.r8(work / "heads_scale", config.r8_records)
   result["heads_train_memory"] = heads_rss
 
-  for ratio in (r1, r2, r3, r4, r5, r6, r7, r8):
+  ratios = (r1, r2, r3, r3s, latency, r4, r5, r6, r7, r8)
+  for ratio in ratios:
     result[ratio.key] = ratio.to_dict()
   result["memory"] = memory
   result["extract_workers"] = scaling
   result["driver"] = driver
   result["seconds"] = time.perf_counter() - started
   result["load_average_at_end"] = os.getloadavg()
-  result["lines"] = [r.line() for r in (r1, r2, r3, r4, r5, r6, r7, r8)] + [
+  result["lines"] = [r.line() for r in ratios] + [ingest_http_bench.phase_line(r3s)] + [
       _memory_line(m) for m in memory] + [extract_bench.scaling_line(scaling),
                                           heads_scale_bench.memory_line(heads_rss)] + [
           driver_bench.line(d) for d in driver]
@@ -219,7 +232,9 @@ def markdown_table(result: dict[str, Any]) -> str:
   """The ratio table of one run as Markdown (pasted into benchmarks/README.md)."""
   rows = ["| ratio | value | target | verdict | numerator | denominator |",
           "|---|---|---|---|---|---|"]
-  for key in ("R1", "R2", "R3", "R4", "R5", "R6", "R7", "R8"):
+  for key in RATIO_KEYS:
+    if key not in result:  # a record from before the ratio existed
+      continue
     ratio = result[key]
     value = "n/a" if ratio["value"] is None else f"{ratio['value']:.4g}"
     verdict = "meets" if ratio["meets_target"] else "**misses**"
@@ -246,7 +261,7 @@ def markdown_table(result: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
   """The `python -m benchmarks` flags."""
   parser = argparse.ArgumentParser(prog="python -m benchmarks",
-                                   description="headstart ratio benchmarks R1-R7 and peak RSS")
+                                   description="headstart ratio benchmarks (R1-R8, R3s, LATENCY) and peak RSS")
   parser.add_argument("--quick", action="store_true",
                       help="small sizes (~2.5 min on 2 cores); the full run takes ~9 min")
   parser.add_argument("--json", default=None, help="write the results here as JSON")

@@ -4,13 +4,14 @@
     record = decode(row, data, settings)   # or raises image_decode.ImageError
 
 A crafted file can make a native decoder segfault or loop forever (reliability matrix rows
-31–32). Each call goes to one idle worker (`python -m pipeline.decode_worker`, which imports
-only OpenCV, Pillow and NumPy) over a pipe, with the source bytes in a memory block shared
-with that worker (see `decode_worker`), and has `timeout` seconds to answer. A worker that
-dies or overruns is killed and replaced. A crash is retried once in a fresh worker (it can be
-the machine's fault, not the input's) before the input is dead-lettered as `decoder_crash`; a
-hang becomes `decode_timeout` at once. Other calls in flight are unaffected: each worker serves
-one call at a time.
+31–32). `map(calls)` sends a batch of calls to one idle worker (`python -m
+pipeline.decode_worker`, which imports only OpenCV, Pillow and NumPy) over a pipe, big source
+bytes in a memory block shared with that worker (see `decode_worker`); the worker answers the
+calls one by one, and each answer has `timeout` seconds from the one before (`__call__` is a
+batch of one). A worker that dies or overruns is killed and replaced. A crash is retried once
+in a fresh worker (it can be the machine's fault, not the input's) before the input is
+dead-lettered as `decoder_crash`; a hang becomes `decode_timeout` at once; the calls after it
+go on in a fresh worker. Other batches are unaffected: each worker serves one batch at a time.
 
 A hostile image is contained, not trusted: each worker runs under an address-space limit
 (`max_memory_bytes`: unbounded allocation ends in `decode_out_of_memory`) and a CPU-time limit
@@ -21,6 +22,8 @@ a reply that breaks the framing kills the worker (`decoder_crash`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import queue
 import re
@@ -30,17 +33,25 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pipeline import decode_worker, image_decode
 
 _ATTEMPTS = 2
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _READ_BYTES = 1 << 20
+_PIPE_BYTES = 1 << 20
 
 
 # Bytes arguments at least this long go through the shared buffer, not the pipe.
 _SHARED_MIN_BYTES = 64 * 1024
+
+
+def _widen(fd: int) -> None:
+  """Gives a pipe 1 MiB (Linux; the default is 64 KiB): a batch's replies, ~30 KB each for a
+  224 px JPEG, then flow without the child waiting for the parent after every other one."""
+  with contextlib.suppress(OSError, AttributeError):
+    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 def _error_of(reply: dict) -> image_decode.ImageError:
@@ -62,6 +73,10 @@ class _Worker:
     command = [sys.executable, "-m", "pipeline.decode_worker",
                "--max-memory-bytes", str(limits[0]), "--cpu-seconds", str(limits[1])]
     self.shared = None
+    self._received = bytearray()  # reply bytes read ahead; consumed up to `_start`
+    self._start = 0
+    self._chunk = bytearray(_READ_BYTES)
+    self._chunk_view = memoryview(self._chunk)
     if share_bytes and hasattr(os, "memfd_create"):
       self.shared = decode_worker.SharedBuffer(os.memfd_create("headstart-decode"))
       command += ["--buffer-fd", str(self.shared.fd)]
@@ -73,48 +88,57 @@ class _Worker:
       if self.shared is not None:
         self.shared.close()
       raise
+    for pipe in (self.process.stdin, self.process.stdout):
+      _widen(pipe.fileno())
 
-  def _share(self, request: tuple) -> tuple:
-    """The request with its big bytes arguments moved into the shared buffer."""
-    module, function, args = request
-    big = [i for i, arg in enumerate(args) if isinstance(arg, bytes)
-           and len(arg) >= _SHARED_MIN_BYTES]
+  def _share(self, calls: list[tuple]) -> list[tuple]:
+    """The calls with their big bytes arguments moved into the shared buffer."""
+    big = [(c, i) for c, args in enumerate(calls) for i, arg in enumerate(args)
+           if isinstance(arg, bytes) and len(arg) >= _SHARED_MIN_BYTES]
     if self.shared is None or not big:
-      return request
-    places = dict(zip(big, self.shared.put([args[i] for i in big])))
-    return module, function, tuple(places.get(i, arg) for i, arg in enumerate(args))
+      return calls
+    places = dict(zip(big, self.shared.put([calls[c][i] for c, i in big])))
+    return [tuple(places.get((c, i), arg) for i, arg in enumerate(args))
+            for c, args in enumerate(calls)]
 
   def _read(self, size: int, deadline: float) -> bytes:
     """Exactly `size` reply bytes before `deadline`; a child that stops half way is no
-    different from one that never answers.
+    different from one that never answers. Reads what is there (several replies at once).
 
     Raises:
       TimeoutError: the deadline passed; EOFError: the child closed its end (it died).
     """
-    fd, chunks, missing = self.process.stdout.fileno(), [], size
-    while missing:
+    stream, start = self.process.stdout, self._start
+    while len(self._received) - start < size:
       left = deadline - time.monotonic()
-      if left <= 0 or not select.select([fd], [], [], left)[0]:
+      if left <= 0 or not select.select([stream], [], [], left)[0]:
         raise TimeoutError
-      chunk = os.read(fd, min(missing, _READ_BYTES))
-      if not chunk:
+      # Into a buffer kept for the worker's life: a fresh 1 MiB bytes per read cost more than
+      # the read itself.
+      count = stream.readinto(self._chunk)
+      if not count:
         raise EOFError
-      chunks.append(chunk)
-      missing -= len(chunk)
-    return b"".join(chunks)
+      if start:  # drop what was consumed only when more arrives, not once per reply
+        del self._received[:start]
+        start = 0
+      self._received += self._chunk_view[:count]
+    self._start = start + size
+    return bytes(self._received[start:start + size])
 
-  def call(self, request: tuple, timeout: float) -> tuple[bool, object]:
-    """Sends one request; returns the parsed reply (see `decode_worker.decode_reply`).
+  def calls(self, name: tuple[str, str], calls: list[tuple], timeout: float):
+    """Sends a batch of calls; yields each parsed reply (see `decode_worker.decode_reply`) as
+    it arrives, each within `timeout` seconds of the one before.
 
     Raises:
       TimeoutError, EOFError (see `_read`); decode_worker.BadReply: a reply breaking the framing.
     """
-    deadline = time.monotonic() + timeout
-    decode_worker.write_message(self.process.stdin, self._share(request))
-    kind, text_size, blob_size = decode_worker.reply_sizes(
-        self._read(decode_worker.REPLY_HEADER.size, deadline))
-    return decode_worker.decode_reply(kind, self._read(text_size, deadline),
-                                      self._read(blob_size, deadline))
+    decode_worker.write_message(self.process.stdin, (*name, self._share(calls)))
+    for _ in calls:
+      deadline = time.monotonic() + timeout
+      kind, text_size, blob_size = decode_worker.reply_sizes(
+          self._read(decode_worker.REPLY_HEADER.size, deadline))
+      yield decode_worker.decode_reply(kind, self._read(text_size, deadline),
+                                       self._read(blob_size, deadline))
 
   def died_of_cpu_limit(self) -> bool:
     """True when the kernel ended the child for using up its CPU time (SIGXCPU)."""
@@ -172,38 +196,62 @@ class IsolatedDecoder:
       image_decode.ImageError: `decode_timeout`, `decode_out_of_memory`, `decoder_crash`, or
         the function's own.
     """
-    request = (*self._name, args)
-    for _ in range(_ATTEMPTS):
+    (result,) = self.map([args])
+    if isinstance(result, image_decode.ImageError):
+      raise result
+    return result
+
+  def map(self, calls: Sequence[tuple]) -> list:
+    """Runs the function on each args tuple of `calls`, as one batch in one worker where
+    nothing goes wrong; returns per call its result or its `image_decode.ImageError`.
+
+    A call that hangs or breaks the framing costs that call (its worker is replaced); one that
+    kills its worker is tried once more first. The calls after it go on in a fresh worker.
+    """
+    results: list = [None] * len(calls)
+    pending = list(range(len(calls)))
+    crashed: set[int] = set()
+    while pending:
       worker = self._idle.get() or self._start()
+      done = 0
       try:
-        ok, value = worker.call(request, self._timeout)
+        for ok, value in worker.calls(self._name, [calls[i] for i in pending], self._timeout):
+          results[pending[done]] = value if ok else _error_of(value)
+          done += 1
       except TimeoutError:
         self._retire(worker)
-        raise image_decode.ImageError(
+        results[pending[done]] = image_decode.ImageError(
             "decode_timeout", f"decoding took longer than {self._timeout:g}s; the worker was "
-            "killed") from None
+            "killed")
+        done += 1
       except decode_worker.BadReply as error:
         self._retire(worker)
-        raise image_decode.ImageError("decoder_crash", f"the decoder process sent a malformed "
-                                      f"reply ({error}); it was killed") from None
+        results[pending[done]] = image_decode.ImageError(
+            "decoder_crash", f"the decoder process sent a malformed reply ({error}); it was "
+            "killed")
+        done += 1
       except (EOFError, BrokenPipeError):
         cpu = worker.died_of_cpu_limit()
         self._retire(worker)
+        index = pending[done]
         if cpu:
-          raise image_decode.ImageError(
+          results[index] = image_decode.ImageError(
               "decode_timeout", f"decoding used more than {self._limits[1]:g}s of CPU time; "
-              "the kernel ended the worker") from None
-        continue  # retried once in a fresh worker: the crash may not be the input's fault
+              "the kernel ended the worker")
+          done += 1
+        elif index in crashed:
+          results[index] = image_decode.ImageError(
+              "decoder_crash", f"the decoder process died on this input ({_ATTEMPTS} attempts)")
+          done += 1
+        else:
+          crashed.add(index)  # retried once in a fresh worker: the crash may not be its fault
       finally:
         if worker.process.poll() is None:
           self._idle.put(worker)
         else:
           self._idle.put(None)
-      if ok:
-        return value
-      raise _error_of(value)
-    raise image_decode.ImageError("decoder_crash", "the decoder process died on this input "
-                                  f"({_ATTEMPTS} attempts)")
+      pending = pending[done:]
+    return results
 
   def close(self) -> None:
     """Stops the worker processes."""

@@ -5,7 +5,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import uuid
 
 import tensorflow as tf
@@ -20,42 +22,74 @@ class DownloadCache:
   blob behind and two writers of the same blob (mirrored images fetched at once by two threads,
   processes or retried bundles) never share a temporary file: whichever rename lands last
   installs identical bytes.
+
+  A local root is used through `os` directly, a remote one (gs://...) through `tf.io.gfile`:
+  the ~10 gfile calls per cached image cost 1.2 ms of CPU per image at 10 KB (measured in the
+  HTTP ingest benchmark, issue 17), as much as decoding and encoding it; `os` calls cost a tenth.
   """
 
   def __init__(self, root: str):
     self._root = root.rstrip("/")
+    self._local = "://" not in self._root
+    self._folders: set[str] = set()  # folders known to exist (a makedirs per put was measurable)
+
+  @property
+  def is_local(self) -> bool:
+    """True for a folder on this machine (its calls are quick enough to make in-line)."""
+    return self._local
 
   def _blob(self, digest: str) -> str:
     return f"{self._root}/blobs/{digest[:2]}/{digest}"
 
+  def _read(self, path: str, mode: str = "rb") -> bytes | str | None:
+    """The file's content, or None when it does not exist."""
+    try:
+      if self._local:
+        with open(path, mode) as f:
+          return f.read()
+      with tf.io.gfile.GFile(path, mode) as f:
+        return f.read()
+    except (FileNotFoundError, tf.errors.NotFoundError):
+      return None
+
   def get(self, source_id: str) -> bytes | None:
     """The cached bytes of a source, or None (missing or failing its checksum)."""
-    ref = f"{self._root}/refs/{source_id}"
-    if not tf.io.gfile.exists(ref):
+    digest = self._read(f"{self._root}/refs/{source_id}", "r")
+    if digest is None:
       return None
-    with tf.io.gfile.GFile(ref, "r") as f:
-      digest = f.read().strip()
-    blob = self._blob(digest)
-    if not tf.io.gfile.exists(blob):
+    digest = digest.strip()
+    data = self._read(self._blob(digest))
+    if data is None:
       return None
-    with tf.io.gfile.GFile(blob, "rb") as f:
-      data = f.read()
     return data if hashlib.sha256(data).hexdigest() == digest else None
 
   def put(self, source_id: str, data: bytes) -> None:
     """Stores the bytes a source returned."""
     digest = hashlib.sha256(data).hexdigest()
     blob = self._blob(digest)
-    if not tf.io.gfile.exists(blob):
+    exists = os.path.exists if self._local else tf.io.gfile.exists
+    if not exists(blob):
       self._write(blob, data)
     self._write(f"{self._root}/refs/{source_id}", digest.encode())
 
-  @staticmethod
-  def _write(path: str, data: bytes) -> None:
-    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
+  def _write(self, path: str, data: bytes) -> None:
+    folder = path.rsplit("/", 1)[0]
+    if folder not in self._folders:
+      (os.makedirs(folder, exist_ok=True) if self._local else tf.io.gfile.makedirs(folder))
+      self._folders.add(folder)
     # Unique per writer (process, thread, attempt): a name derived from the content collided
     # when two URLs served identical bytes at the same moment, and one rename then failed.
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    if self._local:
+      try:
+        with open(tmp, "wb") as f:
+          f.write(data)
+        os.replace(tmp, path)
+      except BaseException:
+        with contextlib.suppress(OSError):  # nothing to remove if open() failed
+          os.remove(tmp)
+        raise
+      return
     try:
       with tf.io.gfile.GFile(tmp, "wb") as f:
         f.write(data)

@@ -2,21 +2,22 @@
 bounded set of connection pools.
 
     limiter = hosts.HostLimiter(per_host=8)
-    with limiter.slot("images.example.org", max_wait=60.0):   # at most 8 at once per host
+    async with limiter.slot("images.example.org", max_wait=60.0):   # at most 8 at once per host
       ...
     limiter.pause("images.example.org", 30.0)                 # Retry-After: everyone waits
     hosts.retry_after_seconds("Wed, 21 Oct 2026 07:28:00 GMT")
     hosts.opt_out("noai, noimageai")                          # 'noai'
 
-One `HostLimiter` serves every download thread of a worker process (the fetcher holding it is
-shared through Beam's `shared.Shared`), so `--max-per-host` bounds what one worker asks of one
-host however many threads (or, later, coroutines) fetch at once. Waiting for a slot does not
+One `HostLimiter` serves every download of a worker process (coroutines on the event loop of
+the fetcher holding it, which is shared through Beam's `shared.Shared`), so `--max-per-host`
+bounds what one worker asks of one host however many downloads are in flight. Waiting for a slot does not
 count against a download's deadline (a manifest dominated by one host queues behind it); a
 host paused by Retry-After for longer than a download may take fails those rows at once as
 `rate_limited`, which `--retry-failed` treats as transient.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import datetime
@@ -24,7 +25,7 @@ import email.utils
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
 # X-Robots-Tag directives by which publishers say "not for AI training / not for indexing".
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "none"})
@@ -44,52 +45,82 @@ class HostPaused(Exception):
 
 
 class HostLimiter:
-  """At most `per_host` requests in flight per host name, and pauses a host asked for."""
+  """At most `per_host` requests in flight per host name, and pauses a host asked for.
+
+  Used by the coroutines of one event loop (the fetcher's), so it needs no lock: waiting is
+  for a future the release of a slot resolves, first come first served.
+  """
 
   def __init__(self, per_host: int):
     if per_host < 1:
       raise ValueError(f"per_host must be >= 1, got {per_host!r}")
     self.per_host = per_host
-    self._changed = threading.Condition()
     self._active: collections.Counter[str] = collections.Counter()
     self._paused_until: dict[str, float] = {}
+    self._waiting: dict[str, collections.deque[asyncio.Future]] = {}
 
-  @contextlib.contextmanager
-  def slot(self, host: str, max_wait: float) -> Iterator[None]:
-    """Holds one of the host's slots for the `with` block.
+  async def acquire(self, host: str, max_wait: float) -> None:
+    """Takes one of the host's slots, waiting for one; give it back with `release`.
 
     Raises:
       HostPaused: the host is paused for longer than `max_wait` seconds.
     """
-    with self._changed:
-      while True:
-        pause = self._paused_until.get(host, 0.0) - time.monotonic()
-        if pause > max_wait:
-          raise HostPaused(pause)
-        if pause <= 0 and self._active[host] < self.per_host:
-          break
-        self._changed.wait(pause if pause > 0 else None)
-      self._active[host] += 1
+    while True:
+      pause = self._paused_until.get(host, 0.0) - time.monotonic() if self._paused_until else 0.0
+      if pause > max_wait:
+        raise HostPaused(pause)
+      if pause <= 0 and self._active[host] < self.per_host:
+        break
+      if pause > 0:
+        await asyncio.sleep(pause)
+        continue
+      turn = asyncio.get_running_loop().create_future()
+      self._waiting.setdefault(host, collections.deque()).append(turn)
+      try:
+        await turn
+      except asyncio.CancelledError:
+        if turn.done() and not turn.cancelled():
+          self._wake(host)  # this turn was given but not taken: pass it on
+        raise
+    self._active[host] += 1
+
+  def release(self, host: str) -> None:
+    """Gives back a slot `acquire` took."""
+    self._active[host] -= 1
+    if not self._active[host]:
+      del self._active[host]
+    self._wake(host)
+
+  @contextlib.asynccontextmanager
+  async def slot(self, host: str, max_wait: float) -> AsyncIterator[None]:
+    """Holds one of the host's slots for the `async with` block (see `acquire`)."""
+    await self.acquire(host, max_wait)
     try:
       yield
     finally:
-      with self._changed:
-        self._active[host] -= 1
-        if not self._active[host]:
-          del self._active[host]
-        self._changed.notify_all()
+      self.release(host)
+
+  def _wake(self, host: str) -> None:
+    waiting = self._waiting.get(host)
+    if waiting is None:
+      return
+    while waiting:
+      turn = waiting.popleft()
+      if not turn.done():
+        turn.set_result(None)
+        break
+    if not waiting:
+      self._waiting.pop(host, None)
 
   def pause(self, host: str, seconds: float) -> None:
     """No new request to `host` starts within `seconds` (it said Retry-After)."""
-    with self._changed:
-      until = time.monotonic() + seconds
-      if until > self._paused_until.get(host, 0.0):
-        self._paused_until[host] = until
+    until = time.monotonic() + seconds
+    if until > self._paused_until.get(host, 0.0):
+      self._paused_until[host] = until
 
   def in_flight(self, host: str) -> int:
     """Requests to `host` in flight now."""
-    with self._changed:
-      return self._active[host]
+    return self._active[host]
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
@@ -136,6 +167,33 @@ def opt_out(values: Iterable[str], agent: str = AGENT_TOKEN) -> str | None:
       if scope in (None, agent) and part in OPT_OUT_DIRECTIVES:
         return part
   return None
+
+
+class LruCache:
+  """A thread-safe mapping of at most `capacity` entries; the least recently used goes first."""
+
+  def __init__(self, capacity: int):
+    if capacity < 1:
+      raise ValueError(f"capacity must be >= 1, got {capacity!r}")
+    self._capacity = capacity
+    self._items: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+
+  def get(self, key, default=None):
+    """The value of `key` (now the most recently used), or `default`."""
+    with self._lock:
+      if key not in self._items:
+        return default
+      self._items.move_to_end(key)
+      return self._items[key]
+
+  def put(self, key, value) -> None:
+    """Stores `value`, dropping the least recently used entry when full."""
+    with self._lock:
+      self._items[key] = value
+      self._items.move_to_end(key)
+      if len(self._items) > self._capacity:
+        self._items.popitem(last=False)
 
 
 class PoolCache:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import time
 
 import cv2
 import numpy as np
@@ -38,6 +39,8 @@ JPEG_QUALITY = 95
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _EXIF_ORIENTATION_TAG = 0x0112
+# The key of a prepared record that holds its CPU seconds by phase (not stored in the dataset).
+PHASES_KEY = "phase_cpu_seconds"
 # How far before the end a JPEG's end-of-image marker may sit (some encoders pad with zeros).
 _JPEG_TRAILER_SLACK_BYTES = 64
 
@@ -173,24 +176,25 @@ def reduced_decode_flag(header: Header, needed: int, resize: str) -> int:
   return cv2.IMREAD_COLOR
 
 
-def _to_rgb8(array: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
-  """OpenCV output (gray, BGR, BGRA; 8 or 16 bit) -> RGB uint8."""
+def _to_bgr8(array: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+  """OpenCV output (gray, BGR, BGRA; 8 or 16 bit) -> BGR uint8, alpha composited on the RGB
+  `background`."""
   if array.dtype == np.uint16:
     array = (array.astype(np.uint32) * 255 // 65535).astype(np.uint8)
   elif array.dtype != np.uint8:
     array = cv2.normalize(array, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
   if array.ndim == 2:
-    return cv2.cvtColor(array, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(array, cv2.COLOR_GRAY2BGR)
   if array.shape[2] == 4:
     alpha = array[:, :, 3:4].astype(np.float32) / 255.0
     bgr = array[:, :, :3].astype(np.float32)
     back = np.array(background[::-1], np.float32)
-    array = (bgr * alpha + back * (1.0 - alpha) + 0.5).astype(np.uint8)
-  return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+    return (bgr * alpha + back * (1.0 - alpha) + 0.5).astype(np.uint8)
+  return array
 
 
 def _decode_with_pillow(data: bytes, background: tuple[int, int, int]) -> np.ndarray:
-  """Fallback for what OpenCV cannot read (GIF/animated, odd modes): first frame, upright, RGB."""
+  """Fallback for what OpenCV cannot read (GIF/animated, odd modes): first frame, upright, BGR."""
   with Image.open(io.BytesIO(data)) as image:
     image.seek(0)
     image = ImageOps.exif_transpose(image)
@@ -199,8 +203,8 @@ def _decode_with_pillow(data: bytes, background: tuple[int, int, int]) -> np.nda
       canvas.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
       image = canvas
     elif image.mode == "I;16" or image.mode == "I":
-      return _to_rgb8(np.asarray(image).astype(np.uint16), background)
-    return np.asarray(image.convert("RGB"))
+      return _to_bgr8(np.asarray(image).astype(np.uint16), background)
+    return cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
 
 
 def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
@@ -210,6 +214,35 @@ def _apply_orientation(rgb: np.ndarray, orientation: int) -> np.ndarray:
       7: lambda a: np.rot90(a, 1)[::-1], 8: lambda a: np.rot90(a, 1),
   }
   return np.ascontiguousarray(transforms[orientation](rgb)) if orientation in transforms else rgb
+
+
+def _decode_bgr(data: bytes, needed: int, resize: str, max_pixels: int, min_side: int,
+                background: tuple[int, int, int]) -> tuple[np.ndarray, Header]:
+  """Validates and decodes to upright BGR uint8 (OpenCV's order: ingest encodes it as it is,
+  without two colour swaps per image); see `decode_rgb`."""
+  header = read_header(data)
+  if header.width * header.height > max_pixels:
+    raise ImageError("too_many_pixels", f"{header.width}x{header.height} = "
+                     f"{header.width * header.height} pixels exceeds the limit of {max_pixels}")
+  if min(header.width, header.height) < min_side:
+    raise ImageError("too_small", f"{header.width}x{header.height} is below the minimum side of "
+                     f"{min_side} px")
+  _check_complete(data, header)
+  buffer = np.frombuffer(data, np.uint8)
+  needs_unchanged = header.mode in ("RGBA", "LA", "PA", "I;16", "I;16B", "I", "P") or (
+      header.format == "png" and header.mode not in ("RGB", "L"))
+  if header.format in ("gif", "webp", "tiff") or header.frames > 1:
+    bgr = _decode_with_pillow(data, background)
+  elif needs_unchanged:
+    array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    bgr = None if array is None else _apply_orientation(_to_bgr8(array, background),
+                                                        header.orientation)
+  else:
+    # IMREAD_COLOR (and the reduced variants) apply EXIF orientation themselves.
+    bgr = cv2.imdecode(buffer, reduced_decode_flag(header, needed, resize))
+  if bgr is None:
+    raise ImageError("decode_failed", f"OpenCV could not decode this {header.format} image")
+  return bgr, header
 
 
 def decode_rgb(data: bytes, *, needed: int = 0, resize: str = "stretch",
@@ -223,30 +256,8 @@ def decode_rgb(data: bytes, *, needed: int = 0, resize: str = "stretch",
   Raises:
     ImageError: with a dead-letter reason code.
   """
-  header = read_header(data)
-  if header.width * header.height > max_pixels:
-    raise ImageError("too_many_pixels", f"{header.width}x{header.height} = "
-                     f"{header.width * header.height} pixels exceeds the limit of {max_pixels}")
-  if min(header.width, header.height) < min_side:
-    raise ImageError("too_small", f"{header.width}x{header.height} is below the minimum side of "
-                     f"{min_side} px")
-  _check_complete(data, header)
-  buffer = np.frombuffer(data, np.uint8)
-  needs_unchanged = header.mode in ("RGBA", "LA", "PA", "I;16", "I;16B", "I", "P") or (
-      header.format == "png" and header.mode not in ("RGB", "L"))
-  if header.format in ("gif", "webp", "tiff") or header.frames > 1:
-    rgb = _decode_with_pillow(data, background)
-  elif needs_unchanged:
-    array = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
-    rgb = None if array is None else _apply_orientation(_to_rgb8(array, background),
-                                                        header.orientation)
-  else:
-    # IMREAD_COLOR (and the reduced variants) apply EXIF orientation themselves.
-    array = cv2.imdecode(buffer, reduced_decode_flag(header, needed, resize))
-    rgb = None if array is None else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-  if rgb is None:
-    raise ImageError("decode_failed", f"OpenCV could not decode this {header.format} image")
-  return rgb, header
+  bgr, header = _decode_bgr(data, needed, resize, max_pixels, min_side, background)
+  return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), header
 
 
 def _upright_size(header: Header) -> tuple[int, int]:
@@ -277,7 +288,8 @@ def _resize(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def fit(rgb: np.ndarray, size: int, resize: str,
         background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-  """Resizes an RGB image to `size`×`size` by stretching, letterboxing (pad) or centre-cropping."""
+  """Resizes an image to `size`×`size` by stretching, letterboxing (pad) or centre-cropping;
+  `background` (the padding) is in the image's channel order."""
   height, width = rgb.shape[:2]
   if resize == "stretch":
     return _resize(rgb, size, size)
@@ -315,7 +327,10 @@ def decode_and_resize(data: bytes, *, size: int, resize: str = "stretch",
 
 def encode(rgb: np.ndarray, image_format: str) -> bytes:
   """RGB uint8 -> JPEG (quality 95) or PNG bytes."""
-  bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+  return _encode_bgr(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), image_format)
+
+
+def _encode_bgr(bgr: np.ndarray, image_format: str) -> bytes:
   if image_format == "jpeg":
     ok, buffer = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
   elif image_format == "png":
@@ -323,7 +338,7 @@ def encode(rgb: np.ndarray, image_format: str) -> bytes:
   else:
     raise ValueError(f"unknown image format {image_format!r}; allowed: {', '.join(FORMATS)}")
   if not ok:
-    raise ImageError("encode_failed", f"OpenCV could not encode a {rgb.shape} image")
+    raise ImageError("encode_failed", f"OpenCV could not encode a {bgr.shape} image")
   return buffer.tobytes()
 
 
@@ -343,17 +358,31 @@ def prepare_record(row: dict, data: bytes, settings: DecodeSettings) -> dict:
   """Fetched bytes + source row -> the row plus `image` (encoded), source size, content sha256
   and, for keypoint rows, `targets` normalised to the stored image.
 
+  Also `PHASES_KEY`: this call's CPU seconds by phase (decode: header, decode and resize;
+  encode; hash), which ingest adds to its counters and leaves out of the record.
+
   Raises:
     ImageError: the bytes are not a usable image.
   """
-  decoded = decode_and_resize(data, size=settings.size, resize=settings.resize,
-                              max_pixels=settings.max_pixels, min_side=settings.min_side,
-                              background=settings.background)
+  if settings.resize not in RESIZE_MODES:
+    raise ValueError(f"unknown resize mode {settings.resize!r}; allowed: "
+                     f"{', '.join(RESIZE_MODES)}")
+  started = time.thread_time()
+  bgr, header = _decode_bgr(data, settings.size, settings.resize, settings.max_pixels,
+                            settings.min_side, settings.background)
+  width, height = _upright_size(header)
+  fitted = fit(bgr, settings.size, settings.resize, settings.background[::-1])
+  decoded = time.thread_time()
+  image = _encode_bgr(fitted, settings.image_format)
+  encoded = time.thread_time()
+  digest = hashlib.sha256(data).hexdigest()
+  hashed = time.thread_time()
   result = dict(row)
-  result.update(image=encode(decoded.rgb, settings.image_format),
-                width=decoded.source_width, height=decoded.source_height,
-                content_sha256=hashlib.sha256(data).hexdigest())
+  result.update(image=image, width=width, height=height, content_sha256=digest)
+  result[PHASES_KEY] = {"decode": decoded - started, "encode": encoded - decoded,
+                        "hash": hashed - encoded}
   if row.get("targets") is not None:
     points = np.asarray(row["targets"], np.float32).reshape(-1, 2)
-    result["targets"] = decoded.geometry.normalise(points).tolist()
+    result["targets"] = resize_geometry(width, height, settings.size,
+                                        settings.resize).normalise(points).tolist()
   return result

@@ -83,7 +83,7 @@ def build_pipeline(root: beam.Pipeline, *, out_dir: str, cfg: transforms.IngestC
   dead_reasons = (dead
                   | "ReasonOf" >> beam.Map(lambda line: json.loads(line)["reason"])
                   | "CountReasons" >> beam.combiners.Count.PerElement())
-  split_labels = stats | "CountSplitLabels" >> beam.combiners.Count.PerElement()
+  split_labels = stats | "CountSplitLabels" >> beam.CombinePerKey(sum)
   return (shards
           | "CollectShards" >> beam.combiners.ToList()
           | "Finalize" >> beam.Map(

@@ -39,8 +39,8 @@ def redact(text: str) -> str:
 
 
 class RedactingFilter(logging.Filter):
-  """Redacts a log record's final message (urllib3 logs request lines, query strings included,
-  at DEBUG; our own lines name sources)."""
+  """Redacts a log record's final message (request lines, query strings included, are logged
+  at DEBUG; other lines name sources)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
@@ -50,7 +50,7 @@ class RedactingFilter(logging.Filter):
     return True
 
 
-_FILTERED_LOGGERS = ("headstart", "urllib3.connectionpool", "urllib3.response")
+_FILTERED_LOGGERS = ("headstart", "headstart.fetch", "urllib3.connectionpool", "urllib3.response")
 
 
 def install_log_filter() -> None:

@@ -77,7 +77,8 @@ class SortPreviousDeadFn(beam.DoFn):
 
 
 class LabelStatsFn(beam.DoFn):
-  """(split, serialized Example) of the previous dataset -> (split, class name) for the summary."""
+  """(split, serialized Example) of the previous dataset -> ((split, class name), 1) for the
+  summary (the shape of `transforms.ToExampleFn`'s stats)."""
 
   def __init__(self, manifest: Mapping[str, Any]):
     super().__init__()
@@ -89,12 +90,13 @@ class LabelStatsFn(beam.DoFn):
     label = None
     if self._schema is not None:
       label = self._names[self._schema.decode(serialized, ["label"])["label"]]
-    yield split, label
+    yield (split, label), 1
 
 
 class ReadPrevious(beam.PTransform):
   """The previous dataset in `out_dir` -> tagged outputs: `examples` ((split, serialized) as
-  stored), `stats` ((split, label)), `kept_dead` (dead-letter lines kept) and `retry_ids`."""
+  stored), `stats` (((split, label), 1)), `kept_dead` (dead-letter lines kept) and
+  `retry_ids`."""
 
   def __init__(self, out_dir: str, manifest: Mapping[str, Any]):
     super().__init__()

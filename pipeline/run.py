@@ -20,11 +20,12 @@ import time
 
 import apache_beam as beam
 import tensorflow as tf
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from contracts import cli, layout, progress
-from pipeline import (fetch, folder_tree, image_decode, job, publish, redact, retry, sources,
-                      splits, transforms)
+from pipeline import (fetch, folder_tree, image_decode, job, publish, redact, retry, sinks,
+                      sources, splits, transforms)
 
 
 # Runners that run in this process or on this machine: the download cache is on by default.
@@ -54,7 +55,19 @@ def _add_fetch_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--timeout", type=float, default=fetch.FetchConfig.deadline,
                       help="total seconds allowed per download")
   parser.add_argument("--retries", type=int, default=fetch.FetchConfig.retries)
-  parser.add_argument("--fetch-threads", type=cli.positive_int, default=16)
+  parser.add_argument("--max-in-flight", type=cli.positive_int,
+                      default=transforms.IngestConfig.max_in_flight,
+                      help="rows being downloaded or decoded at once per worker (bundle "
+                      "thread); each host still gets at most --max-per-host of them")
+  parser.add_argument("--fetch-threads", type=cli.positive_int,
+                      default=transforms.IngestConfig.fetch_threads,
+                      help="threads per worker process reading local and gs:// files and a "
+                      "gs:// download cache (http(s) downloads run on one event loop)")
+  parser.add_argument("--max-in-flight-mb", type=cli.positive_int,
+                      default=transforms.IngestConfig.max_in_flight_mb,
+                      help="memory cap (MiB) on what one worker process holds for rows in "
+                      "flight (downloaded bytes not yet decoded, results waiting for a slower "
+                      "row ahead of them); past it no new download starts")
   parser.add_argument("--max-per-host", type=cli.positive_int,
                       default=fetch.FetchConfig.max_per_host,
                       help="requests in flight to one host from one worker process (all its "
@@ -147,10 +160,11 @@ def _config(args: argparse.Namespace, options: PipelineOptions) -> transforms.In
       max_pixels=args.max_pixels, min_side=args.min_side,
       fetch=fetch.FetchConfig(deadline=args.timeout, max_bytes=args.max_bytes,
                               retries=args.retries, allowed_networks=tuple(args.allow_network),
-                              threads=args.fetch_threads, max_per_host=args.max_per_host,
+                              max_per_host=args.max_per_host,
                               user_agent=args.user_agent,
                               respect_opt_out=args.respect_opt_out),
-      fetch_threads=args.fetch_threads,
+      fetch_threads=args.fetch_threads, max_in_flight=args.max_in_flight,
+      max_in_flight_mb=args.max_in_flight_mb,
       decode_timeout=args.decode_timeout, decode_processes=args.decode_processes,
       decode_memory_mb=args.decode_memory_mb,
       decoder=_import_function(args.decoder),
@@ -173,6 +187,9 @@ def _print_summary(summary: dict, out_dir: str, errors_dir: str, seconds: float)
     if summary[title]:
       items = ", ".join(f"{k}={v}" for k, v in summary[title].items())
       print(f"  {title.replace('_', ' ')}: {items}")
+  if summary.get("cpu_ms_per_image"):
+    items = ", ".join(f"{k} {v:.3f}" for k, v in summary["cpu_ms_per_image"].items())
+    print(f"  CPU ms per image by phase: {items}")
   if summary["status"] == "ok":
     print(f"  dataset: {out_dir} (errors: {errors_dir}/{layout.ERRORS_NAME})")
 
@@ -224,6 +241,21 @@ def plan(argv: list[str] | None = None) -> Job:
   return Job(root, out_dir, staging)
 
 
+def _cpu_ms_per_image(result: beam.runners.runner.PipelineResult,
+                      images: int) -> dict[str, float]:
+  """CPU milliseconds per written image by phase, from the job's counters (empty when the
+  runner reports none)."""
+  try:
+    counters = result.metrics().query(MetricsFilter().with_namespace(sinks.CPU_NAMESPACE))
+  except (NotImplementedError, AttributeError, ValueError):
+    return {}
+  totals: dict[str, float] = {}
+  for counter in counters["counters"]:
+    totals[counter.key.metric.name] = (totals.get(counter.key.metric.name, 0.0)
+                                       + (counter.committed or counter.attempted or 0))
+  return {phase: us / 1e3 / images for phase, us in sorted(totals.items())} if images else {}
+
+
 def run(argv: list[str] | None = None) -> dict:
   """Runs the ingest job; returns its summary (also written to `summary.json`).
 
@@ -236,12 +268,14 @@ def run(argv: list[str] | None = None) -> dict:
   """
   job = plan(argv)
   started = time.monotonic()
-  job.pipeline.run().wait_until_finish()
+  result = job.pipeline.run()
+  result.wait_until_finish()
   progress.report("ingest", done=True)
   seconds = time.monotonic() - started
   with tf.io.gfile.GFile(f"{job.staging}/{layout.SUMMARY_NAME}") as f:
     summary = json.load(f)
   summary["seconds"] = seconds
+  summary["cpu_ms_per_image"] = _cpu_ms_per_image(result, summary["written"])
   if summary["status"] == "ok":
     publish.swap_in(job.staging, job.out_dir)
     errors_dir = job.out_dir

@@ -8,78 +8,26 @@ row, message) and bumps a counter named after the reason; nothing is dropped sil
 """
 from __future__ import annotations
 
-import concurrent.futures
-import dataclasses
+import collections
 import json
-import logging
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Iterable, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 from apache_beam.io import fileio
-from apache_beam.metrics import Metrics
-from apache_beam.utils import shared
 
-from contracts import progress
 from contracts import schema as schema_lib
-from pipeline import (decoder_pool, download_cache, fetch, folder_tree, image_decode, redact,
-                      sources, splits)
-
-DEAD = "dead"
-STATS = "stats"
-
-
-@dataclasses.dataclass(frozen=True)
-class IngestConfig:
-  """Everything the ingest transforms need (picklable, shipped to workers)."""
-  image_size: int = 300
-  resize: str = "stretch"
-  image_format: str = "jpeg"
-  splits: tuple[tuple[str, float], ...] = (("train", 0.8), ("validation", 0.9), ("test", 1.0))
-  background: tuple[int, int, int] = (255, 255, 255)
-  max_pixels: int = image_decode.DEFAULT_MAX_PIXELS
-  min_side: int = image_decode.DEFAULT_MIN_SIDE
-  fetch: fetch.FetchConfig = fetch.FetchConfig()
-  fetch_threads: int = 16
-  classes: tuple[str, ...] | None = None
-  download_cache: str | None = None
-  decode_timeout: float = 30.0  # 0 decodes in-process (no crash/hang isolation)
-  decode_processes: int = 2
-  decode_memory_mb: int = 4096  # address-space limit of each decoder process; 0: none
-  decoder: Callable[[dict, bytes, image_decode.DecodeSettings], dict] = image_decode.prepare_record
-
-  @property
-  def decode_settings(self) -> image_decode.DecodeSettings:
-    return image_decode.DecodeSettings(self.image_size, self.resize, self.image_format,
-                                       self.max_pixels, self.min_side, self.background)
+from pipeline import folder_tree, image_decode, redact, sources, splits
+# The config and the dead-letter form live below the DoFns (the fetch-and-decode DoFn has its own
+# module); they are re-exported here, where the job and the tests know them.
+from pipeline.fetch_decode import CpuCounters, FetchDecodeFn
+from pipeline.ingest_config import (DEAD, STATS, IngestConfig, DeadLetteringDoFn,  # noqa: F401
+                                    dead_letter)
 
 
-def dead_letter(reason: str, row, message: str, stage: str = "ingest") -> str:
-  """One `errors.jsonl` line; credentials and signed-URL secrets are redacted from the row and
-  message (the fetched location and any encoded image bytes are left out)."""
-  if isinstance(row, dict):
-    row = {k: v for k, v in row.items() if k not in ("location", "error", "image")}
-  text = json.dumps({"stage": stage, "reason": reason, "row": row, "message": message},
-                    sort_keys=True, default=str)
-  return redact.redact(text)
-
-
-class _DeadLetteringDoFn(beam.DoFn):
-  """Base: counters per reason, created lazily in the worker (never module globals)."""
-
-  def __init__(self):
-    super().__init__()
-    self._counters = {}
-
-  def _dead(self, reason: str, row, message: str):
-    if reason not in self._counters:
-      self._counters[reason] = Metrics.counter("ingest_dead_letters", reason)
-    self._counters[reason].inc()
-    return pvalue.TaggedOutput(DEAD, dead_letter(reason, row, message))
-
-
-class ParseCsvLineFn(_DeadLetteringDoFn):
+class ParseCsvLineFn(DeadLetteringDoFn):
   """Manifest line (bytes) -> source row dict, or a dead letter."""
 
   def __init__(self, spec: sources.CsvSpec):
@@ -100,7 +48,7 @@ class ParseCsvLineFn(_DeadLetteringDoFn):
       yield self._dead(error.reason, redact.redact(line), str(error))
 
 
-class RouteFolderRowFn(_DeadLetteringDoFn):
+class RouteFolderRowFn(DeadLetteringDoFn):
   """Listed file path -> source row, or a dead letter (outside class folders, not an image
   name, a link leaving the root)."""
 
@@ -117,7 +65,7 @@ class RouteFolderRowFn(_DeadLetteringDoFn):
       yield row
 
 
-class KeepOnePerIdFn(_DeadLetteringDoFn):
+class KeepOnePerIdFn(DeadLetteringDoFn):
   """(id, rows) -> the one row to ingest; other copies become `duplicate` dead letters.
 
   Copies that disagree on the label are all `conflicting_label`: which one is right is unknown.
@@ -146,84 +94,21 @@ def prepare_image(row: dict, data: bytes, cfg: IngestConfig) -> dict:
   return image_decode.prepare_record(row, data, cfg.decode_settings)
 
 
-class FetchDecodeBatchFn(_DeadLetteringDoFn):
-  """Batch of source rows -> image dicts, fetching and decoding many at once on a thread pool.
-
-  Downloads wait on the network and OpenCV releases the GIL, so threads keep one worker busy.
-  """
-
-  def __init__(self, cfg: IngestConfig):
-    super().__init__()
-    self._cfg = cfg
-    self._shared_fetcher = shared.Shared()
-
-  def setup(self):
-    # One fetcher per worker process, whatever the number of DoFn instances Beam runs in it:
-    # --max-per-host and the connection pools are the process's, not one bundle thread's.
-    config = self._cfg.fetch
-    self._fetcher = self._shared_fetcher.acquire(lambda: fetch.Fetcher(config), tag=repr(config))
-    self._cache = (download_cache.DownloadCache(self._cfg.download_cache)
-                   if self._cfg.download_cache else None)
-    self._cache_hits = Metrics.counter("ingest", "download_cache_hits")
-    self._cache_errors = Metrics.counter("ingest", "download_cache_errors")
-    self._decode = self._cfg.decoder
-    if self._cfg.decode_timeout > 0:
-      self._decode = decoder_pool.IsolatedDecoder(
-          self._cfg.decoder, processes=self._cfg.decode_processes,
-          timeout=self._cfg.decode_timeout, max_memory_bytes=self._cfg.decode_memory_mb << 20)
-    self._pool = concurrent.futures.ThreadPoolExecutor(self._cfg.fetch_threads)
-    self._done = Metrics.counter("ingest", "images_written")
-
-  def teardown(self):
-    self._pool.shutdown(wait=False, cancel_futures=True)
-    if isinstance(self._decode, decoder_pool.IsolatedDecoder):
-      self._decode.close()
-
-  def _bytes_of(self, row: dict) -> bytes:
-    remote = "://" in row["location"]
-    if not (remote and self._cache):
-      return self._fetcher.fetch(row["location"])
-    try:
-      data = self._cache.get(row["id"])
-    except Exception:  # noqa: BLE001 (an unreadable cache entry is a miss, not a failed row)
-      data = None
-    if data is not None:
-      self._cache_hits.inc()
-      return data
-    data = self._fetcher.fetch(row["location"])
-    try:
-      self._cache.put(row["id"], data)
-    except Exception as error:  # noqa: BLE001 (the cache is an optimisation; the row is fine)
-      # A cache that cannot be written (full disk, permissions, an object-store hiccup) costs a
-      # re-fetch on the next run, never this row or the job.
-      self._cache_errors.inc()
-      logging.getLogger("headstart").warning("ingest: download cache not written for %s: %s",
-                                             row["id"][:12], error)
-    return data
-
-  def _one(self, row: dict):
-    try:
-      return self._decode(row, self._bytes_of(row), self._cfg.decode_settings)
-    except (fetch.FetchError, image_decode.ImageError) as error:
-      return error
-
-  def process(self, batch: Sequence[dict]):
-    for row, result in zip(batch, self._pool.map(self._one, batch)):
-      if isinstance(result, Exception):
-        yield self._dead(result.reason, row, str(result))
-      else:
-        self._done.inc()
-        yield result
-    progress.report("ingest", advance=len(batch), unit="img")
+class _UnknownLabel(Exception):
+  """A row's label is not one of the class names."""
 
 
-class ToExampleFn(_DeadLetteringDoFn):
-  """Image dict -> (split, serialized tf.train.Example); also emits (split, label) stats."""
+class ToExampleFn(DeadLetteringDoFn):
+  """List of image dicts -> (split, [serialized tf.train.Example, ...]) per split, in order;
+  also ((split, label), count) stats."""
 
   def __init__(self, cfg: IngestConfig):
     super().__init__()
     self._cfg = cfg
     self._schemas: dict[tuple, schema_lib.Schema] = {}
+
+  def setup(self):
+    self._cpu = CpuCounters()
 
   def _schema(self, class_names: Sequence[str], num_keypoints: int) -> schema_lib.Schema:
     key = (tuple(class_names or ()), num_keypoints)
@@ -233,7 +118,12 @@ class ToExampleFn(_DeadLetteringDoFn):
           class_names=class_names, num_keypoints=num_keypoints)
     return self._schemas[key]
 
-  def process(self, item: dict, class_names: Sequence[str]):
+  def _one(self, item: dict, class_names: Sequence[str]) -> tuple[str, object, bytes]:
+    """(split, label, serialized record).
+
+    Raises:
+      _UnknownLabel: the label is not one of `class_names`.
+    """
     values = {
         "id": item["id"], "image": item["image"], "source": item["source"],
         "group": item.get("group") or "", "content_sha256": item["content_sha256"],
@@ -241,17 +131,32 @@ class ToExampleFn(_DeadLetteringDoFn):
     }
     if item.get("label") is not None:
       if item["label"] not in class_names:
-        yield self._dead("unknown_label", item, f"label {item['label']!r} is not one of "
-                         f"{list(class_names)}")
-        return
+        raise _UnknownLabel(item["label"])
       values["label"] = class_names.index(item["label"])
     if item.get("targets") is not None:
       values["targets"] = np.asarray(item["targets"], np.float32)
     split = item.get("split") or splits.assign_split(item.get("group") or item["id"],
                                                      self._cfg.splits)
-    yield pvalue.TaggedOutput(STATS, (split, item.get("label")))
     keypoints = len(values["targets"]) if "targets" in values else 0
-    yield split, self._schema(class_names, keypoints).encode(values)
+    return split, item.get("label"), self._schema(class_names, keypoints).encode(values)
+
+  def process(self, items: Sequence[dict], class_names: Sequence[str]):
+    started = time.thread_time()
+    by_split: dict[str, list[bytes]] = {}
+    stats: collections.Counter = collections.Counter()
+    for item in items:
+      try:
+        split, label, record = self._one(item, class_names)
+      except _UnknownLabel:
+        yield self._dead("unknown_label", item, f"label {item['label']!r} is not one of "
+                         f"{list(class_names)}")
+        continue
+      by_split.setdefault(split, []).append(record)
+      stats[split, label] += 1
+    for key, count in stats.items():
+      yield pvalue.TaggedOutput(STATS, (key, count))
+    yield from by_split.items()
+    self._cpu.add({"record": time.thread_time() - started})
 
 
 class ReadCsvSource(beam.PTransform):
@@ -300,7 +205,8 @@ class ReadFolderSource(beam.PTransform):
 
 
 class FetchAndDecode(beam.PTransform):
-  """Unique source rows -> image dicts (decoded, validated, resized, re-encoded) + dead letters."""
+  """Source rows -> lists of image dicts (decoded, validated, resized, re-encoded) + dead
+  letters; duplicate sources are dead-lettered first."""
 
   def __init__(self, cfg: IngestConfig):
     super().__init__()
@@ -312,7 +218,6 @@ class FetchAndDecode(beam.PTransform):
               | "GroupById" >> beam.GroupByKey()
               | "KeepOnePerId" >> beam.ParDo(KeepOnePerIdFn()).with_outputs(DEAD, main="rows"))
     images = (unique.rows
-              | "BatchRows" >> beam.BatchElements(min_batch_size=4, max_batch_size=64)
-              | "FetchDecodeResize" >> beam.ParDo(FetchDecodeBatchFn(self._cfg)).with_outputs(
+              | "FetchDecodeResize" >> beam.ParDo(FetchDecodeFn(self._cfg)).with_outputs(
                   DEAD, main="images"))
     return images.images, (unique[DEAD], images[DEAD]) | "MergeDeadLetters" >> beam.Flatten()

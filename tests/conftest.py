@@ -107,10 +107,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+  # socketserver listens with a backlog of 5: ingest opens up to --max-per-host (8)
+  # connections at once, and on a busy machine the accept thread fell behind, the kernel
+  # dropped a SYN and the client's retransmission came a second later, past a test's --timeout.
+  request_queue_size = 128
+
+
 @pytest.fixture
 def http_server():
   """A loopback HTTP server on 127.0.0.1; set `server.routes`, read `server.hits`."""
-  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+  server = _Server(("127.0.0.1", 0), _Handler)
   server.routes, server.hits = {}, []
   server.daemon_threads = True
   thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -17,7 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from contracts import cli, datasets
 from contracts import schema as schema_lib
 from pipeline import job
-from pipeline import sources, transforms
+from pipeline import image_decode, sources, transforms
 from tests.conftest import write_image_set
 
 
@@ -94,33 +94,43 @@ def test_parse_csv_line_fn_process(csv_source):
   assert json.loads(outside.value)["reason"] == "outside_root"
 
 
-def test_fetch_decode_batch_fn_process(csv_source):
+def test_fetch_decode_fn_process(csv_source):
+  """Rows go in one by one; images come out as lists in input order (with a later row or at
+  the end of the bundle), failures as dead letters."""
   spec, _ = csv_source
-  rows = [sources.parse_csv_line(line, spec) for line in ("img/0000.png,a", "img/missing.png,b")]
-  fn = transforms.FetchDecodeBatchFn(transforms.IngestConfig(image_size=24, decode_timeout=0))
+  lines = ("img/0000.png,a", "img/missing.png,b", "img/0002.png,a", "img/0003.jpg,b")
+  rows = [sources.parse_csv_line(line, spec) for line in lines]
+  fn = transforms.FetchDecodeFn(transforms.IngestConfig(image_size=24, decode_timeout=0))
   fn.setup()
   try:
-    images, tagged = _split_outputs(fn.process(rows))
+    fn.start_bundle()
+    outputs = [output for row in rows for output in fn.process(row)]
+    outputs += [TaggedOutput(o.tag, o.value.value) if isinstance(o, TaggedOutput) else o.value
+                for o in fn.finish_bundle()]  # WindowedValues there
   finally:
     fn.teardown()
-  assert [image["id"] for image in images] == [rows[0]["id"]]
+  batches, tagged = _split_outputs(outputs)
+  images = [image for batch in batches for image in batch]
+  assert [image["id"] for image in images] == [rows[0]["id"], rows[2]["id"], rows[3]["id"]]
   assert images[0]["image"][:2] == b"\xff\xd8"   # stored as JPEG at the image size
+  assert image_decode.PHASES_KEY not in images[0]
   assert [json.loads(line)["reason"] for line in tagged[transforms.DEAD]] == ["not_found"]
 
 
 def test_to_example_fn_process():
   fn = transforms.ToExampleFn(transforms.IngestConfig(image_size=8, image_format="png",
                                                       splits=(("train", 1.0),)))
+  fn.setup()
   item = {"id": "i" * 64, "image": b"\x89PNG", "source": "a.png", "content_sha256": "c",
           "height": 10, "width": 12, "label": "b"}
-  main, tagged = _split_outputs(fn.process(item, ["a", "b"]))
-  (split, serialized), = main
-  assert split == "train" and tagged[transforms.STATS] == [("train", "b")]
+  main, tagged = _split_outputs(fn.process([item, {**item, "id": "j" * 64}], ["a", "b"]))
+  (split, (serialized, _)), = main
+  assert split == "train" and tagged[transforms.STATS] == [(("train", "b"), 2)]
   schema = schema_lib.image_schema(image_size=8, image_format="png", class_names=["a", "b"],
                                    num_keypoints=0)
   assert schema.decode(serialized, ("id", "label", "width")) == {"id": "i" * 64, "label": 1,
                                                                 "width": 12}
-  main, tagged = _split_outputs(fn.process({**item, "label": "zebra"}, ["a", "b"]))
+  main, tagged = _split_outputs(fn.process([{**item, "label": "zebra"}], ["a", "b"]))
   assert main == [] and json.loads(tagged[transforms.DEAD][0])["reason"] == "unknown_label"
 
 

@@ -53,8 +53,8 @@ def test_markdown_table_lists_every_ratio_and_memory_check(tmp_path):
       10: {"tree_rss_mb": 100.0, "max_rss_mb": 90.0, "processes": 1},
       50: {"tree_rss_mb": 104.0, "max_rss_mb": 92.0, "processes": 1}})
   assert memory["flat"] and memory["growth_mb_per_1000_images"] == 100.0
-  table = suite.markdown_table({**{f"R{i}": record for i in range(1, 9)}, "memory": [memory]})
-  assert all(f"| R{i} " in table for i in range(1, 9)) and "peak RSS ingest" in table
+  table = suite.markdown_table({**{key: record for key in suite.RATIO_KEYS}, "memory": [memory]})
+  assert all(f"| {key} " in table for key in suite.RATIO_KEYS) and "peak RSS ingest" in table
 
 
 def test_driver_entry_judges_rss_and_proto_growth():
@@ -80,3 +80,31 @@ def test_heads_scale_benchmark_on_a_tiny_grid(tmp_path):
   ratio, reads = heads_scale_bench.r8(tmp_path, 60, seeds=1, epochs=1)
   assert ratio.key == "R8" and ratio.value is not None and ratio.details["runs"] == 2
   assert reads == {"train": 1.0, "validation": 1.0, "test": 1.0}
+
+
+def test_http_source_serves_distinct_urls_on_many_hosts_to_the_fetcher(tmp_path):
+  """The HTTP benchmark's loopback server: distinct URLs over a few files, one address per
+  host, and the manifest spreads rows over them; fetched with ingest's own client."""
+  from benchmarks import http_source, ingest_http_bench
+  from pipeline import fetch
+  served = tmp_path / "served"
+  served.mkdir()
+  bodies = [images.encode_jpeg(images.photo_like(40, 40, seed)) for seed in range(3)]
+  for index, data in enumerate(bodies):
+    (served / f"{index:03d}.jpg").write_bytes(data)
+  with http_source.serve(served, latency=0.0, hosts=3) as urls:
+    assert [u.split(":")[1] for u in urls] == ["//127.0.0.1", "//127.0.0.2", "//127.0.0.3"]
+    manifest = ingest_http_bench.write_url_manifest(tmp_path / "m.csv", urls, 7)
+    rows = manifest.read_text().splitlines()
+    assert rows[0] == "image_url,label" and len(rows) == 8
+    fetcher = fetch.Fetcher(fetch.FetchConfig(allowed_networks=("127.0.0.0/8",)))
+    try:
+      got = [fetcher.fetch(row.split(",")[0]) for row in rows[1:]]
+      with pytest.raises(fetch.FetchError) as missing:
+        fetcher.fetch(f"{urls[0]}/nothing.png")
+    finally:
+      fetcher.close()
+  assert got == [bodies[i % 3] for i in range(7)]
+  assert {row.split("/")[2].split(":")[0] for row in rows[1:]} == {
+      "127.0.0.1", "127.0.0.2", "127.0.0.3"}
+  assert missing.value.reason == "not_found"

@@ -130,8 +130,8 @@ _SECRETS = ("p@ss", "ss@127", "SIGSECRET1", "CREDSECRET2", "SASSECRET3", "TOKENS
 
 def test_no_secret_reaches_any_output_file_or_log(tmp_path, http_server, caplog, capsys):
   """Credentials (a password holding an '@') and signed-URL parameters are redacted in
-  errors.jsonl, the records' `source`, the summary, manifest and every log line (urllib3's DEBUG
-  request lines included); ids are still sha256 of the URLs exactly as written."""
+  errors.jsonl, the records' `source`, the summary, manifest and every log line (the fetcher's
+  DEBUG request lines included); ids are still sha256 of the URLs exactly as written."""
   good = cv2.imencode(".png", make_image((40, 40), 0, 1))[1].tobytes()
   http_server.routes = {"/ok.png": (200, {}, good), "/ok2.png": (200, {}, good + b"\0"),
                         "/gone.png": (404, {}, b""), "/busy.png": (503, {}, b"")}
@@ -145,8 +145,8 @@ def test_no_secret_reaches_any_output_file_or_log(tmp_path, http_server, caplog,
   manifest.write_text("image_url,label\n" + "".join(f"{u},{'ab'[i % 2]}\n"
                                                    for i, u in enumerate(urls)))
   out = tmp_path / "out"
-  for logger in (None, "urllib3", "urllib3.connectionpool"):  # the app's quiet set-up
-    caplog.set_level("DEBUG", logger=logger)                   # raises urllib3 to ERROR
+  for logger in (None, "headstart", "headstart.fetch"):
+    caplog.set_level("DEBUG", logger=logger)
   summary = ingest.run(["--source", str(manifest), "--out", str(out), "--image-size", "32",
                         "--allow-network", "127.0.0.1/32", "--retries", "0",
                         "--max-error-fraction", "1"])
@@ -163,7 +163,7 @@ def test_no_secret_reaches_any_output_file_or_log(tmp_path, http_server, caplog,
   assert len(texts) > 8
   leaks = {name: [s for s in _SECRETS if s in text] for name, text in texts.items()}
   assert {name: found for name, found in leaks.items() if found} == {}
-  assert "GET /ok2.png?X-Goog-Signature=***" in caplog.text  # urllib3 logged it, redacted
+  assert "GET /ok2.png?X-Goog-Signature=***" in caplog.text  # the request line, redacted
 
 
 # --- 6. address guard ----------------------------------------------------------------------------
@@ -200,9 +200,7 @@ def test_tunnelled_and_translated_addresses_are_refused_before_any_connection(
   import socket
   import time
 
-  import urllib3
-
-  from pipeline import fetch
+  from pipeline import fetch, http_client
 
   port = http_server.server_address[1]
   good = cv2.imencode(".png", make_image((40, 40), 0, 1))[1].tobytes()
@@ -220,15 +218,14 @@ def test_tunnelled_and_translated_addresses_are_refused_before_any_connection(
     return real_getaddrinfo(host, port_, *args, **kwargs)
 
   attempts = []
-  real_connect = urllib3.util.connection.create_connection
+  real_connect = http_client.ConnectionPool._connect
 
-  def recording_connect(address, *args, **kwargs):
-    attempts.append(address[0])
-    return real_connect(address, *args, **kwargs)
+  async def recording_connect(pool, timeout):
+    attempts.append(pool.address)
+    return await real_connect(pool, timeout)
 
   monkeypatch.setattr(fetch.socket, "getaddrinfo", fake_getaddrinfo)
-  monkeypatch.setattr(urllib3.util.connection, "create_connection", recording_connect)
-  monkeypatch.setattr(urllib3.connection.connection, "create_connection", recording_connect)
+  monkeypatch.setattr(http_client.ConnectionPool, "_connect", recording_connect)  # every one
   blocked = ["[2002:7f00:1::]", "[2002:a9fe:a9fe::]", "[2001:0:4136:e378:8000:63bf:80ff:fffe]",
              "[fec0::1]", "[64:ff9b::7f00:1]", "[64:ff9b::a9fe:a9fe]", "[::7f00:1]",
              "tunnel.example", "nat64.example"]
@@ -459,6 +456,7 @@ def test_retry_after_in_both_forms_is_honoured_and_opt_outs_are_dead_lettered(
 def test_retry_after_backoff_pools_and_download_cache_defaults():
   """The pure parts: Retry-After parsing, jittered backoff, the LRU pool bound, and the download
   cache default (on for local runners, off for remote ones unless --download-cache is given)."""
+  import asyncio
   import random
 
   from apache_beam.options.pipeline_options import PipelineOptions
@@ -472,13 +470,15 @@ def test_retry_after_backoff_pools_and_download_cache_defaults():
   waits = [hosts.backoff_seconds(3, 0.5, None, rng) for _ in range(200)]
   assert 1.0 <= min(waits) < max(waits) <= 2.0 and len(set(waits)) > 100
   assert all(5.0 <= hosts.backoff_seconds(1, 0.5, 5.0, rng) <= 6.25 for _ in range(50))
-  limiter = hosts.HostLimiter(per_host=1)
-  limiter.pause("h", 0.3)
-  with pytest.raises(hosts.HostPaused):
-    with limiter.slot("h", max_wait=0.1):
-      pass
-  with limiter.slot("h", max_wait=1.0), limiter.slot("other", max_wait=0.0):
-    assert limiter.in_flight("h") == 1
+  async def limits():
+    limiter = hosts.HostLimiter(per_host=1)
+    limiter.pause("h", 0.3)
+    with pytest.raises(hosts.HostPaused):
+      async with limiter.slot("h", max_wait=0.1):
+        pass
+    async with limiter.slot("h", max_wait=1.0), limiter.slot("other", max_wait=0.0):
+      assert limiter.in_flight("h") == 1
+  asyncio.run(limits())
 
   closed = []
 

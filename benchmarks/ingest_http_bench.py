@@ -1,0 +1,163 @@
+"""R3s (ingest from HTTP, small images: overhead per core), latency hiding and CPU by phase.
+
+    python -m benchmarks --quick        # the R3s and LATENCY lines
+
+The real `headstart ingest` runs in child processes (`benchmarks.subjob`) on manifests of
+distinct loopback URLs (`benchmarks.http_source`, a server in its own process whose CPU is not
+counted as the job's) over small photo-like JPEGs (200x200, ~10 KB, as face crops are), at two
+sizes; the difference removes the fixed start-up cost. It runs once with no added latency and
+once with `latency` seconds added to every response (a typical internet round trip), with the
+shipped defaults (the local runner's one worker, whose downloads share one event loop and whose
+decoding runs in two decoder processes; the download cache on, as a local run has it). Rows are
+spread over 32 loopback hosts, as a real manifest is over many sites, so the per-host limit
+(`--max-per-host`, default 8) is met as it would be there.
+
+- R3s: CPU per image of the bare OpenCV loop (DCT-reduced decode, INTER_AREA to the target,
+  JPEG q95, one thread, bytes in memory) over the ingest's marginal CPU per image (its whole
+  process tree, server excluded) at 0 ms latency (at 100 ms in details). Target >= 0.5: at most
+  2x the real work.
+- LATENCY: images/s with the added latency over images/s without. Target >= 0.8.
+- CPU ms per image by phase (fetch, decode, encode, hash, write, record; the rest is
+  `framework`: Beam, hand-offs, start of bundles) from the job's own counters.
+"""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks import http_source, images, ingest_bench, measure
+
+# The bare loop counts as the real work; the ingest may cost this much more per image.
+R3S_TARGET = 0.5
+LATENCY_TARGET = 0.8
+
+
+def write_url_manifest(path: pathlib.Path, base_urls: Sequence[str], count: int,
+                       classes: Sequence[str] = ("a", "b")) -> pathlib.Path:
+  """A CSV manifest (`image_url,label`) of `count` distinct URLs `{base}/img/<i>.jpg`, row i
+  on host `base_urls[i % len(base_urls)]`."""
+  if count <= 0:
+    raise ValueError(f"count must be positive, got {count!r}")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  lines = [f"{base_urls[i % len(base_urls)]}/img/{i}.jpg,{classes[i % len(classes)]}"
+           for i in range(count)]
+  path.write_text("image_url,label\n" + "\n".join(lines) + "\n")
+  return path
+
+
+def _phases(usage: dict[str, Any]) -> dict[str, float]:
+  """CPU seconds by phase of one child's whole job (its summary's per-image figures x images)."""
+  written = usage.get("written") or 0
+  return {phase: ms * written / 1e3 for phase, ms in (usage.get("cpu_ms_per_image") or {}).items()}
+
+
+def measure_latency(served: pathlib.Path, work: pathlib.Path, latency: float,
+                    sizes: tuple[int, int], size: int, hosts: int, repeats: int = 1,
+                    extra_args: Sequence[str] = ()) -> dict[str, Any]:
+  """One server with `latency` seconds per response; the ingest at both sizes against it,
+  `repeats` times each (the run with the least CPU time counts: the machine may be shared).
+
+  Returns:
+    Per size wall/CPU/RSS; marginal CPU ms per image (total and by phase), images/s.
+  """
+  by_size, phases = {}, {}
+  with http_source.serve(served, latency=latency, hosts=hosts) as urls:
+    for count in sizes:
+      manifest = write_url_manifest(work / f"urls_{latency:g}_{count}.csv", urls, count)
+      children = []
+      for attempt in range(max(1, repeats)):
+        out = work / f"http_images_{latency:g}_{count}_{attempt}"
+        child = measure.run_child("ingest", [
+            "--source", str(manifest), "--out", str(out), "--image-size", str(size),
+            "--allow-network", "127.0.0.0/8", *extra_args])
+        if child.usage.get("written") != count:
+          raise RuntimeError(f"ingest wrote {child.usage.get('written')} of {count} served "
+                             f"images: {child.output[-1500:]}")
+        children.append(child)
+      best = min(children, key=lambda c: c.cpu_seconds)
+      by_size[count] = {"wall_seconds": min(c.wall_seconds for c in children),
+                        "cpu_seconds": best.cpu_seconds,
+                        "cpu_seconds_all": [c.cpu_seconds for c in children],
+                        "tree_rss_mb": max(c.tree_rss_mb for c in children),
+                        "cpu_by_role": best.cpu_by_role}
+      phases[count] = _phases(best.usage)
+  small, large = sizes
+  extra = large - small
+  wall = by_size[large]["wall_seconds"] - by_size[small]["wall_seconds"]
+  cpu = by_size[large]["cpu_seconds"] - by_size[small]["cpu_seconds"]
+  phase_ms = {p: 1e3 * (phases[large].get(p, 0.0) - phases[small].get(p, 0.0)) / extra
+              for p in sorted(set(phases[large]) | set(phases[small]))}
+  cpu_ms = 1e3 * cpu / extra if cpu > 0 else None
+  if cpu_ms is not None:
+    phase_ms["framework"] = cpu_ms - sum(phase_ms.values())
+  return {"latency_seconds": latency, "by_size": by_size,
+          "cpu_ms_per_image": cpu_ms, "cpu_ms_by_phase": phase_ms,
+          "images_per_second": extra / wall if wall > 0 else None}
+
+
+def ratios(work: pathlib.Path, *, sizes: tuple[int, int], latency: float, size: int = 224,
+           source_size: int = 200, hosts: int = 32, repeats: int = 1,
+           distinct: int = 64) -> tuple[measure.Ratio, measure.Ratio]:
+  """R3s and LATENCY, measured side by side in this call."""
+  if sizes[1] <= sizes[0]:
+    raise ValueError(f"sizes must grow, got {sizes!r}")
+  jpegs = images.distinct_jpegs([(source_size, source_size)], per_size=distinct)
+  served = work / "served"
+  served.mkdir(parents=True, exist_ok=True)
+  for index, data in enumerate(jpegs):
+    (served / f"{index:03d}.jpg").write_bytes(data)
+  # The bare loop before and after the runs (their mean counts): this machine's speed drifts
+  # by up to 40 % over minutes, and both sides of the ratio should see the same drift.
+  bare_before, _ = ingest_bench.bare_loop_seconds(jpegs, size)
+  runs = [measure_latency(served, work, seconds, sizes, size, hosts, repeats)
+          for seconds in (0.0, latency)]
+  # What the default download cache costs: the same 0 ms run without it.
+  no_cache = measure_latency(served, work / "no_cache", 0.0, sizes, size, hosts, repeats,
+                             ("--download-cache", "none"))
+  bare_after, _ = ingest_bench.bare_loop_seconds(jpegs, size)
+  bare_cpu = (bare_before + bare_after) / 2
+  fast, slow = runs
+  mean_bytes = sum(len(d) for d in jpegs) / len(jpegs)
+  setting = (f"{sizes[1]} distinct loopback URLs ({source_size}x{source_size} JPEG q90, "
+             f"{mean_bytes / 1024:.1f} KB) on {hosts} loopback hosts -> {size}px, default "
+             f"flags (one local worker, download cache on, --max-per-host 8); marginal "
+             f"cost between {sizes[0]} and {sizes[1]} rows, least CPU of {repeats} run(s) each")
+  ingest_ms = fast["cpu_ms_per_image"]
+  r3s = measure.Ratio(
+      "R3s", "HTTP ingest of small images, overhead per core",
+      measure.ratio_or_none(bare_cpu * 1e3, ingest_ms) if ingest_ms else None,
+      measure.Figure("bare cv2 loop CPU per image", 1e3 * bare_cpu, "ms"),
+      measure.Figure("ingest CPU per image (0 ms latency)", ingest_ms or float("nan"), "ms"),
+      R3S_TARGET, ">=",
+      details={"runs": runs, "bare_loop_ms": 1e3 * bare_cpu, "cpu_ms_target": 1.0,
+               "bare_loop_ms_before_after": [1e3 * bare_before, 1e3 * bare_after],
+               "r3s_at_latency": measure.ratio_or_none(bare_cpu * 1e3,
+                                                       slow["cpu_ms_per_image"] or 0.0),
+               "without_download_cache": no_cache,
+               "r3s_without_download_cache": measure.ratio_or_none(
+                   bare_cpu * 1e3, no_cache["cpu_ms_per_image"] or 0.0)},
+      notes=f"{setting}; CPU of the job's process tree (server excluded); by phase in details")
+  rates = (fast["images_per_second"], slow["images_per_second"])
+  hiding = measure.Ratio(
+      "LATENCY", f"HTTP ingest at {latency * 1e3:g} ms per response vs none",
+      measure.ratio_or_none(rates[1], rates[0]) if all(rates) else None,
+      measure.Figure(f"images/s at {latency * 1e3:g} ms", rates[1] or float("nan"), "img/s"),
+      measure.Figure("images/s at 0 ms", rates[0] or float("nan"), "img/s"),
+      LATENCY_TARGET, ">=", details={"runs": runs}, notes=setting)
+  return r3s, hiding
+
+
+def phase_line(ratio: measure.Ratio) -> str:
+  """`INGEST-HTTP CPU ms per image by phase` line of both latencies."""
+  parts = []
+  for run in ratio.details["runs"]:
+    phases = ", ".join(f"{k} {v:.3f}" for k, v in run["cpu_ms_by_phase"].items())
+    total = run["cpu_ms_per_image"]
+    parts.append(f"{run['latency_seconds'] * 1e3:g} ms latency: "
+                 f"{'n/a' if total is None else f'{total:.3f}'} total ({phases})")
+  no_cache = ratio.details["without_download_cache"]
+  if no_cache["cpu_ms_per_image"] is not None:
+    parts.append(f"0 ms, --download-cache none: {no_cache['cpu_ms_per_image']:.3f} total, "
+                 f"R3s {ratio.details['r3s_without_download_cache']:.3f}")
+  return "INGEST-HTTP CPU ms per image by phase: " + "; ".join(parts)

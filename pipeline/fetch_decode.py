@@ -1,0 +1,170 @@
+"""The fetch-and-decode DoFn of the ingest (stage 1): source rows in, image dicts and dead letters
+out, with hundreds of rows in flight per worker (the machinery is `inflight`, no Beam there).
+
+    images = rows | beam.ParDo(FetchDecodeFn(cfg)).with_outputs(DEAD, main="images")
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils import shared
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
+
+from contracts import progress
+from pipeline import decoder_pool, download_cache, fetch, image_decode, inflight, sinks
+from pipeline.ingest_config import DeadLetteringDoFn, IngestConfig
+
+
+def _in_global_window(output):
+  """A finish_bundle output (main or tagged) in the global window, as Beam requires there."""
+  if isinstance(output, pvalue.TaggedOutput):
+    return pvalue.TaggedOutput(output.tag, WindowedValue(output.value, MIN_TIMESTAMP,
+                                                         [GlobalWindow()]))
+  return WindowedValue(output, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+class CpuCounters:
+  """CPU microseconds by phase as Beam counters (`sinks.CPU_NAMESPACE`), created in the worker."""
+
+  def __init__(self):
+    self._counters = {}
+
+  def add(self, seconds: Mapping[str, float]) -> None:
+    for phase, value in seconds.items():
+      if phase not in self._counters:
+        self._counters[phase] = Metrics.counter(sinks.CPU_NAMESPACE, phase)
+      self._counters[phase].inc(int(value * 1e6))
+
+
+class FetchDecodeFn(DeadLetteringDoFn):
+  """Source row -> lists of image dicts (in input order) + dead letters, with hundreds of rows
+  in flight per worker: downloads on the fetcher's event loop, decoding in batches (see
+  `inflight`).
+
+  Outputs of earlier rows may leave with a later row or at the end of the bundle: a download
+  must not wait for the bundle's next element to start.
+  """
+
+  def __init__(self, cfg: IngestConfig):
+    super().__init__()
+    self._cfg = cfg
+    self._shared_engine = shared.Shared()
+
+  def setup(self):
+    # One fetcher (event loop, per-host limits, pools) and one byte budget per worker process,
+    # whatever the number of DoFn instances Beam runs in it: --max-per-host, --max-in-flight-mb
+    # and the pools are the process's, not one bundle thread's.
+    cfg = self._cfg
+    self._engine = self._shared_engine.acquire(
+        lambda: inflight.Engine(fetch.Fetcher(cfg.fetch), max_in_flight=cfg.max_in_flight,
+                                max_bytes=cfg.max_in_flight_mb << 20,
+                                file_threads=cfg.fetch_threads),
+        tag=repr((cfg.fetch, cfg.max_in_flight, cfg.max_in_flight_mb, cfg.fetch_threads)))
+    self._fetcher = self._engine.fetcher
+    self._cache = download_cache.DownloadCache(cfg.download_cache) if cfg.download_cache else None
+    self._cache_hits = Metrics.counter("ingest", "download_cache_hits")
+    self._cache_errors = Metrics.counter("ingest", "download_cache_errors")
+    self._decode = cfg.decoder
+    if cfg.decode_timeout > 0:
+      self._decode = decoder_pool.IsolatedDecoder(
+          cfg.decoder, processes=cfg.decode_processes, timeout=cfg.decode_timeout,
+          max_memory_bytes=cfg.decode_memory_mb << 20)
+    self._decoding = inflight.DecodeStage(self._decode_many, workers=cfg.decode_processes)
+    self._done = Metrics.counter("ingest", "images_written")
+    self._cpu = CpuCounters()
+
+  def teardown(self):
+    self._decoding.close()
+    if isinstance(self._decode, decoder_pool.IsolatedDecoder):
+      self._decode.close()
+
+  def start_bundle(self):
+    self._window = inflight.Window(self._engine, self._decoding, self._bytes_of)
+
+  async def _bytes_of(self, slot: inflight.Slot) -> bytes:
+    """The row's bytes (on the fetcher's loop): a file read on a file thread, or a download,
+    through the download cache when there is one."""
+    row, engine = slot.row, self._engine
+    if not fetch.is_remote(row["location"]):
+      return await engine.in_thread(slot, self._fetcher.read_file, row["location"])
+    if self._cache is None:
+      return await self._fetcher.fetch_http(row["location"])
+    data = await self._cache_call(slot, self._cached, row["id"])
+    if data is not None:
+      return data
+    data = await self._fetcher.fetch_http(row["location"])
+    await self._cache_call(slot, self._cache_put, row["id"], data)
+    return data
+
+  async def _cache_call(self, slot: inflight.Slot, function: Callable, *args):
+    """`function(*args)` in-line on the loop for a local cache (0.13 ms per image, measured:
+    cheaper than the two thread hand-offs it saves, ~0.35 ms), on a file thread otherwise."""
+    if self._cache.is_local:
+      return function(*args)
+    return await self._engine.in_thread(slot, function, *args)
+
+  def _cached(self, row_id: str) -> bytes | None:
+    try:
+      data = self._cache.get(row_id)
+    except Exception:  # noqa: BLE001 (an unreadable cache entry is a miss, not a failed row)
+      return None
+    if data is not None:
+      self._cache_hits.inc()
+    return data
+
+  def _cache_put(self, row_id: str, data: bytes) -> None:
+    try:
+      self._cache.put(row_id, data)
+    except Exception as error:  # noqa: BLE001 (the cache is an optimisation; the row is fine)
+      # A cache that cannot be written (full disk, permissions, an object-store hiccup) costs a
+      # re-fetch on the next run, never this row or the job.
+      self._cache_errors.inc()
+      logging.getLogger("headstart").warning("ingest: download cache not written for %s: %s",
+                                             row_id[:12], error)
+
+  def _decode_many(self, slots: Sequence[inflight.Slot]) -> list:
+    """One result or ImageError per fetched slot (a batch: one message to a decoder process)."""
+    settings = self._cfg.decode_settings
+    if isinstance(self._decode, decoder_pool.IsolatedDecoder):
+      return self._decode.map([(slot.row, slot.data, settings) for slot in slots])
+    results = []
+    for slot in slots:
+      try:
+        results.append(self._decode(slot.row, slot.data, settings))
+      except image_decode.ImageError as error:
+        results.append(error)
+    return results
+
+  def _outputs(self, slots: Sequence[inflight.Slot]) -> Iterator:
+    """Dead letters, then one list of the images, of finished slots."""
+    if not slots:
+      return
+    images, cpu = [], collections.Counter({"fetch": self._engine.take_loop_cpu()})
+    for slot in slots:
+      cpu.update(slot.cpu)
+      result = slot.result
+      if isinstance(result, (fetch.FetchError, image_decode.ImageError)):
+        yield self._dead(result.reason, slot.row, str(result))
+      elif isinstance(result, BaseException):
+        raise result  # a bug, not a bad input: the bundle fails as it would in-line
+      else:
+        cpu.update(result.pop(image_decode.PHASES_KEY, None) or {})
+        images.append(result)
+    self._cpu.add(cpu)
+    if images:
+      self._done.inc(len(images))
+      yield images
+    progress.report("ingest", advance=len(slots), unit="img")
+
+  def process(self, row: dict):
+    yield from self._outputs(self._window.push(row))
+
+  def finish_bundle(self):
+    for output in self._outputs(self._window.drain()):
+      yield _in_global_window(output)
