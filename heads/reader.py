@@ -24,6 +24,8 @@ from contracts import schema as schema_lib
 PARSE_BATCH = 256
 # Memory the train shuffle buffer may hold (see `shuffle_buffer_size`).
 SHUFFLE_BUFFER_BYTES = 32 << 20
+# What tf.data's autotuned buffers (prefetch, parallel map, interleave) of one input may hold.
+AUTOTUNE_RAM_BUDGET = 128 << 20
 INPUT_KINDS = ("pooled", "map", "image")
 
 
@@ -298,7 +300,16 @@ def make_for_train(dataset: tf.data.Dataset, *, batch_size: int, shuffle_buffer:
     dataset = tf.data.Dataset.from_tensors(0).flat_map(epoch_order)
     if num_examples is not None:
       dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
-  return dataset.batch(batch_size).map(_as_float).prefetch(tf.data.AUTOTUNE)
+  return _bounded(dataset.batch(batch_size).map(_as_float).prefetch(tf.data.AUTOTUNE))
+
+
+def _bounded(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """`dataset` whose autotuned buffers (prefetch, parallel map and interleave) share at most
+  `AUTOTUNE_RAM_BUDGET` bytes: tf.data's default budget is half the machine's RAM, so a stream
+  that never fills a cache let those buffers grow with the dataset."""
+  options = tf.data.Options()
+  options.autotune.ram_budget = AUTOTUNE_RAM_BUDGET
+  return dataset.with_options(options)
 
 
 def shuffle_buffer_size(element: tf.TensorSpec, examples: int) -> int:
@@ -317,7 +328,7 @@ def make_for_eval(dataset: tf.data.Dataset, *, batch_size: int, cache: str | boo
                   num_examples: int | None = None) -> tf.data.Dataset:
   """Per-example dicts -> float32 `(x, y)` batches in record order."""
   dataset = _pairs(dataset, cache=cache, cache_file=cache_file, num_examples=num_examples)
-  return dataset.batch(batch_size).map(_as_float).prefetch(tf.data.AUTOTUNE)
+  return _bounded(dataset.batch(batch_size).map(_as_float).prefetch(tf.data.AUTOTUNE))
 
 
 def load_arrays(dataset: tf.data.Dataset, keys: tuple[str, ...] = ("x", "y")
