@@ -130,18 +130,26 @@ def measure_runs(runs: Sequence[IngestRun], manifests: dict[int, pathlib.Path],
                         "tree_rss_mb": max(c.tree_rss_mb for c in children),
                         "processes": children[-1].processes, "out": str(out)}
     small, large = run.sizes
-    extra = large - small
-    wall = by_size[large]["wall_seconds"] - by_size[small]["wall_seconds"]
-    cpu = by_size[large]["cpu_seconds"] - by_size[small]["cpu_seconds"]
+    cpu_per_image, rate = marginal(by_size, run.sizes)
     results.append({
         "mode": run.mode, "workers": run.workers, "label": run.label,
         "default_flags": not run.extra_args, "by_size": by_size,
-        "cpu_seconds_per_image": cpu / extra if cpu > 0 else None,
-        "images_per_second": extra / wall if wall > 0 else None,
-        "fixed_wall_seconds": by_size[small]["wall_seconds"] - (
-            small * wall / extra if wall > 0 else 0.0),
+        "cpu_seconds_per_image": cpu_per_image, "images_per_second": rate,
+        "fixed_wall_seconds": by_size[small]["wall_seconds"] - (small / rate if rate else 0.0),
     })
   return results
+
+
+def marginal(by_size: dict[int, dict[str, Any]],
+             sizes: tuple[int, int]) -> tuple[float | None, float | None]:
+  """(CPU seconds per image, images per second) of the rows the larger run adds: the
+  difference of the two runs' `cpu_seconds` and `wall_seconds` removes the fixed start-up cost.
+  None where the difference is not positive (a noisy pair)."""
+  small, large = sizes
+  extra = large - small
+  wall = by_size[large]["wall_seconds"] - by_size[small]["wall_seconds"]
+  cpu = by_size[large]["cpu_seconds"] - by_size[small]["cpu_seconds"]
+  return (cpu / extra if cpu > 0 else None), (extra / wall if wall > 0 else None)
 
 
 def ratios(runs: list[dict[str, Any]], jpegs: Sequence[bytes], size: int,

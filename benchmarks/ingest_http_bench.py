@@ -83,17 +83,14 @@ def measure_latency(served: pathlib.Path, work: pathlib.Path, latency: float,
                         "cpu_by_role": best.cpu_by_role}
       phases[count] = _phases(best.usage)
   small, large = sizes
-  extra = large - small
-  wall = by_size[large]["wall_seconds"] - by_size[small]["wall_seconds"]
-  cpu = by_size[large]["cpu_seconds"] - by_size[small]["cpu_seconds"]
-  phase_ms = {p: 1e3 * (phases[large].get(p, 0.0) - phases[small].get(p, 0.0)) / extra
+  cpu_per_image, rate = ingest_bench.marginal(by_size, sizes)
+  phase_ms = {p: 1e3 * (phases[large].get(p, 0.0) - phases[small].get(p, 0.0)) / (large - small)
               for p in sorted(set(phases[large]) | set(phases[small]))}
-  cpu_ms = 1e3 * cpu / extra if cpu > 0 else None
+  cpu_ms = None if cpu_per_image is None else 1e3 * cpu_per_image
   if cpu_ms is not None:
     phase_ms["framework"] = cpu_ms - sum(phase_ms.values())
   return {"latency_seconds": latency, "by_size": by_size,
-          "cpu_ms_per_image": cpu_ms, "cpu_ms_by_phase": phase_ms,
-          "images_per_second": extra / wall if wall > 0 else None}
+          "cpu_ms_per_image": cpu_ms, "cpu_ms_by_phase": phase_ms, "images_per_second": rate}
 
 
 def ratios(work: pathlib.Path, *, sizes: tuple[int, int], latency: float, size: int = 224,

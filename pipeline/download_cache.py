@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -30,13 +32,13 @@ class DownloadCache:
 
   def __init__(self, root: str):
     self._root = root.rstrip("/")
-    self._local = "://" not in self._root
+    self._files = _LOCAL if "://" not in self._root else _REMOTE
     self._folders: set[str] = set()  # folders known to exist (a makedirs per put was measurable)
 
   @property
   def is_local(self) -> bool:
     """True for a folder on this machine (its calls are quick enough to make in-line)."""
-    return self._local
+    return self._files is _LOCAL
 
   def _blob(self, digest: str) -> str:
     return f"{self._root}/blobs/{digest[:2]}/{digest}"
@@ -44,10 +46,7 @@ class DownloadCache:
   def _read(self, path: str, mode: str = "rb") -> bytes | str | None:
     """The file's content, or None when it does not exist."""
     try:
-      if self._local:
-        with open(path, mode) as f:
-          return f.read()
-      with tf.io.gfile.GFile(path, mode) as f:
+      with self._files.open(path, mode) as f:
         return f.read()
     except (FileNotFoundError, tf.errors.NotFoundError):
       return None
@@ -67,33 +66,41 @@ class DownloadCache:
     """Stores the bytes a source returned."""
     digest = hashlib.sha256(data).hexdigest()
     blob = self._blob(digest)
-    exists = os.path.exists if self._local else tf.io.gfile.exists
-    if not exists(blob):
+    if not self._files.exists(blob):
       self._write(blob, data)
     self._write(f"{self._root}/refs/{source_id}", digest.encode())
 
   def _write(self, path: str, data: bytes) -> None:
+    files = self._files
     folder = path.rsplit("/", 1)[0]
     if folder not in self._folders:
-      (os.makedirs(folder, exist_ok=True) if self._local else tf.io.gfile.makedirs(folder))
+      files.makedirs(folder)
       self._folders.add(folder)
     # Unique per writer (process, thread, attempt): a name derived from the content collided
     # when two URLs served identical bytes at the same moment, and one rename then failed.
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    if self._local:
-      try:
-        with open(tmp, "wb") as f:
-          f.write(data)
-        os.replace(tmp, path)
-      except BaseException:
-        with contextlib.suppress(OSError):  # nothing to remove if open() failed
-          os.remove(tmp)
-        raise
-      return
     try:
-      with tf.io.gfile.GFile(tmp, "wb") as f:
+      with files.open(tmp, "wb") as f:
         f.write(data)
-      tf.io.gfile.rename(tmp, path, overwrite=True)
-    finally:
-      if tf.io.gfile.exists(tmp):
-        tf.io.gfile.remove(tmp)
+      files.replace(tmp, path)
+    except BaseException:
+      with contextlib.suppress(OSError, tf.errors.OpError):  # nothing to remove if open failed
+        files.remove(tmp)
+      raise
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileOps:
+  """The file calls the cache makes, for one kind of root."""
+  open: Callable
+  exists: Callable[[str], bool]
+  makedirs: Callable[[str], None]
+  replace: Callable[[str, str], None]
+  remove: Callable[[str], None]
+
+
+_LOCAL = _FileOps(open, os.path.exists, lambda folder: os.makedirs(folder, exist_ok=True),
+                  os.replace, os.remove)
+_REMOTE = _FileOps(tf.io.gfile.GFile, tf.io.gfile.exists, tf.io.gfile.makedirs,
+                   lambda src, dst: tf.io.gfile.rename(src, dst, overwrite=True),
+                   tf.io.gfile.remove)
