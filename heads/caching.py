@@ -25,7 +25,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from heads import reader
+from heads import compiled, reader
 
 WHERE = ("memory", "file", "none")
 DEFAULT_BUDGET_FRACTION = 0.25
@@ -202,6 +202,8 @@ def cached_split(spec: reader.DatasetSpec, split: str, *, input_kind: str, views
 
 
 def release_shared() -> None:
-  """Drops the shared caches (a grid moving to its next dataset frees the last one's memory)."""
+  """Drops what this process's runs share: the parsed caches, and the compiled heads that hold
+  the dataset's statistics (a grid moving to its next dataset frees the last one's memory)."""
+  compiled.release()
   _SHARED.clear()
   _SHARED_KINDS.clear()

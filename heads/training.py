@@ -11,6 +11,7 @@ interrupted run resumes from its last finished epoch when started again with the
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from contracts import datasets, layout, runs, statistics
-from heads import caching, dataset_stats, evaluation, export, fitting, reader, ridge, search
-from heads import sweep, zoo
+from heads import caching, compiled, dataset_stats, evaluation, export, fitting, reader, ridge
+from heads import search, sweep, zoo
 from heads.config import Config, to_dict
 
 
@@ -315,14 +316,19 @@ def _fit_head(head: str, spec: reader.DatasetSpec, run: runs.RunDir, inputs: fit
   target_mean = statistics.targets_mean(stats) if spec.task == "keypoints" else None
   steps = -(-inputs.num_train // inputs.batch_size)
 
+  def fresh(point: Config) -> keras.Model:
+    return zoo.build_head(head, spec, point.head, target_mean=target_mean,
+                          input_stats=input_stats, linear_start=linear)
+
   def build(point: Config) -> keras.Model:
     """A compiled head with `point`'s settings (a search builds one per point)."""
-    model = zoo.build_head(head, spec, point.head, target_mean=target_mean,
-                           input_stats=input_stats, linear_start=linear)
+    model = fresh(point)
     compile_head(model, spec.task, _optimizer(point, steps))
     return model
 
-  model = build(config)
+  # Runs of this process that differ only in their seed share one compiled (traced) model.
+  model = compiled.reuse(_compiled_key(head, spec, config, linear), fresh(config),
+                         lambda new: compile_head(new, spec.task, _optimizer(config, steps)))
   # A head started at a ridge fit keeps that start unless an epoch beats it on validation.
   initial_best = (model.evaluate(inputs.validation, verbose=0, return_dict=True)["loss"]
                   if linear is not None else None)
@@ -341,6 +347,15 @@ def _fit_head(head: str, spec: reader.DatasetSpec, run: runs.RunDir, inputs: fit
   return fitting.train_and_evaluate(
       model, run, inputs, options, describe=_describe(spec, head, model, inputs.num_train),
       notes=notes, started=started, extra=extra, baseline=target_mean, export=export)
+
+
+def _compiled_key(head: str, spec: reader.DatasetSpec, config: Config,
+                  linear: tuple[np.ndarray, np.ndarray] | None) -> str:
+  """What a head's traced functions depend on besides its variables (`heads.compiled`)."""
+  settings = to_dict(config)
+  settings["train"] = {k: v for k, v in settings["train"].items() if k != "seed"}
+  return json.dumps([head, spec.data_dir, spec.cache_key, settings, linear is not None],
+                    sort_keys=True, default=str)
 
 
 def _fit_notes(inputs: fitting.RunInputs, export_model: bool) -> list[str]:

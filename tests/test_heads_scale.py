@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from contracts import layout
-from heads import caching, compare, config as config_lib, dataset_stats, reader, training
+from heads import caching, compare, compiled, config as config_lib, dataset_stats, reader
+from heads import training
 from tests.test_heads_unit import write_feature_dataset
 
 
@@ -96,3 +97,25 @@ def test_beam_grid_in_worker_processes_equals_the_in_process_grid(features, tmp_
   assert len(local) == 2
   assert local[columns].sort_values("head").to_dict("records") == \
       beam[columns].sort_values("head").to_dict("records")
+
+
+def test_runs_sharing_a_compiled_head_train_as_runs_alone(features, tmp_path):
+  # mlp: dropout draws from a seed state the shared model must take from each run's own build.
+  config = _tiny(epochs=2)
+  alone = {}
+  for seed in (0, 1):
+    caching.release_shared()   # a new process: nothing compiled yet
+    training.train(str(features), "mlp", str(tmp_path / f"alone{seed}"),
+                   config_lib.override(config, {"train": {"seed": seed}}), verbose=0,
+                   export_model=False)
+    alone[seed] = (tmp_path / f"alone{seed}" / "predictions_test.csv").read_text()
+  caching.release_shared()
+  shared = []
+  for seed in (1, 0):   # the second run reuses the first one's compiled model
+    training.train(str(features), "mlp", str(tmp_path / f"shared{seed}"),
+                   config_lib.override(config, {"train": {"seed": seed}}), verbose=0,
+                   export_model=False)
+    shared.append(compiled.shared_count())
+    assert (tmp_path / f"shared{seed}" / "predictions_test.csv").read_text() == alone[seed]
+  assert shared == [1, 1]
+  assert alone[0] != alone[1]

@@ -1,0 +1,72 @@
+"""Compiled heads reused by the runs of one process, so a compare grid traces each head once.
+
+    model = compiled.reuse(key, zoo.build_head(...), lambda m: training.compile_head(m, ...))
+
+Tracing a head's train step, validation step and forward pass costs about as much as a few
+epochs of a pooled head (1-1.5 s of 2 CPU cores), and a compare grid used to build and trace a
+new model for every seed of every cell. Runs whose heads share architecture and settings (the
+`key`: same head, dataset and hyperparameters; only the seed differs) now share one compiled
+model: each run still builds its own head under its own seed, which is cheap and gives its
+initial weights and dropout seeds, and those values are copied into the shared model's
+variables; its optimizer goes back to the state it had when first built (zero moments, step 0).
+The traced functions read the same variables, so nothing is traced again and a run trains
+exactly as on a model of its own (tests compare the predictions bit for bit).
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+# Compiled models kept; a grid moves through datasets one at a time (see `heads.compare`).
+MAX_SHARED = 4
+
+# key -> (compiled model, its optimizer variables' values right after they were built)
+_SHARED: collections.OrderedDict[str, tuple[keras.Model, list[np.ndarray]]] = (
+    collections.OrderedDict())
+
+
+def reuse(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], None]
+          ) -> keras.Model:
+  """The process's compiled model for `key`, holding `fresh`'s initial state.
+
+  Args:
+    key: what the model's traced functions depend on besides its variables' values: the head,
+      the dataset (its statistics are constants of the standardising layer) and every
+      hyperparameter but the seed.
+    fresh: the run's newly built, uncompiled head.
+    compile_model: compiles a head (used the first time `key` is seen).
+
+  Raises:
+    ValueError: `fresh` does not have the variables of the model shared under `key`.
+  """
+  if key not in _SHARED:
+    compile_model(fresh)
+    fresh.optimizer.build(fresh.trainable_variables)
+    _SHARED[key] = (fresh, [np.array(v.numpy()) for v in fresh.optimizer.variables])
+    while len(_SHARED) > MAX_SHARED:
+      _SHARED.popitem(last=False)
+    return fresh
+  _SHARED.move_to_end(key)
+  model, optimizer_start = _SHARED[key]
+  targets, sources = model.variables, fresh.variables
+  # Auto-named layers (dropout_3...) differ between builds: positions, shapes and dtypes match.
+  if [(tuple(v.shape), v.dtype) for v in targets] != [(tuple(v.shape), v.dtype) for v in sources]:
+    raise ValueError(f"head {fresh.name!r} does not match the compiled head shared as {key!r}")
+  for target, source in zip(targets, sources):   # weights and dropout seed states
+    target.assign(source)
+  for variable, value in zip(model.optimizer.variables, optimizer_start):
+    variable.assign(value)
+  return model
+
+
+def release() -> None:
+  """Drops the shared models (and with them their traced functions)."""
+  _SHARED.clear()
+
+
+def shared_count() -> int:
+  """How many compiled models this process holds now."""
+  return len(_SHARED)
