@@ -15,7 +15,9 @@ exactly as on a model of its own (tests compare the predictions bit for bit).
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import keras
 import numpy as np
@@ -23,9 +25,16 @@ import numpy as np
 # Compiled models kept; a grid moves through datasets one at a time (see `heads.compare`).
 MAX_SHARED = 4
 
-# key -> (compiled model, its optimizer variables' values right after they were built)
-_SHARED: collections.OrderedDict[str, tuple[keras.Model, list[np.ndarray]]] = (
-    collections.OrderedDict())
+
+
+@dataclasses.dataclass
+class _Shared:
+  model: keras.Model
+  optimizer_start: list[np.ndarray]   # its optimizer variables' values right after building
+  traced: dict[Hashable, Any] = dataclasses.field(default_factory=dict)
+
+
+_SHARED: collections.OrderedDict[str, _Shared] = collections.OrderedDict()
 
 
 def reuse(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], None]
@@ -45,12 +54,12 @@ def reuse(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], N
   if key not in _SHARED:
     compile_model(fresh)
     fresh.optimizer.build(fresh.trainable_variables)
-    _SHARED[key] = (fresh, [np.array(v.numpy()) for v in fresh.optimizer.variables])
+    _SHARED[key] = _Shared(fresh, [np.array(v.numpy()) for v in fresh.optimizer.variables])
     while len(_SHARED) > MAX_SHARED:
       _SHARED.popitem(last=False)
     return fresh
   _SHARED.move_to_end(key)
-  model, optimizer_start = _SHARED[key]
+  model, optimizer_start = _SHARED[key].model, _SHARED[key].optimizer_start
   targets, sources = model.variables, fresh.variables
   # Auto-named layers (dropout_3...) differ between builds: positions, shapes and dtypes match.
   if [(tuple(v.shape), v.dtype) for v in targets] != [(tuple(v.shape), v.dtype) for v in sources]:
@@ -60,6 +69,20 @@ def reuse(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], N
   for variable, value in zip(model.optimizer.variables, optimizer_start):
     variable.assign(value)
   return model
+
+
+def traced(model: keras.Model, key: Hashable, trace: Callable[[], Any]) -> Any:
+  """`trace()`'s result, computed once per shared model and `key` (each call for others).
+
+  For functions traced outside Keras' own (e.g. `evaluation.compiled_forward`): they read the
+  model's variables, so they serve every run the model is shared with.
+  """
+  for entry in _SHARED.values():
+    if entry.model is model:
+      if key not in entry.traced:
+        entry.traced[key] = trace()
+      return entry.traced[key]
+  return trace()
 
 
 def release() -> None:

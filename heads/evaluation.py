@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from contracts import runs, statistics
-from heads import dataset_stats, export, metrics, reader
+from heads import compiled, dataset_stats, export, metrics, reader
 
 EVALUATED_SPLITS = ("validation", "test")
 
@@ -47,8 +47,9 @@ def compiled_forward(model: keras.Model, example: tf.TensorSpec) -> Callable[[tf
   """`model(x, training=False)` traced once for batches of any size of `example`-shaped inputs."""
   # Cached inputs arrive as stored (float16 maps, uint8 images): cast inside the one trace.
   signature = tf.TensorSpec([None, *example.shape], example.dtype)
-  return tf.function(lambda x: model(tf.cast(x, tf.float32), training=False)
-                     ).get_concrete_function(signature)
+  # A head shared by several runs (`heads.compiled`) keeps its trace for the next run.
+  return compiled.traced(model, ("forward", signature), lambda: tf.function(
+      lambda x: model(tf.cast(x, tf.float32), training=False)).get_concrete_function(signature))
 
 
 def predict_split(forward: Callable[[tf.Tensor], tf.Tensor], records: tf.data.Dataset, *,
