@@ -52,7 +52,8 @@ def main(argv: list[str]) -> int:
   elif argv[0] == "ingest":
     from pipeline import run as ingest
     summary = ingest.run(argv[1:])
-    report.update(written=summary["written"], cpu_ms_per_image=summary.get("cpu_ms_per_image"))
+    report.update(written=summary["written"], cpu_ms_per_image=summary.get("cpu_ms_per_image"),
+                  fetch_decode_seconds=summary.get("fetch_decode_seconds"))
   elif argv[0] == "extract":
     from features import run as extract
     extract.run(argv[1:])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from apache_beam import pvalue
@@ -27,6 +28,10 @@ def _in_global_window(output):
     return pvalue.TaggedOutput(output.tag, WindowedValue(output.value, MIN_TIMESTAMP,
                                                          [GlobalWindow()]))
   return WindowedValue(output, MIN_TIMESTAMP, [GlobalWindow()])
+
+
+# The `ingest` distribution of wall-clock milliseconds (see FetchDecodeFn.setup).
+CLOCK_METRIC = "fetch_decode_clock_ms"
 
 
 class CpuCounters:
@@ -78,6 +83,9 @@ class FetchDecodeFn(DeadLetteringDoFn):
     self._decoding = inflight.DecodeStage(self._decode_many, workers=cfg.decode_processes)
     self._done = Metrics.counter("ingest", "images_written")
     self._cpu = CpuCounters()
+    # Wall-clock ms when a bundle's first row arrives and whenever images leave: min and max
+    # over the job give how long fetching and decoding took, without the job's start-up.
+    self._clock = Metrics.distribution("ingest", CLOCK_METRIC)
 
   def teardown(self):
     self._decoding.close()
@@ -86,6 +94,7 @@ class FetchDecodeFn(DeadLetteringDoFn):
 
   def start_bundle(self):
     self._window = inflight.Window(self._engine, self._decoding, self._bytes_of)
+    self._started = False
 
   async def _bytes_of(self, slot: inflight.Slot) -> bytes:
     """The row's bytes (on the fetcher's loop): a file read on a file thread, or a download,
@@ -159,10 +168,14 @@ class FetchDecodeFn(DeadLetteringDoFn):
     self._cpu.add(cpu)
     if images:
       self._done.inc(len(images))
+      self._clock.update(int(time.time() * 1e3))
       yield images
     progress.report("ingest", advance=len(slots), unit="img")
 
   def process(self, row: dict):
+    if not self._started:
+      self._started = True
+      self._clock.update(int(time.time() * 1e3))
     yield from self._outputs(self._window.push(row))
 
   def finish_bundle(self):

@@ -24,8 +24,8 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from contracts import cli, layout, progress
-from pipeline import (fetch, folder_tree, image_decode, job, publish, redact, retry, sinks,
-                      sources, splits, transforms)
+from pipeline import (fetch, fetch_decode, folder_tree, image_decode, job, publish, redact,
+                      retry, sinks, sources, splits, transforms)
 
 
 # Runners that run in this process or on this machine: the download cache is on by default.
@@ -187,6 +187,10 @@ def _print_summary(summary: dict, out_dir: str, errors_dir: str, seconds: float)
     if summary[title]:
       items = ", ".join(f"{k}={v}" for k, v in summary[title].items())
       print(f"  {title.replace('_', ' ')}: {items}")
+  if summary.get("fetch_decode_seconds"):
+    stage = summary["fetch_decode_seconds"]
+    print(f"  fetch and decode: {stage:.1f}s from the first row to the last image, "
+          f"{summary['written'] / stage:.1f} images/s")
   if summary.get("cpu_ms_per_image"):
     items = ", ".join(f"{k} {v:.3f}" for k, v in summary["cpu_ms_per_image"].items())
     print(f"  CPU ms per image by phase: {items}")
@@ -256,6 +260,20 @@ def _cpu_ms_per_image(result: beam.runners.runner.PipelineResult,
   return {phase: us / 1e3 / images for phase, us in sorted(totals.items())} if images else {}
 
 
+def _fetch_decode_seconds(result: beam.runners.runner.PipelineResult) -> float | None:
+  """Wall seconds from the first row fetched to the last image decoded (None when the runner
+  reports no distributions or nothing was decoded)."""
+  try:
+    found = result.metrics().query(MetricsFilter().with_name(fetch_decode.CLOCK_METRIC))
+  except (NotImplementedError, AttributeError, ValueError):
+    return None
+  values = [d.committed or d.attempted for d in found["distributions"]]
+  values = [v for v in values if v is not None and v.count]
+  if not values:
+    return None
+  return (max(v.max for v in values) - min(v.min for v in values)) / 1e3
+
+
 def run(argv: list[str] | None = None) -> dict:
   """Runs the ingest job; returns its summary (also written to `summary.json`).
 
@@ -276,6 +294,7 @@ def run(argv: list[str] | None = None) -> dict:
     summary = json.load(f)
   summary["seconds"] = seconds
   summary["cpu_ms_per_image"] = _cpu_ms_per_image(result, summary["written"])
+  summary["fetch_decode_seconds"] = _fetch_decode_seconds(result)
   if summary["status"] == "ok":
     publish.swap_in(job.staging, job.out_dir)
     errors_dir = job.out_dir

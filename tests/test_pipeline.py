@@ -129,6 +129,8 @@ def test_class_folder_and_split_folder_trees(tmp_path):
   records = _load_all(out)
   assert {s: len(r) for s, r in records.items()} == {"train": 6, "validation": 6}
   assert summary["by_reason"] == {"not_in_class_folder": 1}
+  # The job's own clock: first row fetched to last image decoded, start-up left out.
+  assert 0 < summary["fetch_decode_seconds"] < summary["seconds"]
   flat = tmp_path / "flat"
   for label in ("x", "y", "z"):
     (flat / label).mkdir(parents=True)
