@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -34,7 +35,10 @@ class _Shared:
   traced: dict[Hashable, Any] = dataclasses.field(default_factory=dict)
 
 
-_SHARED: collections.OrderedDict[str, _Shared] = collections.OrderedDict()
+# Keyed by (thread, key): threads of one worker (Beam's multi_threading runner, Dataflow's SDK
+# harness) may train runs of the same head at once, and must not train one model together.
+_SHARED: collections.OrderedDict[tuple[int, str], _Shared] = collections.OrderedDict()
+_LOCK = threading.Lock()
 
 
 def reuse(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], None]
@@ -51,23 +55,34 @@ def reuse(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], N
   Raises:
     ValueError: `fresh` does not have the variables of the model shared under `key`.
   """
-  if key not in _SHARED:
+  slot = (threading.get_ident(), key)
+  with _LOCK:
+    entry = _SHARED.get(slot)
+    if entry is not None:
+      _SHARED.move_to_end(slot)
+  if entry is None:
     compile_model(fresh)
     fresh.optimizer.build(fresh.trainable_variables)
-    _SHARED[key] = _Shared(fresh, [np.array(v.numpy()) for v in fresh.optimizer.variables])
-    while len(_SHARED) > MAX_SHARED:
-      _SHARED.popitem(last=False)
+    with _LOCK:
+      _SHARED[slot] = _Shared(fresh, [np.array(v.numpy()) for v in fresh.optimizer.variables])
+      while len(_SHARED) > MAX_SHARED:
+        _SHARED.popitem(last=False)
     return fresh
-  _SHARED.move_to_end(key)
-  model, optimizer_start = _SHARED[key].model, _SHARED[key].optimizer_start
+  model = entry.model
   targets, sources = model.variables, fresh.variables
   # Auto-named layers (dropout_3...) differ between builds: positions, shapes and dtypes match.
   if [(tuple(v.shape), v.dtype) for v in targets] != [(tuple(v.shape), v.dtype) for v in sources]:
     raise ValueError(f"head {fresh.name!r} does not match the compiled head shared as {key!r}")
   for target, source in zip(targets, sources):   # weights and dropout seed states
     target.assign(source)
-  for variable, value in zip(model.optimizer.variables, optimizer_start):
+  if len(model.optimizer.variables) != len(entry.optimizer_start):
+    raise ValueError(f"the optimizer of the head shared as {key!r} changed its variables")
+  for variable, value in zip(model.optimizer.variables, entry.optimizer_start):
     variable.assign(value)
+  # Per-fit state Keras keeps on the model: a resumed run's BackupAndRestore sets the epoch
+  # the next fit starts from, and nothing resets it.
+  model._initial_epoch = None  # noqa: SLF001 (Keras' resume hook, read by fit)
+  model.stop_training = False
   return model
 
 
@@ -77,17 +92,19 @@ def traced(model: keras.Model, key: Hashable, trace: Callable[[], Any]) -> Any:
   For functions traced outside Keras' own (e.g. `evaluation.compiled_forward`): they read the
   model's variables, so they serve every run the model is shared with.
   """
-  for entry in _SHARED.values():
-    if entry.model is model:
-      if key not in entry.traced:
-        entry.traced[key] = trace()
-      return entry.traced[key]
-  return trace()
+  with _LOCK:
+    entry = next((e for e in _SHARED.values() if e.model is model), None)
+  if entry is None:
+    return trace()
+  if key not in entry.traced:
+    entry.traced[key] = trace()
+  return entry.traced[key]
 
 
 def release() -> None:
   """Drops the shared models (and with them their traced functions)."""
-  _SHARED.clear()
+  with _LOCK:
+    _SHARED.clear()
 
 
 def shared_count() -> int:

@@ -326,9 +326,11 @@ def _fit_head(head: str, spec: reader.DatasetSpec, run: runs.RunDir, inputs: fit
     compile_head(model, spec.task, _optimizer(point, steps))
     return model
 
-  # Runs of this process that differ only in their seed share one compiled (traced) model.
-  model = compiled.reuse(_compiled_key(head, spec, config, linear), fresh(config),
-                         lambda new: compile_head(new, spec.task, _optimizer(config, steps)))
+  # Runs of a grid (no export: an export adds the backbone to the head's graph) that differ
+  # only in their seed share one compiled, traced model.
+  model = build(config) if export_model else compiled.reuse(
+      _compiled_key(head, spec, config, linear), fresh(config),
+      lambda new: compile_head(new, spec.task, _optimizer(config, steps)))
   # A head started at a ridge fit keeps that start unless an epoch beats it on validation.
   initial_best = (model.evaluate(inputs.validation, verbose=0, return_dict=True)["loss"]
                   if linear is not None else None)

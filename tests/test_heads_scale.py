@@ -10,7 +10,7 @@ import pytest
 from contracts import layout
 from heads import caching, compare, compiled, config as config_lib, dataset_stats, reader
 from heads import training
-from tests.test_heads_unit import write_feature_dataset
+from tests.test_heads_unit import _Interrupt, write_feature_dataset
 
 
 def _tiny(epochs: int = 3, **train):
@@ -119,3 +119,20 @@ def test_runs_sharing_a_compiled_head_train_as_runs_alone(features, tmp_path):
     assert (tmp_path / f"shared{seed}" / "predictions_test.csv").read_text() == alone[seed]
   assert shared == [1, 1]
   assert alone[0] != alone[1]
+
+
+def test_a_resumed_run_does_not_shorten_the_next_run_sharing_its_head(features, tmp_path):
+  config = _tiny(epochs=3)
+  caching.release_shared()
+  with pytest.raises(KeyboardInterrupt):
+    training.train(str(features), "linear", str(tmp_path / "a"), config, verbose=0,
+                   export_model=False, callbacks=[_Interrupt(after_epoch=2)])
+  resumed = training.train(str(features), "linear", str(tmp_path / "a"), config, verbose=0,
+                           export_model=False)
+  assert resumed["resumed"] and resumed["epochs_this_session"] < 3
+  # Keras' resume hook set the shared model's starting epoch: the next run must not inherit it.
+  after = training.train(str(features), "linear", str(tmp_path / "b"),
+                         config_lib.override(config, {"train": {"seed": 1}}), verbose=0,
+                         export_model=False)
+  assert compiled.shared_count() == 1
+  assert after["epochs"] == 3 and after["epochs_this_session"] == 3
