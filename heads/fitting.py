@@ -59,7 +59,8 @@ class EpochSeed(keras.callbacks.Callback):
 
 
 class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
-  """BackupAndRestore that refuses a damaged backup in one sentence.
+  """BackupAndRestore that refuses a damaged backup in one sentence, and skips the backup of the
+  last epoch.
 
   Keras raises h5py's OSError deep inside `fit`; worse, deleting the backup by hand to get past
   it would silently restart from random weights. The run stops instead, naming the folder.
@@ -73,6 +74,12 @@ class CheckedBackupAndRestore(keras.callbacks.BackupAndRestore):
           f"resume checkpoint {self.backup_dir!r} is damaged ({type(error).__name__}: "
           f"{str(error).splitlines()[0][:120]}); restore it, or delete it to retrain this run "
           "from scratch") from error
+
+  def on_epoch_end(self, epoch, logs=None):
+    # The last epoch's backup would be deleted as training ends: it is not written (a save
+    # costs about as much as an epoch of a pooled head on a few thousand examples).
+    if epoch + 1 < self.params.get("epochs", epoch + 2):
+      super().on_epoch_end(epoch, logs)
 
 
 def _best_so_far(history_path: str, monitor: str) -> float | None:
