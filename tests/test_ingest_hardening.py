@@ -584,3 +584,40 @@ def test_folder_trees_are_listed_inside_the_pipeline_not_by_the_launcher(tmp_pat
       assert not list((tmp_path / f"o{kind}_{name}").glob("*.tfrecord*"))  # planned, not run
   for kind in ("tree", "csv"):  # listing 1,960 more rows into the job would add ~200 KB
     assert abs(sizes[kind, 2000] - sizes[kind, 40]) < 0.01 * sizes[kind, 40], sizes
+
+
+def test_rows_in_flight_keep_to_the_byte_budget_before_their_sizes_are_known():
+  """Rows of 1 MB against an 8 MB budget: the window may not start a row whose bytes would
+  overrun it, though a row's size is known only once it arrives (256 rows may be in flight)."""
+  import asyncio
+  import threading
+
+  from pipeline import fetch, inflight
+
+  engine = inflight.Engine(fetch.Fetcher(fetch.FetchConfig()), max_in_flight=256,
+                           max_bytes=8 << 20, file_threads=2)
+  peak, fetching = [0], [0]
+  guard = threading.Lock()
+
+  async def one_megabyte(slot):
+    with guard:
+      fetching[0] += 1
+    await asyncio.sleep(0.002)
+    with guard:
+      fetching[0] -= 1
+      with engine.changed:   # bytes held plus bytes on their way
+        peak[0] = max(peak[0], engine.held + (fetching[0] + 1) * (1 << 20))
+    return b"x" * (1 << 20)
+
+  decoding = inflight.DecodeStage(lambda slots: [{"image": b"y" * 100} for _ in slots],
+                                  workers=1)
+  window = inflight.Window(engine, decoding, one_megabyte)
+  try:
+    out = [slot for index in range(200) for slot in window.push({"i": index})]
+    out += window.drain()
+  finally:
+    decoding.close()
+    engine.close()
+  assert [slot.row["i"] for slot in out] == list(range(200))
+  # The budget, plus the rows of the slow start (16 before any size is known) and one row.
+  assert peak[0] <= (8 << 20) + (17 << 20), peak[0] >> 20
