@@ -25,9 +25,8 @@ did. A slow download at the front does not stop the others: rows behind it keep 
 and decoded, and wait, finished, until it is done. What stays bounded: rows being fetched or
 decoded per window (`max_in_flight`), and bytes held by a process's windows (`max_bytes`:
 downloaded bytes not yet decoded plus results not yet handed back, `ROW_OVERHEAD_BYTES` at
-least per row, and the bytes the rows being fetched will bring at the mean row size so far;
-see `Engine.may_start`); past either, no new download starts until rows finish or the front
-moves. Decoder batches stop at `BATCH_BYTES`. Memory does not grow with the data.
+least per row); past either, no new download starts until rows finish or the front moves.
+Memory does not grow with the data.
 """
 from __future__ import annotations
 
@@ -44,16 +43,9 @@ from pipeline import fetch
 # Bytes a row counts for besides its data (row dict, bookkeeping), so a window of rows that
 # fail without bytes (404s behind a stalled front) is bounded too.
 ROW_OVERHEAD_BYTES = 2048
-# Rows a worker process starts before any has been fetched (see `Engine.may_start`).
-SLOW_START_ROWS = 16
 # The decoder threads wait this long for more fetched rows before sending a batch of fewer
 # than `batch_size`: one message per few rows, not per row, when downloads trickle in.
 _LINGER_SECONDS = 0.005
-# A batch takes no more rows once it holds this many fetched bytes. The bytes travel in a
-# buffer shared with the decoder process that grows to the largest batch and stays that size:
-# 32 large photos per batch grew each buffer to 128 MB, counted in the RSS of both processes
-# (ingest peaked 1163 MB at 200 photos, 1351 MB at 1000). Small images fill a batch by count.
-BATCH_BYTES = 8 << 20
 
 
 class Slot:
@@ -86,33 +78,7 @@ class Engine:
                                                         thread_name_prefix="headstart-files")
     self.changed = threading.Condition()  # one lock for every window, slot and the budget
     self.held = 0                         # bytes held by all windows (guarded by `changed`)
-    # Rows whose bytes are on their way, and (bytes, rows) fetched so far, failures as 0 bytes
-    # (guarded by `changed`): see `may_start`.
-    self.fetching = 0
-    self._fetched = (0, 0)
     self._loop_cpu = 0.0                  # the loop thread's CPU seconds already reported
-
-  def may_start(self) -> bool:
-    """Whether one more row may start fetching (the caller holds the lock).
-
-    The budget counts the bytes the rows being fetched will bring, at the mean size of the rows
-    fetched so far: counting bytes only once they arrived let a window start all its rows
-    first (2 x 256 photos of ~420 KB held 160 MB against a 64 MB budget). Until sizes are
-    known, rows start slowly: at most `SLOW_START_ROWS`, then twice the rows fetched so far.
-    """
-    total, rows = self._fetched
-    if self.fetching >= max(SLOW_START_ROWS, 2 * rows):
-      return False
-    mean = total // rows if rows else 0
-    return self.held + self.fetching * mean < self.max_bytes
-
-  def fetched(self, size: int) -> None:
-    """A row's fetch ended with `size` bytes (0: it failed); the caller holds the lock."""
-    self.fetching -= 1
-    total, rows = self._fetched
-    self._fetched = (total + size, rows + 1)
-    if rows < 2 * self.max_in_flight:   # slow start: a waiting window may start more rows
-      self.changed.notify_all()
 
   async def in_thread(self, slot: Slot, function: Callable, *args):
     """`function(*args)` on a file thread (blocking I/O: files, gs://, the download cache);
@@ -176,11 +142,9 @@ class DecodeStage:
       thread.join()
 
   def _batch(self, first: Slot) -> tuple[list[Slot], bool]:
-    """`first` and the rows queued after it, up to a batch (`batch_size` rows or
-    `BATCH_BYTES`); True when told to stop."""
+    """`first` and the rows queued after it, up to a batch; True when told to stop."""
     batch, deadline = [first], time.monotonic() + _LINGER_SECONDS
-    held = len(first.data or b"")
-    while len(batch) < self._batch_size and held < BATCH_BYTES:
+    while len(batch) < self._batch_size:
       try:
         slot = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
       except queue.Empty:
@@ -188,7 +152,6 @@ class DecodeStage:
       if slot is None:
         return batch, True
       batch.append(slot)
-      held += len(slot.data or b"")
     return batch, False
 
   def _serve(self) -> None:
@@ -257,12 +220,9 @@ class Window:
     try:
       data = await self._fetch_one(slot)
     except Exception as error:  # noqa: BLE001 (handed back as the row's result)
-      with self.engine.changed:
-        self.engine.fetched(0)
       _finish([slot], [error])
       return
     with self.engine.changed:
-      self.engine.fetched(len(data))
       self.engine.held += len(data)
       slot.size += len(data)
       slot.data = data
@@ -288,7 +248,7 @@ class Window:
     (a batch of them, or none yet), in input order."""
     engine, out = self.engine, []
     with engine.changed:
-      while self.unfinished >= engine.max_in_flight or not engine.may_start():
+      while self.unfinished >= engine.max_in_flight or engine.held >= engine.max_bytes:
         ready = self._ready(1)
         if ready:
           out += ready
@@ -297,7 +257,6 @@ class Window:
       slot = Slot(row, self)
       self._slots.append(slot)
       self.unfinished += 1
-      engine.fetching += 1
       engine.held += slot.size
       out += self._ready(self._emit_batch)
       self._pending.append(slot)
