@@ -27,7 +27,6 @@ import numpy as np
 MAX_SHARED = 4
 
 
-
 @dataclasses.dataclass
 class _Shared:
   model: keras.Model

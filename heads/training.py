@@ -272,8 +272,7 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   # Ridge's closed-form solves stream the train split themselves, in bounded memory (built only
   # for them: a dataset's construction traces its parse functions, ~0.1 s per run of a grid).
   train_records = (reader.read_split(spec, "train", input_kind=kind, views=config.train.views)
-                   if head in ridge.HEADS or (head == "keypoints" and config.head.ridge_start)
-                   else None)
+                   if head in ridge.HEADS or _starts_at_ridge(head, config) else None)
   if head in ridge.HEADS:   # solved in closed form, not trained
     return _guarded(spec, lambda: _solve_ridge(
         head, spec, run, inputs, train_records, config, notes=notes, started=started,
@@ -371,11 +370,16 @@ def _fit_notes(inputs: fitting.RunInputs, export_model: bool) -> list[str]:
             ["model.keras not exported (export_run() writes it from head.keras)"])]
 
 
+def _starts_at_ridge(head: str, config: Config) -> bool:
+  """Whether the head starts from a ridge solve on the train split (`head.ridge_start`)."""
+  return head == "keypoints" and config.head.ridge_start
+
+
 def _ridge_start(head: str, spec: reader.DatasetSpec, train_records: tf.data.Dataset | None,
                  inputs: fitting.RunInputs, config: Config, notes: list[str]
                  ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
   """`keypoints` with `ridge_start`: the ridge fit it starts from and its `metrics.json` block."""
-  if head != "keypoints" or not config.head.ridge_start:
+  if not _starts_at_ridge(head, config):
     return None, {}
   if inputs.validation is None:
     notes.append("no validation split: the keypoints head starts at the mean face, not at a "

@@ -245,16 +245,21 @@ def plan(argv: list[str] | None = None) -> Job:
   return Job(root, out_dir, staging)
 
 
+def _query(result: beam.runners.runner.PipelineResult,
+           metrics_filter: MetricsFilter) -> dict[str, list]:
+  """The job's metrics matching `metrics_filter` (empty lists when the runner reports none)."""
+  try:
+    return result.metrics().query(metrics_filter)
+  except (NotImplementedError, AttributeError, ValueError):
+    return {"counters": [], "distributions": [], "gauges": []}
+
+
 def _cpu_ms_per_image(result: beam.runners.runner.PipelineResult,
                       images: int) -> dict[str, float]:
   """CPU milliseconds per written image by phase, from the job's counters (empty when the
   runner reports none)."""
-  try:
-    counters = result.metrics().query(MetricsFilter().with_namespace(sinks.CPU_NAMESPACE))
-  except (NotImplementedError, AttributeError, ValueError):
-    return {}
   totals: dict[str, float] = {}
-  for counter in counters["counters"]:
+  for counter in _query(result, MetricsFilter().with_namespace(sinks.CPU_NAMESPACE))["counters"]:
     totals[counter.key.metric.name] = (totals.get(counter.key.metric.name, 0.0)
                                        + (counter.committed or counter.attempted or 0))
   return {phase: us / 1e3 / images for phase, us in sorted(totals.items())} if images else {}
@@ -263,10 +268,7 @@ def _cpu_ms_per_image(result: beam.runners.runner.PipelineResult,
 def _fetch_decode_seconds(result: beam.runners.runner.PipelineResult) -> float | None:
   """Wall seconds from the first row fetched to the last image decoded (None when the runner
   reports no distributions or nothing was decoded)."""
-  try:
-    found = result.metrics().query(MetricsFilter().with_name(fetch_decode.CLOCK_METRIC))
-  except (NotImplementedError, AttributeError, ValueError):
-    return None
+  found = _query(result, MetricsFilter().with_name(fetch_decode.CLOCK_METRIC))
   values = [d.committed or d.attempted for d in found["distributions"]]
   values = [v for v in values if v is not None and v.count]
   if not values:
