@@ -88,11 +88,19 @@ class FetchDecodeFn(DeadLetteringDoFn):
     self._clock = Metrics.distribution("ingest", CLOCK_METRIC)
 
   def teardown(self):
+    self._abandon_window()
     self._decoding.close()
     if isinstance(self._decode, decoder_pool.IsolatedDecoder):
       self._decode.close()
 
+  def _abandon_window(self) -> None:
+    # A bundle that failed never reached finish_bundle: its rows' bytes go back to the budget.
+    window, self._window = getattr(self, "_window", None), None
+    if window is not None:
+      window.abandon()
+
   def start_bundle(self):
+    self._abandon_window()
     self._window = inflight.Window(self._engine, self._decoding, self._bytes_of)
     self._started = False
 
@@ -181,3 +189,4 @@ class FetchDecodeFn(DeadLetteringDoFn):
   def finish_bundle(self):
     for output in self._outputs(self._window.drain()):
       yield _in_global_window(output)
+    self._window = None

@@ -25,14 +25,16 @@ did. A slow download at the front does not stop the others: rows behind it keep 
 and decoded, and wait, finished, until it is done. What stays bounded: rows being fetched or
 decoded per window (`max_in_flight`), and bytes held by a process's windows (`max_bytes`:
 downloaded bytes not yet decoded plus results not yet handed back, `ROW_OVERHEAD_BYTES` at
-least per row); past either, no new download starts until rows finish or the front moves.
-Memory does not grow with the data.
+least per row, and the bytes the rows being fetched will bring at the mean row size so far;
+see `Engine.may_start`); past either, no new download starts until rows finish or the front
+moves. Decoder batches stop at `BATCH_BYTES`. Memory does not grow with the data.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -43,9 +45,18 @@ from pipeline import fetch
 # Bytes a row counts for besides its data (row dict, bookkeeping), so a window of rows that
 # fail without bytes (404s behind a stalled front) is bounded too.
 ROW_OVERHEAD_BYTES = 2048
+# Rows a worker process starts before any has been fetched (see `Engine.may_start`).
+SLOW_START_ROWS = 16
+# A window waiting this long without any row finishing logs what it waits for.
+STALL_SECONDS = 300.0
 # The decoder threads wait this long for more fetched rows before sending a batch of fewer
 # than `batch_size`: one message per few rows, not per row, when downloads trickle in.
 _LINGER_SECONDS = 0.005
+# A batch takes no more rows once it holds this many fetched bytes. The bytes travel in a
+# buffer shared with the decoder process that grows to the largest batch and stays that size:
+# 32 large photos per batch grew each buffer to 128 MB, counted in the RSS of both processes
+# (ingest peaked 1163 MB at 200 photos, 1351 MB at 1000). Small images fill a batch by count.
+BATCH_BYTES = 8 << 20
 
 
 class Slot:
@@ -78,7 +89,33 @@ class Engine:
                                                         thread_name_prefix="headstart-files")
     self.changed = threading.Condition()  # one lock for every window, slot and the budget
     self.held = 0                         # bytes held by all windows (guarded by `changed`)
+    # Rows whose bytes are on their way, and (bytes, rows) fetched so far, failures as 0 bytes
+    # (guarded by `changed`): see `may_start`.
+    self.fetching = 0
+    self._fetched = (0, 0)
     self._loop_cpu = 0.0                  # the loop thread's CPU seconds already reported
+
+  def may_start(self) -> bool:
+    """Whether one more row may start fetching (the caller holds the lock).
+
+    The budget counts the bytes the rows being fetched will bring, at the mean size of the rows
+    fetched so far: counting bytes only once they arrived let a window start all its rows
+    first (2 x 256 photos of ~420 KB held 160 MB against a 64 MB budget). Until sizes are
+    known, rows start slowly: at most `SLOW_START_ROWS`, then twice the rows fetched so far.
+    """
+    total, rows = self._fetched
+    if self.fetching >= max(SLOW_START_ROWS, 2 * rows):
+      return False
+    mean = total // rows if rows else 0
+    return self.held + self.fetching * mean < self.max_bytes
+
+  def fetched(self, size: int) -> None:
+    """A row's fetch ended with `size` bytes (0: it failed); the caller holds the lock."""
+    self.fetching -= 1
+    total, rows = self._fetched
+    self._fetched = (total + size, rows + 1)
+    if rows < 2 * self.max_in_flight:   # slow start: a waiting window may start more rows
+      self.changed.notify_all()
 
   async def in_thread(self, slot: Slot, function: Callable, *args):
     """`function(*args)` on a file thread (blocking I/O: files, gs://, the download cache);
@@ -142,9 +179,11 @@ class DecodeStage:
       thread.join()
 
   def _batch(self, first: Slot) -> tuple[list[Slot], bool]:
-    """`first` and the rows queued after it, up to a batch; True when told to stop."""
+    """`first` and the rows queued after it, up to a batch (`batch_size` rows or
+    `BATCH_BYTES`); True when told to stop."""
     batch, deadline = [first], time.monotonic() + _LINGER_SECONDS
-    while len(batch) < self._batch_size:
+    held = len(first.data or b"")
+    while len(batch) < self._batch_size and held < BATCH_BYTES:
       try:
         slot = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
       except queue.Empty:
@@ -152,6 +191,7 @@ class DecodeStage:
       if slot is None:
         return batch, True
       batch.append(slot)
+      held += len(slot.data or b"")
     return batch, False
 
   def _serve(self) -> None:
@@ -159,15 +199,24 @@ class DecodeStage:
       batch, stop = self._batch(first)
       started = time.thread_time()
       try:
-        results = self._decode_many(batch)
-      except Exception as error:  # noqa: BLE001 (handed back: the bundle fails on it)
-        results = [error] * len(batch)
+        results = list(self._decode_many(batch))
+      except BaseException as error:  # noqa: BLE001 (handed back: the bundle fails on it)
+        results = [_as_exception(error)] * len(batch)
+      if len(results) != len(batch):
+        # A slot without a result would never finish and its bundle would wait forever.
+        results = [RuntimeError(f"decoder returned {len(results)} results for {len(batch)} "
+                                "rows")] * len(batch)
       share = (time.thread_time() - started) / len(batch)
       for slot in batch:
         slot.cpu["handoff"] = share
       _finish(batch, results)
       if stop:
         return
+
+
+def _as_exception(error: BaseException) -> Exception:
+  """`error` as an Exception the bundle can raise (a cancellation or exit, wrapped)."""
+  return error if isinstance(error, Exception) else RuntimeError(f"row ended by {error!r}")
 
 
 def _finish(slots: Sequence[Slot], results: Sequence) -> None:
@@ -177,8 +226,8 @@ def _finish(slots: Sequence[Slot], results: Sequence) -> None:
   engine = slots[0].window.engine
   with engine.changed:
     for slot, result in zip(slots, results):
-      size = ROW_OVERHEAD_BYTES + (len(result.get("image", b"")) if isinstance(result, dict)
-                                   else 0)
+      size = 0 if slot.window.abandoned else ROW_OVERHEAD_BYTES + (
+          len(result.get("image", b"")) if isinstance(result, dict) else 0)
       engine.held += size - slot.size
       slot.size, slot.result, slot.data, slot.done = size, result, None, True
       slot.window.unfinished -= 1
@@ -206,11 +255,15 @@ class Window:
     # (each wake-up is a write to the loop's self-pipe and a loop iteration).
     self._pending: list[Slot] = []
     self._woken = False
+    # Set when its bundle failed (`abandon`): the bytes its rows held go back to the budget.
+    self.abandoned = False
 
   def _start_pending(self) -> None:
     """On the loop: starts the downloads of the rows pushed since the last wake-up."""
     with self.engine.changed:
       pending, self._pending, self._woken = self._pending, [], False
+      if self.abandoned:
+        return
     for slot in pending:
       task = self._loop.create_task(self._fetch(slot))
       self._tasks.add(task)
@@ -219,10 +272,17 @@ class Window:
   async def _fetch(self, slot: Slot) -> None:
     try:
       data = await self._fetch_one(slot)
-    except Exception as error:  # noqa: BLE001 (handed back as the row's result)
-      _finish([slot], [error])
+    except BaseException as error:  # noqa: BLE001 (handed back; a cancelled fetch too)
+      with self.engine.changed:
+        self.engine.fetched(0)
+      _finish([slot], [_as_exception(error)])
+      if isinstance(error, asyncio.CancelledError):
+        raise
       return
     with self.engine.changed:
+      self.engine.fetched(len(data))
+      if self.abandoned:   # nobody will take this row
+        return
       self.engine.held += len(data)
       slot.size += len(data)
       slot.data = data
@@ -248,15 +308,16 @@ class Window:
     (a batch of them, or none yet), in input order."""
     engine, out = self.engine, []
     with engine.changed:
-      while self.unfinished >= engine.max_in_flight or engine.held >= engine.max_bytes:
+      while self.unfinished >= engine.max_in_flight or not engine.may_start():
         ready = self._ready(1)
         if ready:
           out += ready
           continue
-        engine.changed.wait()
+        self._wait()
       slot = Slot(row, self)
       self._slots.append(slot)
       self.unfinished += 1
+      engine.fetching += 1
       engine.held += slot.size
       out += self._ready(self._emit_batch)
       self._pending.append(slot)
@@ -274,5 +335,44 @@ class Window:
         if ready:
           out += ready
         else:
-          self.engine.changed.wait()
+          self._wait()
     return out
+
+  def abandon(self) -> None:
+    """Gives up the window (its bundle failed): its rows' bytes go back to the process's
+    budget at once, rows not started never start and downloads under way are cancelled.
+    Without this, every failed bundle left its bytes counted, and a worker whose retries had
+    used up the budget would start nothing again."""
+    engine = self.engine
+    with engine.changed:
+      if self.abandoned:
+        return
+      self.abandoned = True
+      engine.fetching -= len(self._pending)
+      self.unfinished -= len(self._pending)
+      self._pending = []
+      for slot in self._slots:
+        engine.held -= slot.size
+        slot.size = 0
+      self._slots.clear()
+      engine.changed.notify_all()
+    self._loop.call_soon_threadsafe(self._cancel_tasks)
+
+  def _cancel_tasks(self) -> None:
+    for task in list(self._tasks):
+      task.cancel()
+
+  def _wait(self) -> None:
+    """Waits for a row to finish (the caller holds the lock). When none has for
+    `STALL_SECONDS`, says what the window waits for: a stuck row is named, not silent."""
+    engine = self.engine
+    if engine.changed.wait(STALL_SECONDS):
+      return
+    front = self._slots[0] if self._slots else None
+    state = ("none" if front is None else "decoding" if front.data is not None
+             else "done" if front.done else "fetching")
+    logging.getLogger("headstart").warning(
+        "ingest: no row finished for %.0f s; front row %s (%s); this window: %d rows, %d "
+        "unfinished; process: %d of %d bytes held, %d rows fetching", STALL_SECONDS,
+        front.row.get("location") if front else "-", state, len(self._slots), self.unfinished,
+        engine.held, engine.max_bytes, engine.fetching)

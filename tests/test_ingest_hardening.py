@@ -584,3 +584,77 @@ def test_folder_trees_are_listed_inside_the_pipeline_not_by_the_launcher(tmp_pat
       assert not list((tmp_path / f"o{kind}_{name}").glob("*.tfrecord*"))  # planned, not run
   for kind in ("tree", "csv"):  # listing 1,960 more rows into the job would add ~200 KB
     assert abs(sizes[kind, 2000] - sizes[kind, 40]) < 0.01 * sizes[kind, 40], sizes
+
+
+def test_rows_in_flight_keep_to_the_byte_budget_before_their_sizes_are_known():
+  """Rows of 1 MB against an 8 MB budget: the window may not start a row whose bytes would
+  overrun it, though a row's size is known only once it arrives (256 rows may be in flight)."""
+  import asyncio
+  import threading
+
+  from pipeline import fetch, inflight
+
+  engine = inflight.Engine(fetch.Fetcher(fetch.FetchConfig()), max_in_flight=256,
+                           max_bytes=8 << 20, file_threads=2)
+  peak, fetching = [0], [0]
+  guard = threading.Lock()
+
+  async def one_megabyte(slot):
+    with guard:
+      fetching[0] += 1
+    await asyncio.sleep(0.002)
+    with guard:
+      fetching[0] -= 1
+      with engine.changed:   # bytes held plus bytes on their way
+        peak[0] = max(peak[0], engine.held + (fetching[0] + 1) * (1 << 20))
+    return b"x" * (1 << 20)
+
+  decoding = inflight.DecodeStage(lambda slots: [{"image": b"y" * 100} for _ in slots],
+                                  workers=1)
+  window = inflight.Window(engine, decoding, one_megabyte)
+  try:
+    out = [slot for index in range(200) for slot in window.push({"i": index})]
+    out += window.drain()
+  finally:
+    decoding.close()
+    engine.close()
+  assert [slot.row["i"] for slot in out] == list(range(200))
+  # The budget, plus the rows of the slow start (16 before any size is known) and one row.
+  assert peak[0] <= (8 << 20) + (17 << 20), peak[0] >> 20
+
+
+def test_a_failed_bundle_gives_its_bytes_back_to_the_budget():
+  """A bundle that fails mid-window (Beam then retries it on the same worker) must not leave
+  its rows' bytes counted: a worker would otherwise stop starting rows once failures added up."""
+  import asyncio
+  import time
+
+  from pipeline import fetch, inflight
+
+  engine = inflight.Engine(fetch.Fetcher(fetch.FetchConfig()), max_in_flight=64,
+                           max_bytes=1 << 20, file_threads=2)
+
+  async def slow(slot):
+    await asyncio.sleep(0.05 if slot.row["i"] % 2 else 0.0)
+    return b"x" * 10_000
+
+  decoding = inflight.DecodeStage(lambda slots: [{"image": b"y" * 5_000} for _ in slots],
+                                  workers=1)
+  try:
+    failed = inflight.Window(engine, decoding, slow)
+    for index in range(40):
+      failed.push({"i": index})
+    assert engine.held > 0
+    failed.abandon()
+    deadline = time.monotonic() + 10
+    while (engine.fetching or failed.unfinished) and time.monotonic() < deadline:
+      time.sleep(0.01)
+    assert (engine.held, engine.fetching, failed.unfinished) == (0, 0, 0)
+    retry = inflight.Window(engine, decoding, slow)
+    out = [slot for index in range(40) for slot in retry.push({"i": index})] + retry.drain()
+    assert [slot.row["i"] for slot in out] == list(range(40))
+    assert all(slot.result == {"image": b"y" * 5_000} for slot in out)
+    assert engine.held == 0
+  finally:
+    decoding.close()
+    engine.close()
