@@ -77,7 +77,7 @@ def storage_bench_record() -> dict:
 def test_heads_scale_benchmark_on_a_tiny_grid(tmp_path):
   """R8 and the read counts on a small synthetic dataset (the suite runs it at full size)."""
   from benchmarks import heads_scale_bench
-  ratio, reads = heads_scale_bench.r8(tmp_path, 60, seeds=1, epochs=1)
+  ratio, reads = heads_scale_bench.r8(tmp_path, 60, seeds=1, epochs=1, repeats=1)
   assert ratio.key == "R8" and ratio.value is not None and ratio.details["runs"] == 2
   assert reads == {"train": 1.0, "validation": 1.0, "test": 1.0}
 
