@@ -60,6 +60,7 @@ class FetchDecodeFn(DeadLetteringDoFn):
     super().__init__()
     self._cfg = cfg
     self._shared_engine = shared.Shared()
+    self._window: inflight.Window | None = None  # the bundle's rows in flight
 
   def setup(self):
     # One fetcher (event loop, per-host limits, pools) and one byte budget per worker process,
@@ -95,7 +96,7 @@ class FetchDecodeFn(DeadLetteringDoFn):
 
   def _abandon_window(self) -> None:
     # A bundle that failed never reached finish_bundle: its rows' bytes go back to the budget.
-    window, self._window = getattr(self, "_window", None), None
+    window, self._window = self._window, None
     if window is not None:
       window.abandon()
 

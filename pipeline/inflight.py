@@ -262,8 +262,6 @@ class Window:
     """On the loop: starts the downloads of the rows pushed since the last wake-up."""
     with self.engine.changed:
       pending, self._pending, self._woken = self._pending, [], False
-      if self.abandoned:
-        return
     for slot in pending:
       task = self._loop.create_task(self._fetch(slot))
       self._tasks.add(task)
@@ -281,12 +279,15 @@ class Window:
       return
     with self.engine.changed:
       self.engine.fetched(len(data))
-      if self.abandoned:   # nobody will take this row
-        return
-      self.engine.held += len(data)
-      slot.size += len(data)
-      slot.data = data
-    self._decoding.put(slot)
+      abandoned = self.abandoned
+      if not abandoned:
+        self.engine.held += len(data)
+        slot.size += len(data)
+        slot.data = data
+    if abandoned:   # nobody will take this row: it ends here, holding nothing
+      _finish([slot], [None])
+    else:
+      self._decoding.put(slot)
 
   def _ready(self, at_least: int) -> list[Slot]:
     """Pops the finished slots at the front when there are `at_least` of them, at most
