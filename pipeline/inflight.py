@@ -185,9 +185,16 @@ class DecodeStage:
     held = len(first.data or b"")
     while len(batch) < self._batch_size and held < BATCH_BYTES:
       try:
-        slot = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+        slot = self._queue.get_nowait()
       except queue.Empty:
-        break
+        # Polled, not a timed get: a decoder thread was found stuck for minutes in
+        # SimpleQueue.get(timeout=<under 5 ms>) long past its deadline, holding its batch (the
+        # ingest hang of fb3e0c1). A sleep of at most 1 ms between polls lingers the same.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+          break
+        time.sleep(min(remaining, 0.001))
+        continue
       if slot is None:
         return batch, True
       batch.append(slot)
