@@ -138,7 +138,8 @@ def plan_cache(spec: Any, input_kind: str | Sequence[str], splits: Sequence[str]
 
 def cache_key(spec: Any, input_kinds: Sequence[str], views: bool) -> str:
   """Names a file cache by what it holds, so runs on the same data share it and no other."""
-  text = f"{spec.cache_key}|{','.join(input_kinds)}|views={views}"
+  # `ids=eval`: cached train splits hold no ids (older file caches did, and are not reused).
+  text = f"{spec.cache_key}|{','.join(input_kinds)}|views={views}|ids=eval"
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -177,7 +178,8 @@ def shared_kinds(spec: reader.DatasetSpec, input_kind: str) -> tuple[str, ...]:
 
 def cached_split(spec: reader.DatasetSpec, split: str, *, input_kind: str, views: bool = False,
                  where: str = "memory", cache_file: str | None = None) -> tf.data.Dataset:
-  """Per-example dicts `{x (as stored), y, id}` of a split, cached where told, shared in-process.
+  """Per-example dicts `{x (as stored), y[, id]}` of a split (ids for the evaluated splits only),
+  cached where told, shared in-process.
 
   Every run of this process that asks for the same split and placement gets the same cached
   dataset (holding every kind announced with `share_inputs`), so the first run's pass fills the
@@ -188,9 +190,14 @@ def cached_split(spec: reader.DatasetSpec, split: str, *, input_kind: str, views
   kinds = shared_kinds(spec, input_kind)
   key = (spec.data_dir, spec.cache_key, split, kinds, views, where, cache_file)
   if key not in _SHARED:
-    extra = ("height", "width") if spec.task == "keypoints" and spec.kind == "images" else ()
+    # Only evaluated splits need ids (predictions) and source sizes (keypoint errors); the
+    # train split's 64-character ids were half the cost of each cached epoch's input.
+    evaluated = split != "train"
+    extra = (("height", "width") if evaluated and spec.task == "keypoints"
+             and spec.kind == "images" else ())
     records = reader.read_split(spec, split, input_kind=kinds if len(kinds) > 1 else kinds[0],
-                         views=views, with_id=True, extra_keys=extra, as_stored=True).apply(
+                         views=views, with_id=evaluated, extra_keys=extra,
+                         as_stored=True).apply(
         tf.data.experimental.assert_cardinality(reader.count_examples(spec, split, views=views)))
     _SHARED[key] = reader.cache_as(records, where, cache_file)
   if len(kinds) == 1:
