@@ -37,9 +37,12 @@ def _cache_keras_skipsets() -> None:
   head's ~1 s run in a compare grid (py-spy, 12 runs). The sets depend on the type name alone
   and are only read, so one per type is kept.
   """
-  from keras.src.saving import saving_lib
-  build = saving_lib.get_attr_skipset
-  if getattr(build, "cache_info", None) is None:   # not wrapped yet
+  try:   # a private module: a Keras without it (or without the function) is left alone
+    from keras.src.saving import saving_lib
+  except ImportError:
+    return
+  build = getattr(saving_lib, "get_attr_skipset", None)
+  if callable(build) and getattr(build, "cache_info", None) is None:   # not wrapped yet
     saving_lib.get_attr_skipset = functools.cache(build)
 
 

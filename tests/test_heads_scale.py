@@ -136,3 +136,32 @@ def test_a_resumed_run_does_not_shorten_the_next_run_sharing_its_head(features, 
                          export_model=False)
   assert compiled.shared_count() == 1
   assert after["epochs"] == 3 and after["epochs_this_session"] == 3
+
+
+def test_cached_train_split_holds_no_ids_and_evaluated_splits_do(features):
+  """Only evaluated splits carry ids (predictions); the train split's per-epoch input is
+  cheaper without them."""
+  caching.release_shared()
+  spec = reader.load_spec(str(features))
+  train = caching.cached_split(spec, "train", input_kind="pooled")
+  test = caching.cached_split(spec, "test", input_kind="pooled")
+  assert set(train.element_spec) == {"x", "y"}
+  assert set(test.element_spec) == {"x", "y", "id"}
+  assert sum(1 for _ in train) == 40 and len({r["id"].numpy() for r in test}) == 12
+  caching.release_shared()
+
+
+def test_weight_saves_build_keras_skip_sets_once(features, tmp_path):
+  """Keras 3.15 rebuilds its saving skip sets on every save (it reads them under another key
+  than it stores them); `heads.fitting` keeps one per type, so a grid's saves reuse them."""
+  from keras.src.saving import saving_lib
+  skipsets = getattr(saving_lib, "get_attr_skipset", None)
+  if skipsets is None:
+    pytest.skip("this Keras has no get_attr_skipset to cache")
+  assert hasattr(skipsets, "cache_info"), "heads.fitting did not cache Keras' skip sets"
+  training.train(str(features), "linear", str(tmp_path / "a"), _tiny(epochs=2), verbose=0,
+                 export_model=False)
+  built = skipsets.cache_info().misses
+  training.train(str(features), "linear", str(tmp_path / "b"), _tiny(epochs=2, seed=1),
+                 verbose=0, export_model=False)
+  assert skipsets.cache_info().misses == built and skipsets.cache_info().hits > 0
