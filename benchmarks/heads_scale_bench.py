@@ -130,7 +130,6 @@ def r8(work: pathlib.Path, records: int, *, heads: Sequence[str] = ("linear", "m
   ratio against `runs` x the first head alone (the definition before 2026-11-30: it priced
   every run at the cheapest head's cost).
   """
-  from contracts import layout
   from heads import caching, compare, reader, training
   from heads import config as config_lib
 
@@ -140,6 +139,7 @@ def r8(work: pathlib.Path, records: int, *, heads: Sequence[str] = ("linear", "m
     training.train(str(data), heads[0], str(work / "r8_warm_up"),
                    config_lib.override(config, {"train": {"epochs": 1}}), verbose=0,
                    export_model=False)
+  spec = reader.load_spec(str(data))
   single: dict[str, list[float]] = {head: [] for head in heads}
   grids: list[float] = []
   reads: dict[str, float] = {}
@@ -152,13 +152,12 @@ def r8(work: pathlib.Path, records: int, *, heads: Sequence[str] = ("linear", "m
                        verbose=0, export_model=False)
       single[head].append(time.perf_counter() - started)
     caching.release_shared()
-    before = {split: reader.records_read(str(data), split) for split in layout.SPLITS}
+    before = {split: reader.records_read(str(data), split) for split in spec.splits}
     started = time.perf_counter()
     with measure.quiet():
       compare.compare(str(data.parent), list(heads), str(work / f"r8_grid_{repeat}"),
                       seeds=seeds, config=config, report=False, log=lambda _: None)
     grids.append(time.perf_counter() - started)
-    spec = reader.load_spec(str(data))
     reads = {split: (reader.records_read(str(data), split) - before[split])
                  / spec.num_examples(split) for split in spec.splits}
   caching.release_shared()
