@@ -49,6 +49,42 @@ def _cache_keras_skipsets() -> None:
 _cache_keras_skipsets()
 
 
+def fuse_adam(optimizer: Any) -> Any:
+  """Makes a Keras `Adam` apply each variable's update with TensorFlow's fused Adam kernel.
+
+  Keras 3's Adam updates a variable with about ten separate element-wise ops (moments, square
+  root, division, assignments), each a pass over the variable and a dispatch of TensorFlow's
+  executor: 0.67 ms of a 1.1 ms step for the mlp head's 131 k weights on 2 cores, where
+  `ResourceApplyAdam` makes one pass (the mlp head's cached epochs 0.50 -> 0.35 s). The update
+  is the same formula (`alpha = lr * sqrt(1 - b2^t) / (1 - b1^t)`, `m += (g - m)(1 - b1)`,
+  `v += (g^2 - v)(1 - b2)`, `w -= alpha m / (sqrt(v) + eps)`) evaluated in one kernel, so
+  weights agree to float32 rounding, not bit for bit. The optimizer stays a plain `Adam` (its
+  config, variables and saved files are unchanged); amsgrad, sparse gradients and other
+  backends keep Keras' own step. Returns `optimizer`.
+  """
+  if (type(optimizer) is not keras.optimizers.Adam or optimizer.amsgrad
+      or keras.backend.backend() != "tensorflow"):
+    return optimizer
+  keras_step = optimizer.update_step
+
+  def update_step(gradient, variable, learning_rate):
+    if isinstance(gradient, tf.IndexedSlices):
+      return keras_step(gradient, variable, learning_rate)
+    dtype = variable.dtype
+    index = optimizer._get_variable_index(variable)  # noqa: SLF001 (Adam's own slot lookup)
+    step = tf.cast(optimizer.iterations + 1, dtype)
+    beta_1, beta_2 = tf.cast(optimizer.beta_1, dtype), tf.cast(optimizer.beta_2, dtype)
+    return tf.raw_ops.ResourceApplyAdam(
+        var=variable.handle, m=optimizer._momentums[index].handle,  # noqa: SLF001
+        v=optimizer._velocities[index].handle,  # noqa: SLF001
+        beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step),
+        lr=tf.cast(learning_rate, dtype), beta1=beta_1, beta2=beta_2,
+        epsilon=tf.cast(optimizer.epsilon, dtype), grad=tf.cast(gradient, dtype))
+
+  optimizer.update_step = update_step
+  return optimizer
+
+
 class EpochTimer(keras.callbacks.Callback):
   """Records wall seconds per epoch, so throughput can leave out the cache-filling first epoch."""
 

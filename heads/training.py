@@ -104,11 +104,12 @@ STEPS_PER_EXECUTION = 16
 
 
 def compile_head(model: keras.Model, task: str, optimizer) -> None:
-  """Compiles a head (or an assembled model) with the task's loss and metric."""
+  """Compiles a head (or an assembled model) with the task's loss and metric (an Adam
+  optimizer applies its updates with the fused kernel, `fitting.fuse_adam`)."""
   metric = "mae" if task == "keypoints" else (
       "binary_accuracy" if task == "binary" else "sparse_categorical_accuracy")
-  model.compile(optimizer=optimizer, loss=zoo.loss_for(task), metrics=[metric],
-                steps_per_execution=STEPS_PER_EXECUTION)
+  model.compile(optimizer=fitting.fuse_adam(optimizer), loss=zoo.loss_for(task),
+                metrics=[metric], steps_per_execution=STEPS_PER_EXECUTION)
 
 
 def _export(model: keras.Model, spec: reader.DatasetSpec, run: runs.RunDir, head: str,

@@ -24,7 +24,7 @@ import tensorflow as tf
 from contracts import datasets, layout, runs
 from contracts import schema as schema_lib
 from heads import config as config_lib
-from heads import evaluation, metrics, reader, run, sweep, training, zoo
+from heads import evaluation, fitting, metrics, reader, run, sweep, training, zoo
 
 MAP_SHAPE = (3, 3, 4)
 
@@ -179,6 +179,42 @@ def test_every_head_output_shape_and_loss(head, task, binary_dir, multiclass_dir
   assert np.isfinite(loss) and loss > 0
   if task == "multiclass":
     np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_adam_steps_use_the_fused_kernel_and_match_keras_own(tmp_path):
+  """compile_head's Adam applies TensorFlow's fused kernel, trains as Keras' Adam does (to
+  float32 rounding) and is saved as a plain Adam."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 8)).astype(np.float32)
+  y = (x[:, 0] > 0).astype(np.int64)
+
+  def mlp() -> keras.Model:
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dense(16, activation="relu", kernel_initializer="glorot_uniform")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(hidden))
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.weights])
+    return model
+
+  fused, plain = mlp(), mlp()
+  plain.set_weights(fused.get_weights())
+  training.compile_head(fused, "binary", keras.optimizers.Adam(1e-2))
+  plain.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+  for model in (fused, plain):
+    model.fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0)
+  for ours, theirs in zip(fused.get_weights(), plain.get_weights()):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-6)
+  assert int(fused.optimizer.iterations.numpy()) == 12
+
+  optimizer = fused.optimizer
+  step = tf.function(lambda: optimizer.apply_gradients(
+      [(tf.ones_like(v), v) for v in fused.trainable_variables]))
+  ops = {op.type for op in step.get_concrete_function().graph.get_operations()}
+  assert "ResourceApplyAdam" in ops
+  fused.save(tmp_path / "head.keras")
+  assert type(keras.models.load_model(tmp_path / "head.keras").optimizer) is keras.optimizers.Adam
+  # Other optimizers and amsgrad keep Keras' own step.
+  for other in (keras.optimizers.SGD(1e-2), keras.optimizers.Adam(1e-2, amsgrad=True)):
+    assert fitting.fuse_adam(other).update_step.__func__ is type(other).update_step
 
 
 def test_scratch_head_reads_stored_images():
