@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.server
 import io
 import json
@@ -595,23 +596,29 @@ def test_examples_serialize_to_the_same_bytes_in_every_process():
 
 def test_download_cache_local_and_remote_agree(tmp_path):
   """The local root (os calls) and a remote one (tf.io.gfile, here TF's in-memory ram://)
-  store and return the same bytes; a damaged blob is a miss, not wrong bytes."""
+  store and return the same bytes; a damaged or cut-short entry is a miss, not wrong bytes."""
   from pipeline import download_cache
   local = download_cache.DownloadCache(str(tmp_path / "cache"))
   remote = download_cache.DownloadCache(f"ram://cache-{tmp_path.name}")
   assert local.is_local and not remote.is_local
+  ids = {name: hashlib.sha256(name.encode()).hexdigest() for name in "abc"}
   for cache in (local, remote):
-    assert cache.get("a") is None
-    cache.put("a", b"same bytes")
-    cache.put("b", b"same bytes")  # identical content: one blob, two refs
-    cache.put("c", b"other")
-    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (b"same bytes", b"same bytes",
-                                                                 b"other")
-  blobs = list((tmp_path / "cache" / "blobs").rglob("*"))
-  assert len([b for b in blobs if b.is_file()]) == 2 and not list(tmp_path.rglob("*.tmp-*"))
-  digest = (tmp_path / "cache" / "refs" / "c").read_text()
-  (tmp_path / "cache" / "blobs" / digest[:2] / digest).write_bytes(b"damaged")
-  assert local.get("c") is None
+    assert cache.get(ids["a"]) is None
+    cache.put(ids["a"], b"same bytes")
+    cache.put(ids["b"], b"same bytes")  # identical content under two sources
+    cache.put(ids["c"], b"other")
+    assert [cache.get(ids[name]) for name in "abc"] == [b"same bytes", b"same bytes", b"other"]
+  entries = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
+  assert [p.name for p in entries] == sorted(ids.values())   # one file per source, nothing else
+  entry = tmp_path / "cache" / "sources" / ids["c"][:2] / ids["c"]
+  stored = entry.read_bytes()
+  assert stored == hashlib.sha256(b"other").digest() + b"other"
+  entry.write_bytes(stored[:-1])          # cut short (an interrupted write)
+  assert local.get(ids["c"]) is None
+  entry.write_bytes(stored[:-1] + b"X")   # garbled
+  assert local.get(ids["c"]) is None
+  local.put(ids["c"], b"other")           # fetched again: whole again
+  assert local.get(ids["c"]) == b"other"
 
 
 def test_download_cache_writers_of_identical_bytes_never_collide(tmp_path):
@@ -622,11 +629,12 @@ def test_download_cache_writers_of_identical_bytes_never_collide(tmp_path):
 
   cache = download_cache.DownloadCache(str(tmp_path / "cache"))
   data = bytes(range(256)) * 400
+  ids = [hashlib.sha256(f"{r}-{i}".encode()).hexdigest() for r in range(20) for i in range(16)]
   for round_ in range(20):
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-      list(pool.map(lambda i: cache.put(f"{round_}-{i}", data), range(16)))
-  assert all(cache.get(f"{r}-{i}") == data for r in range(20) for i in range(16))
-  assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp-" in p.name]
+      list(pool.map(lambda source: cache.put(source, data), ids[round_ * 16:(round_ + 1) * 16]))
+  assert all(cache.get(source) == data for source in ids)
+  assert len([p for p in (tmp_path / "cache").rglob("*") if p.is_file()]) == len(ids)
 
 
 def test_identical_bytes_under_many_urls_fetched_concurrently(tmp_path, http_server):
