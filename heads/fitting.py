@@ -63,7 +63,8 @@ def fuse_adam(optimizer: Any) -> Any:
   backends keep Keras' own step. Returns `optimizer`.
   """
   if (type(optimizer) is not keras.optimizers.Adam or optimizer.amsgrad
-      or keras.backend.backend() != "tensorflow"):
+      or keras.backend.backend() != "tensorflow"
+      or "update_step" in vars(optimizer)):   # already fused (an optimizer compiled again)
     return optimizer
   keras_step = optimizer.update_step
 

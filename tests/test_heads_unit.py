@@ -210,6 +210,8 @@ def test_adam_steps_use_the_fused_kernel_and_match_keras_own(tmp_path):
       [(tf.ones_like(v), v) for v in fused.trainable_variables]))
   ops = {op.type for op in step.get_concrete_function().graph.get_operations()}
   assert "ResourceApplyAdam" in ops
+  fused_step = optimizer.update_step
+  assert fitting.fuse_adam(optimizer).update_step is fused_step   # fused once, not wrapped again
   fused.save(tmp_path / "head.keras")
   assert type(keras.models.load_model(tmp_path / "head.keras").optimizer) is keras.optimizers.Adam
   # Other optimizers and amsgrad keep Keras' own step.
