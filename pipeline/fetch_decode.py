@@ -121,8 +121,9 @@ class FetchDecodeFn(DeadLetteringDoFn):
     return data
 
   async def _cache_call(self, slot: inflight.Slot, function: Callable, *args):
-    """`function(*args)` in-line on the loop for a local cache (0.04-0.09 ms per image, measured:
-    cheaper than the two thread hand-offs it saves, ~0.35 ms), on a file thread otherwise."""
+    """`function(*args)` in-line on the loop for a local cache (a SQLite lookup and insert,
+    ~0.05-0.1 ms per image: cheaper than the two thread hand-offs it saves, ~0.35 ms), on a
+    file thread otherwise."""
     if self._cache.is_local:
       return function(*args)
     return await self._engine.in_thread(slot, function, *args)
