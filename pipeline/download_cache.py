@@ -67,15 +67,28 @@ class _SqliteStore:
   def __init__(self, path: str):
     self._path = path
     self._local = threading.local()
+    self._damaged: sqlite3.DatabaseError | None = None
 
   def _connection(self) -> sqlite3.Connection:
+    if self._damaged is not None:
+      # Not a database (or a corrupt one): every call would open it and fail the same way.
+      # A new exception each time: re-raising one instance would grow its traceback per row.
+      raise sqlite3.DatabaseError(str(self._damaged))
     connection = getattr(self._local, "connection", None)
     if connection is None:
       tf.io.gfile.makedirs(self._path.rsplit("/", 1)[0])
       # Autocommit: each statement is its own transaction.
       connection = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_MS / 1e3,
                                    isolation_level=None)
-      _set_up(connection)
+      try:
+        _set_up(connection)
+      except sqlite3.DatabaseError as error:
+        connection.close()
+        # "file is not a database", "database disk image is malformed": they do not pass.
+        # OperationalError (locked, disk full, I/O) may, so it is not remembered.
+        if not isinstance(error, sqlite3.OperationalError):
+          self._damaged = error
+        raise
       self._local.connection = connection
     return connection
 

@@ -32,6 +32,9 @@ def _in_global_window(output):
 
 # The `ingest` distribution of wall-clock milliseconds (see FetchDecodeFn.setup).
 CLOCK_METRIC = "fetch_decode_clock_ms"
+# `ingest` counters of the download cache: sources read from it, and puts that failed.
+CACHE_HITS_METRIC = "download_cache_hits"
+CACHE_ERRORS_METRIC = "download_cache_errors"
 
 
 class CpuCounters:
@@ -74,8 +77,9 @@ class FetchDecodeFn(DeadLetteringDoFn):
         tag=repr((cfg.fetch, cfg.max_in_flight, cfg.max_in_flight_mb, cfg.fetch_threads)))
     self._fetcher = self._engine.fetcher
     self._cache = download_cache.DownloadCache(cfg.download_cache) if cfg.download_cache else None
-    self._cache_hits = Metrics.counter("ingest", "download_cache_hits")
-    self._cache_errors = Metrics.counter("ingest", "download_cache_errors")
+    self._cache_hits = Metrics.counter("ingest", CACHE_HITS_METRIC)
+    self._cache_errors = Metrics.counter("ingest", CACHE_ERRORS_METRIC)
+    self._cache_failures = 0   # this instance's failed puts: the first is logged, all counted
     self._decode = cfg.decoder
     if cfg.decode_timeout > 0:
       self._decode = decoder_pool.IsolatedDecoder(
@@ -90,6 +94,11 @@ class FetchDecodeFn(DeadLetteringDoFn):
 
   def teardown(self):
     self._abandon_window()
+    if self._cache_failures > 1:
+      logging.getLogger("headstart").warning(
+          "ingest: the download cache was not written for %d sources of this worker (the first "
+          "error is logged above); they are fetched again on the next run",
+          self._cache_failures)
     self._decoding.close()
     if isinstance(self._decode, decoder_pool.IsolatedDecoder):
       self._decode.close()
@@ -115,9 +124,11 @@ class FetchDecodeFn(DeadLetteringDoFn):
       return await self._fetcher.fetch_http(row["location"])
     data = await self._cache_call(slot, self._cached, row["id"])
     if data is not None:
+      slot.cache = "hit"
       return data
     data = await self._fetcher.fetch_http(row["location"])
-    await self._cache_call(slot, self._cache_put, row["id"], data)
+    if not await self._cache_call(slot, self._cache_put, row["id"], data):
+      slot.cache = "not_written"
     return data
 
   async def _cache_call(self, slot: inflight.Slot, function: Callable, *args):
@@ -130,22 +141,26 @@ class FetchDecodeFn(DeadLetteringDoFn):
 
   def _cached(self, row_id: str) -> bytes | None:
     try:
-      data = self._cache.get(row_id)
+      return self._cache.get(row_id)
     except Exception:  # noqa: BLE001 (an unreadable cache entry is a miss, not a failed row)
       return None
-    if data is not None:
-      self._cache_hits.inc()
-    return data
 
-  def _cache_put(self, row_id: str, data: bytes) -> None:
+  def _cache_put(self, row_id: str, data: bytes) -> bool:
+    """Stores a download; False when the cache could not take it."""
     try:
       self._cache.put(row_id, data)
+      return True
     except Exception as error:  # noqa: BLE001 (the cache is an optimisation; the row is fine)
       # A cache that cannot be written (full disk, permissions, an object-store hiccup) costs a
-      # re-fetch on the next run, never this row or the job.
-      self._cache_errors.inc()
-      logging.getLogger("headstart").warning("ingest: download cache not written for %s: %s",
-                                             row_id[:12], error)
+      # re-fetch on the next run, never this row or the job. One damaged database fails every
+      # put: one warning per worker, not one per row (the counter has them all).
+      self._cache_failures += 1
+      if self._cache_failures == 1:
+        logging.getLogger("headstart").warning(
+            "ingest: download cache not written for %s: %s (later failures of this worker are "
+            "counted in the summary's download cache line, not logged one by one)", row_id[:12],
+            error)
+      return False
 
   def _decode_many(self, slots: Sequence[inflight.Slot]) -> list:
     """One result or ImageError per fetched slot (a batch: one message to a decoder process)."""
@@ -167,6 +182,8 @@ class FetchDecodeFn(DeadLetteringDoFn):
     images, cpu = [], collections.Counter({"fetch": self._engine.take_loop_cpu()})
     for slot in slots:
       cpu.update(slot.cpu)
+      if slot.cache is not None:
+        (self._cache_hits if slot.cache == "hit" else self._cache_errors).inc()
       result = slot.result
       if isinstance(result, (fetch.FetchError, image_decode.ImageError)):
         yield self._dead(result.reason, slot.row, str(result))

@@ -191,6 +191,10 @@ def _print_summary(summary: dict, out_dir: str, errors_dir: str, seconds: float)
     stage = summary["fetch_decode_seconds"]
     print(f"  fetch and decode: {stage:.1f}s from the first row to the last image, "
           f"{summary['written'] / stage:.1f} images/s")
+  cache = summary.get("download_cache") or {}
+  if cache.get("hits") or cache.get("not_written"):
+    print(f"  download cache: {cache['hits']} sources read from it, {cache['not_written']} not "
+          "written to it (fetched again next time)")
   if summary.get("cpu_ms_per_image"):
     items = ", ".join(f"{k} {v:.3f}" for k, v in summary["cpu_ms_per_image"].items())
     print(f"  CPU ms per image by phase: {items}")
@@ -265,6 +269,17 @@ def _cpu_ms_per_image(result: beam.runners.runner.PipelineResult,
   return {phase: us / 1e3 / images for phase, us in sorted(totals.items())} if images else {}
 
 
+def _download_cache_counts(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+  """Sources read from the download cache and sources it could not store (zeros when the
+  runner reports no counters)."""
+  totals = {fetch_decode.CACHE_HITS_METRIC: 0, fetch_decode.CACHE_ERRORS_METRIC: 0}
+  for counter in _query(result, MetricsFilter().with_namespace("ingest"))["counters"]:
+    if counter.key.metric.name in totals:
+      totals[counter.key.metric.name] += counter.committed or counter.attempted or 0
+  return {"hits": totals[fetch_decode.CACHE_HITS_METRIC],
+          "not_written": totals[fetch_decode.CACHE_ERRORS_METRIC]}
+
+
 def _fetch_decode_seconds(result: beam.runners.runner.PipelineResult) -> float | None:
   """Wall seconds from the first row fetched to the last image decoded (None when the runner
   reports no distributions or nothing was decoded)."""
@@ -297,6 +312,7 @@ def run(argv: list[str] | None = None) -> dict:
   summary["seconds"] = seconds
   summary["cpu_ms_per_image"] = _cpu_ms_per_image(result, summary["written"])
   summary["fetch_decode_seconds"] = _fetch_decode_seconds(result)
+  summary["download_cache"] = _download_cache_counts(result)
   if summary["status"] == "ok":
     publish.swap_in(job.staging, job.out_dir)
     errors_dir = job.out_dir

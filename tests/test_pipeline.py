@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import io
 import json
+import logging
 import pathlib
 import threading
 import time
@@ -425,7 +426,8 @@ def test_rerun_on_grown_manifest_fetches_only_new_sources(tmp_path, http_server)
   ingest.run(["--source", str(half), "--out", str(tmp_path / "out"), *common])
   first_hits = list(http_server.hits)
   http_server.hits.clear()
-  ingest.run(["--source", str(full), "--out", str(tmp_path / "out"), *common])
+  summary = ingest.run(["--source", str(full), "--out", str(tmp_path / "out"), *common])
+  assert summary["download_cache"] == {"hits": 4, "not_written": 0}
   assert sorted(first_hits) == sorted(f"/{i}.png" for i in range(4))
   assert sorted(http_server.hits) == sorted(f"/{i}.png" for i in range(4, 8))
   ingest.run(["--source", str(full), "--out", str(tmp_path / "clean"), *common,
@@ -689,3 +691,27 @@ def test_a_download_cache_that_cannot_be_written_loses_no_row(tmp_path, http_ser
   summary = ingest.run(["--source", str(manifest), "--out", str(tmp_path / "out"),
                         "--image-size", "32", "--allow-network", "127.0.0.1/32"])
   assert summary["written"] == 4 and summary["by_reason"] == {}
+
+
+def test_a_damaged_download_cache_warns_once_and_loses_no_row(tmp_path, http_server, caplog):
+  """A cache file that is not a database fails every put: the rows are all written, and the
+  worker says so once, not once per row."""
+  from pipeline import download_cache
+
+  cache = tmp_path / "out" / "download_cache"
+  cache.mkdir(parents=True)
+  (cache / download_cache.DATABASE_NAME).write_bytes(bytes(range(256)) * 3)
+  http_server.routes = {f"/{i}.png": (200, {}, _png(make_image((40, 40), i % 2, i)))
+                        for i in range(6)}
+  manifest = tmp_path / "m.csv"
+  manifest.write_text("image_url,label\n" + "".join(
+      f"{http_server.url}/{i}.png,{'ab'[i % 2]}\n" for i in range(6)))
+  with caplog.at_level(logging.WARNING, logger="headstart"):
+    summary = ingest.run(["--source", str(manifest), "--out", str(tmp_path / "out"),
+                          "--image-size", "32", "--allow-network", "127.0.0.1/32"])
+  assert summary["written"] == 6 and summary["by_reason"] == {}
+  assert summary["download_cache"] == {"hits": 0, "not_written": 6}
+  not_written = [r.getMessage() for r in caplog.records
+                 if "download cache not written" in r.getMessage()]
+  assert len(not_written) == 1 and "not a database" in not_written[0], not_written
+  assert any("not written for 6 sources" in r.getMessage() for r in caplog.records)
