@@ -248,8 +248,27 @@ class RunInputs:
   validation: tf.data.Dataset | None       # (x, y) batches, or None without a validation split
   num_train: int
   batch_size: int
+  eval_batch_size: int                     # validation and evaluation (`eval_batch_size`)
   settings: Mapping[str, Any]              # image settings (keypoint errors in pixels)
   cache: caching.CachePlan                 # where the parsed splits live between passes
+
+
+# Validation and evaluation batches of feature inputs hold up to this many bytes of inputs (up
+# to `MAX_EVAL_BATCH` examples), never fewer examples than a training batch. A loss or metric
+# over a split does not depend on how the split is batched (up to float rounding), and 2,000
+# pooled vectors in batches of 64 cost 32 steps of per-step overhead per epoch, most of a
+# validation pass. Images go through a backbone whose activations, not its inputs, bound
+# memory: they keep the training batch size.
+EVAL_BATCH_BYTES = 8 << 20
+MAX_EVAL_BATCH = 1024
+
+
+def eval_batch_size(spec: reader.DatasetSpec, input_kind: str, batch_size: int) -> int:
+  """Examples per validation and evaluation batch (see `EVAL_BATCH_BYTES`)."""
+  if input_kind == "image":
+    return batch_size
+  fitting_bytes = EVAL_BATCH_BYTES // caching.bytes_per_example(spec, input_kind)
+  return max(batch_size, min(MAX_EVAL_BATCH, fitting_bytes))
 
 
 def make_inputs(spec: reader.DatasetSpec, input_kind: str, *, batch_size: int,
@@ -274,12 +293,13 @@ def make_inputs(spec: reader.DatasetSpec, input_kind: str, *, batch_size: int,
       split_records(spec, "train", input_kind, cache, views=train.views),
       batch_size=batch_size, shuffle_buffer=train.shuffle_buffer, seed=train.seed,
       cache="none", num_examples=num_train, epoch=epoch)
+  eval_batch = eval_batch_size(spec, input_kind, batch_size)
   val_batches = reader.make_for_eval(
-      split_records(spec, "validation", input_kind, cache), batch_size=batch_size,
+      split_records(spec, "validation", input_kind, cache), batch_size=eval_batch,
       cache="none", num_examples=reader.count_examples(spec, "validation")
   ) if "validation" in spec.splits else None
-  return RunInputs(spec, input_kind, train_batches, val_batches, num_train, batch_size, settings,
-                   cache)
+  return RunInputs(spec, input_kind, train_batches, val_batches, num_train, batch_size,
+                   eval_batch, settings, cache)
 
 
 def split_records(spec: reader.DatasetSpec, split: str, input_kind: str,
@@ -349,9 +369,9 @@ def save_and_evaluate(model: keras.Model, run: runs.RunDir, inputs: RunInputs,
   """
   model.save(run.file(saved_as))
   result: dict[str, Any] = {**describe, **fitted, "batch_size": inputs.batch_size,
-                            **(extra or {})}
+                            "eval_batch_size": inputs.eval_batch_size, **(extra or {})}
   result.update(evaluation.evaluate_and_write(
-      model, inputs.spec, inputs.input_kind, run, batch_size=inputs.batch_size,
+      model, inputs.spec, inputs.input_kind, run, batch_size=inputs.eval_batch_size,
       settings=inputs.settings, baseline=baseline,
       records=lambda split: split_records(inputs.spec, split, inputs.input_kind, inputs.cache)))
   if export is not None:

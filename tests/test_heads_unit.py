@@ -24,7 +24,7 @@ import tensorflow as tf
 from contracts import datasets, layout, runs
 from contracts import schema as schema_lib
 from heads import config as config_lib
-from heads import evaluation, fitting, metrics, reader, run, sweep, training, zoo
+from heads import caching, evaluation, fitting, metrics, reader, run, sweep, training, zoo
 
 MAP_SHAPE = (3, 3, 4)
 
@@ -324,6 +324,32 @@ def test_train_writes_history_metrics_and_predictions(binary_dir, tmp_path):
   assert len((out / "history.csv").read_text().strip().splitlines()) == 5
   # Without a backbone loader for the synthetic "tiny" backbone, export is skipped and said so.
   assert any("model.keras" in note for note in written["notes"]) or (out / "model.keras").exists()
+
+
+def test_evaluation_batches_do_not_change_a_runs_numbers(multiclass_dir, tmp_path, monkeypatch):
+  """Validation and evaluation use bigger batches than training for feature inputs (fewer
+  steps); the history and the metrics are those of evaluating in training-sized batches."""
+  spec = reader.load_spec(str(multiclass_dir))
+  assert fitting.eval_batch_size(spec, "pooled", 4) == fitting.MAX_EVAL_BATCH
+  assert fitting.eval_batch_size(spec, "image", 4) == 4
+  big_maps = dataclasses.replace(spec, feature_map_shape=(9, 9, 512))
+  assert 64 < fitting.eval_batch_size(big_maps, "map", 64) < fitting.MAX_EVAL_BATCH
+  config = tiny(epochs=3, batch_size=4, learning_rate=1e-2)
+  runs_metrics, histories = [], []
+  for name, batch_bytes in (("big", fitting.EVAL_BATCH_BYTES), ("train_sized", 0)):
+    monkeypatch.setattr(fitting, "EVAL_BATCH_BYTES", batch_bytes)
+    caching.release_shared()
+    out = tmp_path / name
+    runs_metrics.append(training.train(str(multiclass_dir), "linear", str(out), config,
+                                       verbose=0, export_model=False))
+    with open(out / "history.csv") as f:
+      histories.append([float(row["val_loss"]) for row in csv.DictReader(f)])
+  big, small = runs_metrics
+  assert big["eval_batch_size"] == fitting.MAX_EVAL_BATCH and small["eval_batch_size"] == 4
+  np.testing.assert_allclose(histories[0], histories[1], rtol=1e-5)
+  for split in ("validation", "test"):
+    assert big[split]["accuracy"] == small[split]["accuracy"]
+    assert big[split]["loss"] == pytest.approx(small[split]["loss"], rel=1e-5)
 
 
 def test_evaluation_reads_each_split_once(multiclass_dir, tmp_path, monkeypatch):
