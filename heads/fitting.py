@@ -253,8 +253,9 @@ class RunInputs:
   cache: caching.CachePlan                 # where the parsed splits live between passes
 
 
-# Validation and evaluation batches of feature inputs hold up to this many bytes of inputs (up
-# to `MAX_EVAL_BATCH` examples), never fewer examples than a training batch. A loss or metric
+# Validation and evaluation batches of feature inputs hold up to this many bytes of inputs as
+# stored (`caching.bytes_per_example`: float16 maps are cast to float32 per batch, so twice
+# this in flight; up to `MAX_EVAL_BATCH` examples), never fewer examples than a training batch. A loss or metric
 # over a split does not depend on how the split is batched (up to float rounding), and 2,000
 # pooled vectors in batches of 64 cost 32 steps of per-step overhead per epoch, most of a
 # validation pass. Images go through a backbone whose activations, not its inputs, bound

@@ -258,26 +258,31 @@ def _query(result: beam.runners.runner.PipelineResult,
     return {"counters": [], "distributions": [], "gauges": []}
 
 
+def _counter_totals(result: beam.runners.runner.PipelineResult,
+                    namespace: str) -> dict[str, int]:
+  """The job's counters of `namespace`, summed over steps by name (empty when the runner
+  reports none)."""
+  totals: dict[str, int] = {}
+  for counter in _query(result, MetricsFilter().with_namespace(namespace))["counters"]:
+    name = counter.key.metric.name
+    totals[name] = totals.get(name, 0) + (counter.committed or counter.attempted or 0)
+  return totals
+
+
 def _cpu_ms_per_image(result: beam.runners.runner.PipelineResult,
                       images: int) -> dict[str, float]:
   """CPU milliseconds per written image by phase, from the job's counters (empty when the
   runner reports none)."""
-  totals: dict[str, float] = {}
-  for counter in _query(result, MetricsFilter().with_namespace(sinks.CPU_NAMESPACE))["counters"]:
-    totals[counter.key.metric.name] = (totals.get(counter.key.metric.name, 0.0)
-                                       + (counter.committed or counter.attempted or 0))
+  totals = _counter_totals(result, sinks.CPU_NAMESPACE)
   return {phase: us / 1e3 / images for phase, us in sorted(totals.items())} if images else {}
 
 
 def _download_cache_counts(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
   """Sources read from the download cache and sources it could not store (zeros when the
   runner reports no counters)."""
-  totals = {fetch_decode.CACHE_HITS_METRIC: 0, fetch_decode.CACHE_ERRORS_METRIC: 0}
-  for counter in _query(result, MetricsFilter().with_namespace("ingest"))["counters"]:
-    if counter.key.metric.name in totals:
-      totals[counter.key.metric.name] += counter.committed or counter.attempted or 0
-  return {"hits": totals[fetch_decode.CACHE_HITS_METRIC],
-          "not_written": totals[fetch_decode.CACHE_ERRORS_METRIC]}
+  totals = _counter_totals(result, "ingest")
+  return {"hits": totals.get(fetch_decode.CACHE_HITS_METRIC, 0),
+          "not_written": totals.get(fetch_decode.CACHE_ERRORS_METRIC, 0)}
 
 
 def _fetch_decode_seconds(result: beam.runners.runner.PipelineResult) -> float | None:
