@@ -130,6 +130,10 @@ def r8(work: pathlib.Path, records: int, *, heads: Sequence[str] = ("linear", "m
   slow minute on one side alone moved the ratio by 0.2. The details give every sample, and the
   ratio against `runs` x the first head alone (the definition before 2026-11-30: it priced
   every run at the cheapest head's cost).
+
+  The grid runs as `headstart compare` does by default, up to `compare.default_parallel_runs()`
+  runs at once; each repeat also times it one run at a time (`parallel_runs=1`), whose ratio
+  the details give as `ratio_one_run_at_a_time` (input reuse and shared compiled heads alone).
   """
   from heads import caching, compare, reader, training
   from heads import config as config_lib
@@ -143,6 +147,8 @@ def r8(work: pathlib.Path, records: int, *, heads: Sequence[str] = ("linear", "m
   spec = reader.load_spec(str(data))
   single: dict[str, list[float]] = {head: [] for head in heads}
   grids: list[float] = []
+  one_at_a_time: list[float] = []
+  parallel = compare.default_parallel_runs()
   reads: dict[str, float] = {}
   for repeat in range(repeats):
     for head in heads:
@@ -152,17 +158,19 @@ def r8(work: pathlib.Path, records: int, *, heads: Sequence[str] = ("linear", "m
         training.train(str(data), head, str(work / f"r8_single_{head}_{repeat}"), config,
                        verbose=0, export_model=False)
       single[head].append(time.perf_counter() - started)
-    caching.release_shared()
-    # A grid finds finished cells of an earlier run in its folder and skips them.
-    shutil.rmtree(work / f"r8_grid_{repeat}", ignore_errors=True)
-    before = {split: reader.records_read(str(data), split) for split in spec.splits}
-    started = time.perf_counter()
-    with measure.quiet():
-      compare.compare(str(data.parent), list(heads), str(work / f"r8_grid_{repeat}"),
-                      seeds=seeds, config=config, report=False, log=lambda _: None)
-    grids.append(time.perf_counter() - started)
-    reads = {split: (reader.records_read(str(data), split) - before[split])
-                 / spec.num_examples(split) for split in spec.splits}
+    for parallel_runs, times in ((1, one_at_a_time), (parallel, grids)):
+      caching.release_shared()
+      out = work / f"r8_grid_{repeat}_{parallel_runs}"
+      # A grid finds finished cells of an earlier run in its folder and skips them.
+      shutil.rmtree(out, ignore_errors=True)
+      before = {split: reader.records_read(str(data), split) for split in spec.splits}
+      started = time.perf_counter()
+      with measure.quiet():
+        compare.compare(str(data.parent), list(heads), str(out), seeds=seeds, config=config,
+                        report=False, log=lambda _: None, parallel_runs=parallel_runs)
+      times.append(time.perf_counter() - started)
+      reads = {split: (reader.records_read(str(data), split) - before[split])
+                   / spec.num_examples(split) for split in spec.splits}
   caching.release_shared()
   runs = len(heads) * seeds
   grid = min(grids)
@@ -173,7 +181,12 @@ def r8(work: pathlib.Path, records: int, *, heads: Sequence[str] = ("linear", "m
       measure.Figure(f"{runs} runs each alone", alone, "s"), target=0.5,
       comparison="<=", details={"runs": runs, "records": records, "heads": list(heads),
                                        "seeds": seeds, "epochs": epochs, "repeats": repeats,
+                                       "parallel_runs": parallel,
                                        "grid_seconds": [round(value, 2) for value in grids],
+                                       "grid_seconds_one_run_at_a_time": [
+                                           round(value, 2) for value in one_at_a_time],
+                                       "ratio_one_run_at_a_time": round(
+                                           min(one_at_a_time) / alone, 3),
                                        "single_run_seconds": {
                                            head: [round(value, 2) for value in times]
                                            for head, times in single.items()},

@@ -22,6 +22,7 @@ were extracted from), once, as the no-transfer baseline; its row's backbone is
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -102,44 +103,111 @@ def check_same_settings(run: runs.RunDir, run_config: config_lib.Config) -> None
                        "settings")
 
 
+def default_parallel_runs() -> int:
+  """Runs a grid trains at once in this process by default: one per core, at most
+  `MAX_PARALLEL_RUNS`. A pooled head's step is a chain of small ops that keeps about one core
+  busy, so two runs on two cores finish a grid ~1.2x sooner (`benchmarks` R8 details); beyond a
+  few, runs only compete for TensorFlow's shared thread pools."""
+  return max(1, min(MAX_PARALLEL_RUNS, os.cpu_count() or 1))
+
+
+MAX_PARALLEL_RUNS = 4
+
+
+def runs_together(cell: grid.Cell, config: config_lib.Config) -> bool:
+  """Whether a run of `cell` may train beside another run of this process.
+
+  A run's results do not depend on what trains beside it as long as its only draws from
+  process-wide random state happen while its head is built (`training.SEEDING`). A search
+  builds heads while it trains and the scratch baseline holds a CNN's activations over images:
+  those train alone. Ridge heads solve in closed form under `SEEDING`, so they train alone too.
+  """
+  from heads import ridge
+  return (config.train.search == "none" and cell.head != "scratch"
+          and cell.head not in ridge.HEADS)
+
+
 def run_cells(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config_lib.Config, *,
-              train_one: CellTrainer, log: Callable[[str], None]) -> list[dict[str, Any]]:
-  """Trains every cell and seed not finished yet; returns one leaderboard seed row per run."""
+              train_one: CellTrainer, log: Callable[[str], None],
+              parallel_runs: int = 1) -> list[dict[str, Any]]:
+  """Trains every cell and seed not finished yet; returns one leaderboard seed row per run.
+
+  Dataset by dataset, so each dataset's shared cache is filled once, used by all its runs, and
+  freed before the next dataset's (memory holds one dataset's cache at a time). Within a
+  dataset, its first run trains alone (it fills the shared cache and traces the head); then up
+  to `parallel_runs` runs train at once in threads (`runs_together`), each on its own compiled
+  model (`heads.compiled.lend`), with the same results as one at a time.
+  """
   from heads import caching
+  if parallel_runs < 1:
+    raise ValueError(f"--parallel-runs must be at least 1, got {parallel_runs!r}")
   total = len(cells) * seeds
   progress.report("compare", total=total, unit="run")
   order = [(cell, seed) for cell in cells for seed in range(seeds)]
   results: dict[tuple[str, str, int], Mapping[str, Any]] = {}
+
+  def train_run(index: int, cell: grid.Cell, seed: int) -> None:
+    run = runs.cell_dir(out_dir, cell.dataset, cell.head, seed)
+    log(f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}: training")
+    results[cell.dataset, cell.head, seed] = train_one(
+        cell, seed, run, config_lib.override(base, {"train": {"seed": seed}}))
+
   try:
-    # Dataset by dataset, so each dataset's shared cache is filled once, used by all its runs,
-    # and freed before the next dataset's (memory holds one dataset's cache at a time).
-    by_dataset = sorted(enumerate(order, start=1), key=lambda item: item[1][0].dataset)
-    for position, (index, (cell, seed)) in enumerate(by_dataset):
-      if position == 0 or by_dataset[position - 1][1][0].dataset != cell.dataset:
-        # The scratch baseline reads the image dataset behind the features: not shared.
-        caching.share_inputs(cell.data_dir, [zoo.input_kind(c.head) for c in cells
-                                            if c.dataset == cell.dataset
-                                            and zoo.input_kind(c.head) != "image"])
-      run = runs.cell_dir(out_dir, cell.dataset, cell.head, seed)
-      run_config = config_lib.override(base, {"train": {"seed": seed}})
-      name = f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}"
-      if run.finished:
-        check_same_settings(run, run_config)
-        log(f"{name}: finished earlier, skipped")
-        results[cell.dataset, cell.head, seed] = run.metrics()
-      else:
-        log(f"{name}: training")
-        results[cell.dataset, cell.head, seed] = train_one(cell, seed, run, run_config)
-      progress.report("compare", advance=1)
-      following = by_dataset[position + 1][1][0].dataset if position + 1 < total else None
-      if following != cell.dataset:
-        caching.release_shared()
+    by_dataset: dict[str, list[tuple[int, grid.Cell, int]]] = {}
+    for index, (cell, seed) in enumerate(order, start=1):
+      by_dataset.setdefault(cell.dataset, []).append((index, cell, seed))
+    for dataset in sorted(by_dataset):
+      members = by_dataset[dataset]
+      # The scratch baseline reads the image dataset behind the features: not shared.
+      caching.share_inputs(members[0][1].data_dir,
+                           [zoo.input_kind(cell.head) for _, cell, _ in members
+                            if zoo.input_kind(cell.head) != "image"])
+      pending = []
+      for index, cell, seed in members:
+        run = runs.cell_dir(out_dir, cell.dataset, cell.head, seed)
+        if run.finished:
+          check_same_settings(run, config_lib.override(base, {"train": {"seed": seed}}))
+          log(f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}: finished earlier, "
+              "skipped")
+          results[cell.dataset, cell.head, seed] = run.metrics()
+          progress.report("compare", advance=1)
+        else:
+          pending.append((index, cell, seed))
+      alone, together = pending, []
+      if parallel_runs > 1:
+        together = [item for item in pending if runs_together(item[1], base)]
+        alone = [item for item in pending if item not in together]
+        if together:
+          alone.append(together.pop(0))   # fills the cache before runs read it at once
+      for item in alone:
+        train_run(*item)
+        progress.report("compare", advance=1)
+      _train_together(together, train_run, parallel_runs)
+      caching.release_shared()
   finally:
     progress.report("compare", done=True)
   return [leaderboard.seed_row(cell, seed, runs.cell_dir(out_dir, cell.dataset, cell.head,
                                                          seed).path,
                                results[cell.dataset, cell.head, seed])
           for cell, seed in order]
+
+
+def _train_together(items: Sequence[tuple[int, grid.Cell, int]],
+                    train_run: Callable[[int, grid.Cell, int], None], parallel_runs: int) -> None:
+  """Trains `items` in up to `parallel_runs` threads; the first failure stops the rest (runs
+  already training finish) and is raised, as it would be one run at a time."""
+  if not items:
+    return
+  with concurrent.futures.ThreadPoolExecutor(parallel_runs,
+                                             thread_name_prefix="compare-run") as pool:
+    futures = [pool.submit(train_run, *item) for item in items]
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        future.result()
+        progress.report("compare", advance=1)
+    except BaseException:
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
 
 
 def write_leaderboards(out_dir: str, rows: Sequence[Mapping[str, Any]],
@@ -185,7 +253,7 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
             verbose: int = 0, log: Callable[[str], None] = print,
             train_one: CellTrainer | None = None, cache_budget: int | None = None,
             cache_dir: str | None = None, beam_args: Sequence[str] = (),
-            search: str | None = None) -> CompareResult:
+            search: str | None = None, parallel_runs: int | None = None) -> CompareResult:
   """Trains the grid (skipping finished seeds) and writes leaderboards, ledger and report.
 
   Args:
@@ -207,6 +275,8 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
       of a Beam job on that runner (`heads.grid_beam`) and gathered from their run directories.
     search: overrides the config's per-head search (`heads.search`; `small`: 6 settings per
       run, trained together, chosen on validation; `search.csv` lists every setting tried).
+    parallel_runs: runs trained at once in this process (None: `default_parallel_runs()`; see
+      `run_cells`). Results do not depend on it.
 
   Raises:
     ValueError: bad seeds/epochs, unknown heads or backbones, no index.
@@ -223,11 +293,14 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
   if beam_args:
     run_on_beam(cells, seeds, out_dir, base, beam_args, cache_budget=cache_budget,
                 cache_dir=cache_dir, log=log)
+  parallel_runs = default_parallel_runs() if parallel_runs is None else parallel_runs
   seed_rows = run_cells(cells, seeds, out_dir, base, log=log,
                         train_one=train_one or functools.partial(
                             train_cell, verbose=verbose, cache_budget=cache_budget,
-                            cache_dir=cache_dir))
-  return _publish(out_dir, entries, seed_rows, notes, report=report, log=log)
+                            cache_dir=cache_dir),
+                        parallel_runs=parallel_runs)
+  return _publish(out_dir, entries, seed_rows, notes, report=report, log=log,
+                  parallel_runs=None if beam_args else parallel_runs)
 
 
 def _grid_config(config: config_lib.Config | None, *, seeds: int, epochs: int | None,
@@ -247,10 +320,11 @@ def _grid_config(config: config_lib.Config | None, *, seeds: int, epochs: int | 
 
 def _publish(out_dir: str, entries: Sequence[grid.FeatureEntry],
              seed_rows: list[dict[str, Any]], notes: list[str], *, report: bool,
-             log: Callable[[str], None]) -> CompareResult:
+             log: Callable[[str], None], parallel_runs: int | None) -> CompareResult:
   """Leaderboards, cost ledger, the best run's `model.keras` and the report of a trained grid."""
   rows = leaderboard.aggregate(seed_rows)
   ledger = leaderboard.cost_ledger(entries, seed_rows)
+  ledger["parallel_runs"] = parallel_runs   # in-process runs at once (None: Beam elements)
   best = leaderboard.best_run(rows, seed_rows)
   if best and not runs.RunDir(best["run_dir"]).exists(runs.MODEL_NAME):
     # Only the best run gets model.keras: each export holds a whole backbone (16 MB for

@@ -1,6 +1,7 @@
 """Compiled heads reused by the runs of one process, so a compare grid traces each head once.
 
-    model = compiled.reuse(key, zoo.build_head(...), lambda m: training.compile_head(m, ...))
+    with compiled.lend(key, zoo.build_head(...), lambda m: training.compile_head(m, ...)) as model:
+      model.fit(...)
 
 Tracing a head's train step, validation step and forward pass costs about as much as a few
 epochs of a pooled head (1-1.5 s of 2 CPU cores), and a compare grid used to build and trace a
@@ -11,62 +12,81 @@ initial weights and dropout seeds, and those values are copied into the shared m
 variables; its optimizer goes back to the state it had when first built (zero moments, step 0).
 The traced functions read the same variables, so nothing is traced again and a run trains
 exactly as on a model of its own (tests compare the predictions bit for bit).
+
+A model is lent to one run at a time: runs training at once in threads of one process
+(`compare --parallel-runs`, Beam's multi_threading runner) each get a model no other run is
+training, and a second compiled copy is made only when every copy of `key` is busy.
 """
 from __future__ import annotations
 
-import collections
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import keras
 import numpy as np
 
-# Compiled models kept; a grid moves through datasets one at a time (see `heads.compare`).
+# Compiled models kept (two heads x two runs at once); a grid moves through datasets one at a
+# time (see `heads.compare`).
 MAX_SHARED = 4
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Shared:
+  key: str
   model: keras.Model
   optimizer_start: list[np.ndarray]   # its optimizer variables' values right after building
   traced: dict[Hashable, Any] = dataclasses.field(default_factory=dict)
+  busy: bool = True                   # lent to a run now
 
 
-# Keyed by (thread, key): threads of one worker (Beam's multi_threading runner, Dataflow's SDK
-# harness) may train runs of the same head at once, and must not train one model together.
-_SHARED: collections.OrderedDict[tuple[int, str], _Shared] = collections.OrderedDict()
+_SHARED: list[_Shared] = []   # least recently lent first
 _LOCK = threading.Lock()
 
 
-def reuse(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], None]
-          ) -> keras.Model:
-  """The process's compiled model for `key`, holding `fresh`'s initial state.
+@contextlib.contextmanager
+def lend(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], None]
+         ) -> Iterator[keras.Model]:
+  """The process's compiled model for `key`, holding `fresh`'s initial state, for one run.
 
   Args:
     key: what the model's traced functions depend on besides its variables' values: the head,
       the dataset (its statistics are constants of the standardising layer) and every
       hyperparameter but the seed.
     fresh: the run's newly built, uncompiled head.
-    compile_model: compiles a head (used the first time `key` is seen).
+    compile_model: compiles a head (used when no idle model of `key` is kept).
 
   Raises:
     ValueError: `fresh` does not have the variables of the model shared under `key`.
   """
-  slot = (threading.get_ident(), key)
   with _LOCK:
-    entry = _SHARED.get(slot)
+    entry = next((e for e in _SHARED if e.key == key and not e.busy), None)
     if entry is not None:
-      _SHARED.move_to_end(slot)
-  if entry is None:
-    compile_model(fresh)
-    fresh.optimizer.build(fresh.trainable_variables)
-    with _LOCK:
-      _SHARED[slot] = _Shared(fresh, [np.array(v.numpy()) for v in fresh.optimizer.variables])
-      while len(_SHARED) > MAX_SHARED:
-        _SHARED.popitem(last=False)
-    return fresh
+      entry.busy = True
+      _SHARED.remove(entry)
+      _SHARED.append(entry)
+  try:
+    if entry is None:
+      compile_model(fresh)
+      fresh.optimizer.build(fresh.trainable_variables)
+      entry = _Shared(key, fresh, [np.array(v.numpy()) for v in fresh.optimizer.variables])
+      with _LOCK:
+        _SHARED.append(entry)
+        idle = [e for e in _SHARED if not e.busy]
+        for evicted in idle[:max(0, len(_SHARED) - MAX_SHARED)]:
+          _SHARED.remove(evicted)
+    else:
+      _restart(entry, key, fresh)
+    yield entry.model
+  finally:
+    if entry is not None:
+      entry.busy = False
+
+
+def _restart(entry: _Shared, key: str, fresh: keras.Model) -> None:
+  """Puts `fresh`'s initial weights into the shared model and resets its optimizer."""
   model = entry.model
   targets, sources = model.variables, fresh.variables
   # Auto-named layers (dropout_3...) differ between builds: positions, shapes and dtypes match.
@@ -82,7 +102,6 @@ def reuse(key: str, fresh: keras.Model, compile_model: Callable[[keras.Model], N
   # the next fit starts from, and nothing resets it.
   model._initial_epoch = None  # noqa: SLF001 (Keras' resume hook, read by fit)
   model.stop_training = False
-  return model
 
 
 def traced(model: keras.Model, key: Hashable, trace: Callable[[], Any]) -> Any:
@@ -92,7 +111,7 @@ def traced(model: keras.Model, key: Hashable, trace: Callable[[], Any]) -> Any:
   model's variables, so they serve every run the model is shared with.
   """
   with _LOCK:
-    entry = next((e for e in _SHARED.values() if e.model is model), None)
+    entry = next((e for e in _SHARED if e.model is model), None)
   if entry is None:
     return trace()
   if key not in entry.traced:

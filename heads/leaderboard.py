@@ -280,7 +280,10 @@ def ledger_lines(ledger: Mapping[str, Any]) -> list[str]:
     lines.append(f"- extraction {b['dataset']} ({b['backbone']}, {b['weights']}): "
                  f"{fmt(b['extraction_seconds'], 1)} s once for {b['images']} images "
                  f"(forward {fmt(rate, 1)} images/s)" + _estimate_text(b.get("estimate")))
-  lines.append(f"- heads: {totals['runs']} runs, {fmt(totals['head_seconds'], 1)} s")
+  together = ledger.get("parallel_runs") or 1
+  lines.append(f"- heads: {totals['runs']} runs, {fmt(totals['head_seconds'], 1)} s"
+               + (f" (up to {together} runs at once: their seconds overlap)"
+                  if together > 1 else ""))
   searched = [c for c in ledger["cells"] if c.get("settings_per_run", 1) > 1]
   if searched:
     lines.append(f"- search: {sum(c['runs'] * c['settings_per_run'] for c in searched)} settings "

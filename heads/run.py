@@ -134,6 +134,9 @@ def compare_main(argv: list[str]) -> int:
                       help="per cell: a few settings trained together, the best on validation "
                            "(small: learning rate x dropout, 6 points)")
   parser.add_argument("--no-report", action="store_true", help="skip report.html")
+  parser.add_argument("--parallel-runs", type=cli.positive_int,
+                      help="runs trained at once in this process (default: one per core, at "
+                           "most 4; results do not depend on it)")
   add_cache_flags(parser)
   # Unknown flags are Beam pipeline options: with any of them, runs become Beam elements.
   args, beam_args = parser.parse_known_args(argv)
@@ -146,7 +149,7 @@ def compare_main(argv: list[str]) -> int:
       backbones=cli.comma_list(args.backbones) if args.backbones else None,
       epochs=args.epochs, config=config, report=not args.no_report,
       cache_budget=args.cache_budget, cache_dir=args.cache_dir, beam_args=beam_args,
-      search=args.search)
+      search=args.search, parallel_runs=args.parallel_runs)
   print(leaderboard.markdown_table(result.rows))
   print("\n".join(leaderboard.ledger_lines(result.ledger)))
   print(f"wrote {result.out_dir}/{leaderboard.LEADERBOARD_CSV}"

@@ -10,9 +10,11 @@ interrupted run resumes from its last finished epoch when started again with the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +27,15 @@ from contracts import datasets, layout, runs, statistics
 from heads import caching, compiled, dataset_stats, evaluation, export, fitting, reader, ridge
 from heads import search, sweep, zoo
 from heads.config import Config, to_dict
+
+
+# Held from a run's `set_random_seed` until its head is built, and around every other build.
+# Keras draws each layer's seed (initializers, dropout) from Python's process-wide `random`,
+# which `set_random_seed` resets: runs training at once in threads of one process (`compare
+# --parallel-runs`, Beam's multi_threading runner) would otherwise draw from each other's
+# sequence, and a run's weights would depend on what ran beside it. Reentrant: a build happens
+# inside the first hold.
+SEEDING = threading.RLock()
 
 
 def resolve_dataset(features_dir: str, head: str) -> reader.DatasetSpec:
@@ -257,7 +268,39 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   _check_sweep(head, sweep_l2, config)
   spec = _checked_dataset(features_dir, head, run)
   notes = evaluation.missing_split_notes(spec)
-  keras.utils.set_random_seed(config.train.seed)
+  with contextlib.ExitStack() as lent:
+    with SEEDING:   # until the head is built (see SEEDING)
+      keras.utils.set_random_seed(config.train.seed)
+      prepared = _prepare(head, spec, run, config, kind=kind, notes=notes, started=started,
+                          sweep_l2=sweep_l2, cache_budget=cache_budget, cache_dir=cache_dir,
+                          export_model=export_model, lent=lent)
+      if callable(prepared):   # a ridge head, solved in closed form (building its model too)
+        return _guarded(spec, prepared)
+    return _guarded(spec, lambda: _fit_head(
+        head, spec, run, prepared, config, notes=notes, started=started,
+        callbacks=(prepared.epoch_seed, *callbacks), verbose=verbose))
+
+
+@dataclasses.dataclass
+class _Prepared:
+  """A run's inputs and built head, made under `SEEDING` (see `_prepare`)."""
+  inputs: fitting.RunInputs
+  model: keras.Model
+  build: Callable[[Config], keras.Model]
+  epoch_seed: fitting.EpochSeed
+  stats: Mapping[str, Any]
+  extra: dict[str, Any]
+  export_model: bool
+  target_mean: np.ndarray | None
+  ridge_started: bool   # the head starts at a ridge fit (`head.ridge_start`)
+
+
+def _prepare(head: str, spec: reader.DatasetSpec, run: runs.RunDir, config: Config, *,
+             kind: str, notes: list[str], started: float, sweep_l2: bool,
+             cache_budget: int | None, cache_dir: str | None, export_model: bool,
+             lent: contextlib.ExitStack) -> _Prepared | Callable[[], dict[str, Any]]:
+  """Everything before `fit`: config.json, the cache plan, the inputs and the built head (a
+  shared compiled head is lent for as long as `lent` is open). A ridge head gets its solve."""
   settings = image_settings(spec)
   stats = dataset_stats.load(spec)
   input_stats = statistics.standardisation(stats) if kind == "pooled" else None
@@ -274,18 +317,34 @@ def train(features_dir: str, head: str, out_dir: str, config: Config = Config(),
   # for them: a dataset's construction traces its parse functions, ~0.1 s per run of a grid).
   train_records = (reader.read_split(spec, "train", input_kind=kind, views=config.train.views)
                    if head in ridge.HEADS or _starts_at_ridge(head, config) else None)
-  if head in ridge.HEADS:   # solved in closed form, not trained
-    return _guarded(spec, lambda: _solve_ridge(
-        head, spec, run, inputs, train_records, config, notes=notes, started=started,
-        export_model=export_model))
+  if head in ridge.HEADS:
+    return lambda: _solve_ridge(head, spec, run, inputs, train_records, config, notes=notes,
+                                started=started, export_model=export_model)
   linear, extra = _ridge_start(head, spec, train_records, inputs, config, notes)
   extra.update({"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {}),
                 "input_cache": plan.to_dict()})
   notes.extend(_fit_notes(inputs, export_model))
-  return _guarded(spec, lambda: _fit_head(
-      head, spec, run, inputs, config, stats=stats, input_stats=input_stats, linear=linear,
-      extra=extra, notes=notes, started=started, callbacks=(epoch_seed, *callbacks),
-      verbose=verbose, export_model=export_model))
+  target_mean = statistics.targets_mean(stats) if spec.task == "keypoints" else None
+  steps = -(-inputs.num_train // inputs.batch_size)
+
+  def fresh(point: Config) -> keras.Model:
+    return zoo.build_head(head, spec, point.head, target_mean=target_mean,
+                          input_stats=input_stats, linear_start=linear)
+
+  def build(point: Config) -> keras.Model:
+    """A compiled head with `point`'s settings (a search builds one per point)."""
+    with SEEDING:   # draws layer seeds from Python's `random`, as every build does
+      model = fresh(point)
+    compile_head(model, spec.task, _optimizer(point, steps))
+    return model
+
+  # Runs of a grid (no export: an export adds the backbone to the head's graph) that differ
+  # only in their seed share one compiled, traced model.
+  model = build(config) if export_model else lent.enter_context(compiled.lend(
+      _compiled_key(head, spec, config, linear), fresh(config),
+      lambda new: compile_head(new, spec.task, _optimizer(config, steps))))
+  return _Prepared(inputs, model, build, epoch_seed, stats, extra, export_model, target_mean,
+                   linear is not None)
 
 
 def _check_sweep(head: str, sweep_l2: bool, config: Config) -> None:
@@ -307,37 +366,18 @@ def _guarded(spec: reader.DatasetSpec, work: Callable[[], dict[str, Any]]) -> di
     raise
 
 
-def _fit_head(head: str, spec: reader.DatasetSpec, run: runs.RunDir, inputs: fitting.RunInputs,
-              config: Config, *, stats: Mapping[str, Any],
-              input_stats: tuple[np.ndarray, np.ndarray] | None,
-              linear: tuple[np.ndarray, np.ndarray] | None, extra: dict[str, Any],
-              notes: list[str], started: float, callbacks: Sequence[keras.callbacks.Callback],
-              verbose: int, export_model: bool) -> dict[str, Any]:
-  """Builds, fits (or searches) and evaluates a trained head; writes `metrics.json`."""
-  weights = (statistics.class_weights(stats, max(len(spec.class_names), 2))
+def _fit_head(head: str, spec: reader.DatasetSpec, run: runs.RunDir, prepared: _Prepared,
+              config: Config, *, notes: list[str], started: float,
+              callbacks: Sequence[keras.callbacks.Callback], verbose: int) -> dict[str, Any]:
+  """Fits (or searches) and evaluates a built head; writes `metrics.json`."""
+  inputs, model, build = prepared.inputs, prepared.model, prepared.build
+  extra, target_mean = prepared.extra, prepared.target_mean
+  weights = (statistics.class_weights(prepared.stats, max(len(spec.class_names), 2))
              if config.train.class_weight == "balanced" and spec.task != "keypoints" else None)
-  target_mean = statistics.targets_mean(stats) if spec.task == "keypoints" else None
-  steps = -(-inputs.num_train // inputs.batch_size)
-
-  def fresh(point: Config) -> keras.Model:
-    return zoo.build_head(head, spec, point.head, target_mean=target_mean,
-                          input_stats=input_stats, linear_start=linear)
-
-  def build(point: Config) -> keras.Model:
-    """A compiled head with `point`'s settings (a search builds one per point)."""
-    model = fresh(point)
-    compile_head(model, spec.task, _optimizer(point, steps))
-    return model
-
-  # Runs of a grid (no export: an export adds the backbone to the head's graph) that differ
-  # only in their seed share one compiled, traced model.
-  model = build(config) if export_model else compiled.reuse(
-      _compiled_key(head, spec, config, linear), fresh(config),
-      lambda new: compile_head(new, spec.task, _optimizer(config, steps)))
   # A head started at a ridge fit keeps that start unless an epoch beats it on validation.
   initial_best = (model.evaluate(inputs.validation, verbose=0, return_dict=True)["loss"]
-                  if linear is not None else None)
-  export = _exporter(spec, run, head) if export_model else None
+                  if prepared.ridge_started else None)
+  export = _exporter(spec, run, head) if prepared.export_model else None
   if config.train.search != "none":
     found = search.run_search(config.train.search, head, config, build, inputs, run,
                               class_weight=weights, initial_best=initial_best,

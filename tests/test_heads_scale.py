@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -75,11 +77,48 @@ def test_a_grid_reads_each_dataset_once(features, tmp_path):
   caching.release_shared()
   before = {split: reader.records_read(str(features), split) for split in layout.SPLITS}
   result = compare.compare(str(index_dir), ["linear", "gap_dense"], str(tmp_path / "grid"),
-                           seeds=2, config=_tiny(epochs=2), report=False, log=lambda _: None)
+                           seeds=2, config=_tiny(epochs=2), report=False, log=lambda _: None,
+                           parallel_runs=2)
   reads = {split: reader.records_read(str(features), split) - before[split]
            for split in layout.SPLITS}
   assert len(result.seed_rows) == 4
-  assert reads == {"train": 40, "validation": 12, "test": 12}   # 4 runs, one read of each split
+  # 4 runs, the last three two at a time: one read of each split.
+  assert reads == {"train": 40, "validation": 12, "test": 12}
+
+
+def test_runs_trained_at_once_equal_runs_trained_one_at_a_time(features, tmp_path):
+  # mlp: dropout and initial weights draw from the seeds each run's build must get alone.
+  index_dir = features.parent
+  (index_dir / "index.json").write_text(json.dumps({"datasets": [
+      {"dir": features.name, "backbone": "tiny", "weights_kind": "none", "cache_key": "k1"}]}))
+  busy, overlap, lock = [0], [0], threading.Lock()
+
+  def train_one(cell, seed, run, config):
+    with lock:
+      busy[0] += 1
+      overlap[0] = max(overlap[0], busy[0])
+    try:
+      time.sleep(0.2)   # so the runs of a two-thread pool surely meet
+      return compare.train_cell(cell, seed, run, config)
+    finally:
+      with lock:
+        busy[0] -= 1
+
+  predictions = {}
+  for parallel in (1, 2):
+    caching.release_shared()
+    out = tmp_path / f"parallel{parallel}"
+    overlap[0] = 0
+    result = compare.compare(str(index_dir), ["linear", "mlp"], str(out), seeds=3,
+                             config=_tiny(epochs=2), report=False, log=lambda _: None,
+                             train_one=train_one, parallel_runs=parallel)
+    assert overlap[0] == parallel
+    assert result.ledger["parallel_runs"] == parallel
+    predictions[parallel] = {(head, seed): (out / "cells" / features.name / head / f"seed{seed}"
+                                            / "predictions_test.csv").read_text()
+                             for head in ("linear", "mlp") for seed in range(3)}
+  assert predictions[1] == predictions[2]
+  assert predictions[1]["mlp", 0] != predictions[1]["mlp", 1]   # the seeds do differ
 
 
 def test_beam_grid_in_worker_processes_equals_the_in_process_grid(features, tmp_path):
