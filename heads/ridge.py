@@ -291,14 +291,27 @@ def fit_head(head: str, spec: reader.DatasetSpec, train_records: tf.data.Dataset
   return model, block, (spectral.y_mean if spec.task == "keypoints" and exact else None)
 
 
-def linear_start(spec: reader.DatasetSpec, train_records: tf.data.Dataset, num_train: int,
-                 config: Config, notes: list[str]
-                 ) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any]]:
-  """The `keypoints` head's start: a ridge fit on the flattened map, `((kernel, bias), block)`.
+def starts_from_ridge(head: str, config: Config) -> bool:
+  """Whether the head starts from a ridge solve on the train split (`head.ridge_start`)."""
+  return head == "keypoints" and config.head.ridge_start
+
+
+def linear_start(head: str, spec: reader.DatasetSpec, train_records: tf.data.Dataset | None,
+                 num_train: int, has_validation: bool, config: Config, notes: list[str]
+                 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
+  """The `keypoints` head's start, `((kernel, bias), {"ridge_start": block})`: a ridge fit on
+  the flattened map, chosen on validation; `(None, {})` for other heads, without
+  `ridge_start` or without a validation split (noted).
 
   Started there (`zoo.build_head(linear_start=)`), and with that start as the checkpoint to
   beat, the head is at least as good as the ridge fit on validation.
   """
+  if not starts_from_ridge(head, config):
+    return None, {}
+  if not has_validation:
+    notes.append("no validation split: the keypoints head starts at the mean face, not at a "
+                 "ridge fit")
+    return None, {}
   spectral, block, _, _ = _fit(spec, "map", int(np.prod(spec.feature_map_shape)),
                                train_records, num_train, config, notes)
-  return spectral.weights(block["strength"]), block
+  return spectral.weights(block["strength"]), {"ridge_start": block}

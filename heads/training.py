@@ -316,11 +316,12 @@ def _prepare(head: str, spec: reader.DatasetSpec, run: runs.RunDir, config: Conf
   # Ridge's closed-form solves stream the train split themselves, in bounded memory (built only
   # for them: a dataset's construction traces its parse functions, ~0.1 s per run of a grid).
   train_records = (reader.read_split(spec, "train", input_kind=kind, views=config.train.views)
-                   if head in ridge.HEADS or _starts_at_ridge(head, config) else None)
+                   if head in ridge.HEADS or ridge.starts_from_ridge(head, config) else None)
   if head in ridge.HEADS:
     return lambda: _solve_ridge(head, spec, run, inputs, train_records, config, notes=notes,
                                 started=started, export_model=export_model)
-  linear, extra = _ridge_start(head, spec, train_records, inputs, config, notes)
+  linear, extra = ridge.linear_start(head, spec, train_records, inputs.num_train,
+                                     inputs.validation is not None, config, notes)
   extra.update({"l2": config.head.l2, **({"sweep": sweep_rows} if sweep_rows is not None else {}),
                 "input_cache": plan.to_dict()})
   notes.extend(_fit_notes(inputs, export_model))
@@ -409,25 +410,6 @@ def _fit_notes(inputs: fitting.RunInputs, export_model: bool) -> list[str]:
             if inputs.validation is None else []),
           *([] if export_model else
             ["model.keras not exported (export_run() writes it from head.keras)"])]
-
-
-def _starts_at_ridge(head: str, config: Config) -> bool:
-  """Whether the head starts from a ridge solve on the train split (`head.ridge_start`)."""
-  return head == "keypoints" and config.head.ridge_start
-
-
-def _ridge_start(head: str, spec: reader.DatasetSpec, train_records: tf.data.Dataset | None,
-                 inputs: fitting.RunInputs, config: Config, notes: list[str]
-                 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
-  """`keypoints` with `ridge_start`: the ridge fit it starts from and its `metrics.json` block."""
-  if not _starts_at_ridge(head, config):
-    return None, {}
-  if inputs.validation is None:
-    notes.append("no validation split: the keypoints head starts at the mean face, not at a "
-                 "ridge fit")
-    return None, {}
-  linear, block = ridge.linear_start(spec, train_records, inputs.num_train, config, notes)
-  return linear, {"ridge_start": block}
 
 
 def _describe(spec: reader.DatasetSpec, head: str, model: keras.Model,
