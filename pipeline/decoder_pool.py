@@ -41,6 +41,8 @@ _ATTEMPTS = 2
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
 _READ_BYTES = 1 << 20
 _PIPE_BYTES = 1 << 20
+# How long the parent lets a batch's replies pile up before it reads them (see `_Worker.calls`).
+_GATHER_SECONDS = 0.002
 
 
 # Bytes arguments at least this long go through the shared buffer, not the pipe.
@@ -101,14 +103,17 @@ class _Worker:
     return [tuple(places.get((c, i), arg) for i, arg in enumerate(args))
             for c, args in enumerate(calls)]
 
-  def _read(self, size: int, deadline: float) -> bytes:
+  def _read(self, size: int, deadline: float, gather: float = 0.0) -> bytes:
     """Exactly `size` reply bytes before `deadline`; a child that stops half way is no
-    different from one that never answers. Reads what is there (several replies at once).
+    different from one that never answers. Reads what is there (several replies at once),
+    first letting `gather` seconds of replies pile up when they are not there yet.
 
     Raises:
       TimeoutError: the deadline passed; EOFError: the child closed its end (it died).
     """
     stream, start = self.process.stdout, self._start
+    if gather and len(self._received) - start < size:
+      time.sleep(min(gather, max(0.0, deadline - time.monotonic())))
     while len(self._received) - start < size:
       left = deadline - time.monotonic()
       if left <= 0 or not select.select([stream], [], [], left)[0]:
@@ -133,10 +138,13 @@ class _Worker:
       TimeoutError, EOFError (see `_read`); decode_worker.BadReply: a reply breaking the framing.
     """
     decode_worker.write_message(self.process.stdin, (*name, self._share(calls)))
-    for _ in calls:
+    for left in range(len(calls) - 1, -1, -1):
       deadline = time.monotonic() + timeout
+      # Waking for every reply the moment it lands cost a context switch per image on cores
+      # the decoders share with this process; replies before a batch's last one are collected
+      # a few at a time (the worker does not wait for them: the pipe holds 1 MiB).
       kind, text_size, blob_size = decode_worker.reply_sizes(
-          self._read(decode_worker.REPLY_HEADER.size, deadline))
+          self._read(decode_worker.REPLY_HEADER.size, deadline, _GATHER_SECONDS if left else 0))
       yield decode_worker.decode_reply(kind, self._read(text_size, deadline),
                                        self._read(blob_size, deadline))
 
