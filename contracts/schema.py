@@ -14,6 +14,7 @@ stored as raw bytes (TFDS `Tensor(encoding='bytes')`), never as FloatLists.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -62,8 +63,9 @@ class Field:
       return tf.io.FixedLenFeature([], tf.int64, default_value=0 if self.optional else None)
     return tf.io.FixedLenFeature([int(np.prod(self.shape))], tf.dtypes.as_dtype(self.dtype))
 
-  def to_feature(self, value: Any) -> tf.train.Feature:
-    """One value as the Example feature TFDS would write for it."""
+  def fill(self, feature: tf.train.Feature, value: Any) -> None:
+    """Writes one value into `feature` as the Example feature TFDS would write for it (in
+    place: building each message by its constructor cost ~3x as much per record)."""
     if self.kind in ("text", "image") or self.raw_bytes:
       if self.raw_bytes:
         value = np.ascontiguousarray(value, self.dtype).tobytes()
@@ -72,14 +74,15 @@ class Field:
       if not isinstance(value, bytes):
         raise TypeError(f"record key {self.name!r} needs bytes or str, got "
                         f"{type(value).__name__}")
-      return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
-    if self.kind in ("int", "label"):
-      return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
-    flat = np.asarray(value, self.dtype).ravel()
-    if flat.size != int(np.prod(self.shape)):
-      raise ValueError(f"record key {self.name!r} needs shape {self.shape}, got "
-                       f"{np.shape(value)}")
-    return tf.train.Feature(float_list=tf.train.FloatList(value=flat.tolist()))
+      feature.bytes_list.value.append(value)
+    elif self.kind in ("int", "label"):
+      feature.int64_list.value.append(int(value))
+    else:
+      flat = np.asarray(value, self.dtype).ravel()
+      if flat.size != int(np.prod(self.shape)):
+        raise ValueError(f"record key {self.name!r} needs shape {self.shape}, got "
+                         f"{np.shape(value)}")
+      feature.float_list.value.extend(flat.tolist())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +90,13 @@ class Schema:
   """The fields of one dataset's records."""
   fields: tuple[Field, ...]
 
+  @functools.cached_property
+  def _by_name(self) -> dict[str, Field]:
+    return {field.name: field for field in self.fields}
+
   def __getitem__(self, name: str) -> Field:
-    for field in self.fields:
-      if field.name == name:
-        return field
+    if name in self._by_name:
+      return self._by_name[name]
     raise KeyError(f"record key {name!r} is not in this dataset's schema; it has "
                    f"{', '.join(self.names)}")
 
@@ -110,12 +116,15 @@ class Schema:
     Raises:
       KeyError: a key the schema does not know.
     """
-    feature = {key: self[key].to_feature(value) for key, value in values.items()}
+    fields = [self[key] for key in values]   # every key known before any is written
+    example = tf.train.Example()
+    features = example.features.feature
+    for field, value in zip(fields, values.values()):
+      field.fill(features[field.name], value)
     # deterministic=True: the feature map's entries are otherwise written in an order that
     # changes from process to process, so re-ingesting the same images gave other shard bytes,
     # another dataset fingerprint, and a feature-cache miss downstream.
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(
-        deterministic=True)
+    return example.SerializeToString(deterministic=True)
 
   def parse_spec(self, keys: Sequence[str]) -> dict[str, tf.io.FixedLenFeature]:
     """`tf.io.parse_example` spec of the given keys."""
