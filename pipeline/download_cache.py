@@ -2,6 +2,7 @@
 
     cache = download_cache.DownloadCache("out/images/download_cache")
     cache.put(row_id, data); cache.get(row_id)   # bytes, or None
+    cache.flush()                                # local puts are committed in batches
 """
 from __future__ import annotations
 
@@ -20,6 +21,18 @@ _ENTRIES = "sources"
 _DIGEST_BYTES = 32
 # How long a writer waits for another process's transaction before the put counts as failed.
 _BUSY_TIMEOUT_MS = 60_000
+# Local puts are committed together once this many entries or bytes wait (and at `flush`): one
+# transaction per put cost 0.065-0.071 ms per 11.5 KB entry, one per 32 entries 0.041-0.048.
+BATCH_ENTRIES = 32
+_BATCH_BYTES = 4 << 20
+
+
+class NotStored(Exception):
+  """A batch of puts could not be committed; `entries` of them are not in the cache."""
+
+  def __init__(self, entries: int, error: Exception):
+    super().__init__(f"{entries} entries not stored: {error}")
+    self.entries = entries
 
 
 class DownloadCache:
@@ -30,8 +43,10 @@ class DownloadCache:
   fetched again). Sources that return identical bytes (mirrors) each keep their own entry.
 
   A local folder holds one SQLite database (`sources.sqlite`, table `sources(id, entry)`, WAL
-  journal): a put is one small transaction, so an interrupted job leaves whole entries or none,
-  and the worker processes of one machine write it concurrently (SQLite's locking). One file per
+  journal): puts wait in memory (readable at once) and are committed together, up to
+  `BATCH_ENTRIES` per transaction and at every `flush`, so an interrupted job leaves whole
+  entries or none (at most one batch is lost and fetched again), and the worker processes of
+  one machine write it concurrently (SQLite's locking). One file per
   source cost a file creation per image: 0.14-0.47 ms of the kernel's CPU per 11 KB image on
   this VM whenever the disk had much unwritten data (after a few GB of writes), where an insert
   costs ~0.05-0.08 ms (issue 17); a folder of millions of small files is also slow to list,
@@ -57,17 +72,33 @@ class DownloadCache:
     return data if hashlib.sha256(data).digest() == digest else None
 
   def put(self, source_id: str, data: bytes) -> None:
-    """Stores the bytes a source returned."""
+    """Stores the bytes a source returned (locally: in the next committed batch).
+
+    Raises:
+      NotStored: this put completed a batch that could not be committed.
+    """
     self._store.write(source_id, hashlib.sha256(data).digest() + data)
+
+  def flush(self) -> None:
+    """Commits the puts still waiting (a no-op for a remote cache).
+
+    Raises:
+      NotStored: they could not be committed.
+    """
+    self._store.flush()
 
 
 class _SqliteStore:
-  """Entries in one SQLite database; one connection per thread (sqlite3's rule)."""
+  """Entries in one SQLite database; one connection per thread (sqlite3's rule), puts waiting
+  for their batch's commit shared by all threads."""
 
   def __init__(self, path: str):
     self._path = path
     self._local = threading.local()
     self._damaged: sqlite3.DatabaseError | None = None
+    self._lock = threading.Lock()
+    self._pending: dict[str, bytes] = {}
+    self._pending_bytes = 0
 
   def _connection(self) -> sqlite3.Connection:
     if self._damaged is not None:
@@ -93,13 +124,35 @@ class _SqliteStore:
     return connection
 
   def read(self, source_id: str) -> bytes | None:
+    with self._lock:
+      entry = self._pending.get(source_id)
+    if entry is not None:
+      return entry
     row = self._connection().execute("SELECT entry FROM sources WHERE id = ?",
                                      (source_id,)).fetchone()
     return None if row is None else row[0]
 
   def write(self, source_id: str, entry: bytes) -> None:
-    self._connection().execute("INSERT OR REPLACE INTO sources (id, entry) VALUES (?, ?)",
-                               (source_id, entry))
+    with self._lock:
+      self._pending[source_id] = entry
+      self._pending_bytes += len(entry)
+      full = len(self._pending) >= BATCH_ENTRIES or self._pending_bytes >= _BATCH_BYTES
+    if full:
+      self.flush()
+
+  def flush(self) -> None:
+    with self._lock:
+      batch, self._pending, self._pending_bytes = self._pending, {}, 0
+    if not batch:
+      return
+    try:
+      connection = self._connection()
+      with connection:  # one transaction: committed whole, or rolled back
+        connection.execute("BEGIN")
+        connection.executemany("INSERT OR REPLACE INTO sources (id, entry) VALUES (?, ?)",
+                               batch.items())
+    except Exception as error:  # noqa: BLE001 (locked, full disk, not a database, no folder)
+      raise NotStored(len(batch), error) from error
 
 
 def _set_up(connection: sqlite3.Connection) -> None:
@@ -109,6 +162,9 @@ def _set_up(connection: sqlite3.Connection) -> None:
   deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1e3
   while True:
     try:
+      # 64 KB pages (a new database only: an existing one keeps its own): batches of ~11 KB
+      # images committed in 0.023 ms per entry against 0.041-0.048 with 4 KB pages.
+      connection.execute("PRAGMA page_size=65536")
       connection.execute("PRAGMA journal_mode=WAL")
       # WAL with NORMAL: a commit is durable at the next checkpoint, not at once; an entry lost
       # to a power cut is fetched again, and the database stays consistent.
@@ -138,6 +194,9 @@ class _ObjectStore:
         return f.read()
     except tf.errors.NotFoundError:
       return None
+
+  def flush(self) -> None:
+    """Nothing waits: each put is written at once."""
 
   def write(self, source_id: str, entry: bytes) -> None:
     path = self._path(source_id)

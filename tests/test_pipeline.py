@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.server
@@ -616,6 +617,8 @@ def test_download_cache_local_and_remote_agree(tmp_path):
     cache.put(ids["b"], b"same bytes")  # identical content under two sources
     cache.put(ids["c"], b"other")
     assert [cache.get(ids[name]) for name in "abc"] == [b"same bytes", b"same bytes", b"other"]
+    cache.flush()   # local puts wait for their batch's commit (readable before it)
+    assert [cache.get(ids[name]) for name in "abc"] == [b"same bytes", b"same bytes", b"other"]
   # Locally: no file per source, one database (and SQLite's WAL files beside it).
   assert {p.name for p in (tmp_path / "cache").iterdir()} <= {
       "sources.sqlite", "sources.sqlite-wal", "sources.sqlite-shm"}
@@ -632,6 +635,48 @@ def test_download_cache_local_and_remote_agree(tmp_path):
   with tf.io.gfile.GFile(remote_entry, "wb") as f:
     f.write(stored[:-1])
   assert remote.get(ids["c"]) is None
+
+
+def test_download_cache_commits_local_puts_in_batches_and_counts_a_failed_batch(tmp_path):
+  """Local puts are committed BATCH_ENTRIES at a time (and at flush); a batch that cannot be
+  committed raises NotStored with all its entries, and the database keeps none of them."""
+  import sqlite3
+
+  from pipeline import download_cache
+  cache = download_cache.DownloadCache(str(tmp_path / "cache"))
+  database = tmp_path / "cache" / download_cache.DATABASE_NAME
+
+  def stored() -> int:
+    if not database.exists():
+      return 0
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+      return connection.execute("SELECT COUNT(*) FROM sources").fetchone()[0]
+
+  ids = [hashlib.sha256(str(i).encode()).hexdigest()
+         for i in range(3 * download_cache.BATCH_ENTRIES)]
+  for source in ids[:download_cache.BATCH_ENTRIES - 1]:
+    cache.put(source, source.encode())
+  assert stored() == 0 and cache.get(ids[0]) == ids[0].encode()   # waiting, yet readable
+  cache.put(ids[download_cache.BATCH_ENTRIES - 1], b"x")           # completes the batch
+  assert stored() == download_cache.BATCH_ENTRIES
+  cache.put(ids[download_cache.BATCH_ENTRIES], b"y")
+  cache.flush()
+  assert stored() == download_cache.BATCH_ENTRIES + 1
+  cache.flush()                                                      # nothing waits: a no-op
+  # A batch that cannot be committed (another connection holds the write lock past the busy
+  # timeout): every entry of it is reported, none is half-stored.
+  blocker = sqlite3.connect(database, isolation_level=None)
+  blocker.execute("BEGIN IMMEDIATE")
+  store = cache._store  # noqa: SLF001
+  store._connection().execute("PRAGMA busy_timeout = 10")  # noqa: SLF001
+  for source in ids[download_cache.BATCH_ENTRIES + 1:download_cache.BATCH_ENTRIES + 6]:
+    cache.put(source, b"z")
+  with pytest.raises(download_cache.NotStored) as raised:
+    cache.flush()
+  assert raised.value.entries == 5
+  blocker.execute("ROLLBACK")
+  blocker.close()
+  assert stored() == download_cache.BATCH_ENTRIES + 1
 
 
 def test_download_cache_writers_of_identical_bytes_never_collide(tmp_path):
@@ -671,6 +716,24 @@ def test_identical_bytes_under_many_urls_fetched_concurrently(tmp_path, http_ser
     summary = ingest.run(["--source", str(manifest), "--out", str(tmp_path / f"out{attempt}"),
                           "--image-size", "32", "--allow-network", "127.0.0.1/32"])
     assert summary["written"] == 32 and summary["balanced"], summary
+
+
+def test_a_rerun_reads_every_source_from_the_download_cache(tmp_path, http_server):
+  """The puts of a job are committed by the time it ends (batches close with each bundle): a
+  second job on the same cache sends no request and writes the same images."""
+  http_server.routes = {f"/{i}.png": (200, {}, _png(make_image((40, 40), i % 2, i)))
+                        for i in range(5)}
+  manifest = tmp_path / "m.csv"
+  manifest.write_text("image_url,label\n" + "".join(
+      f"{http_server.url}/{i}.png,{'ab'[i % 2]}\n" for i in range(5)))
+  common = ["--source", str(manifest), "--image-size", "32", "--allow-network", "127.0.0.1/32",
+            "--download-cache", str(tmp_path / "cache")]
+  first = ingest.run([*common, "--out", str(tmp_path / "first")])
+  assert first["written"] == 5 and len(http_server.hits) == 5
+  http_server.hits.clear()
+  second = ingest.run([*common, "--out", str(tmp_path / "second")])
+  assert second["written"] == 5 and http_server.hits == []
+  assert second["download_cache"] == {"hits": 5, "not_written": 0}
 
 
 def test_a_download_cache_that_cannot_be_written_loses_no_row(tmp_path, http_server, monkeypatch):
