@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -101,6 +102,13 @@ def check_same_settings(run: runs.RunDir, run_config: config_lib.Config) -> None
       raise ValueError(f"{run.path!r} was trained with other {section} settings "
                        f"({', '.join(changed)}); use a new --out for a grid with different "
                        "settings")
+
+
+def say(line: str) -> None:
+  """`compare`'s default log: one line in one write (`print` writes the text and the newline
+  separately, so runs training at once in threads ran their lines together)."""
+  sys.stdout.write(line + "\n")
+  sys.stdout.flush()
 
 
 def default_parallel_runs() -> int:
@@ -250,7 +258,7 @@ def compare(features_dir: str, heads: Sequence[str], out_dir: str, *, seeds: int
             backbones: Sequence[str] | None = None, epochs: int | None = None,
             config: config_lib.Config | None = None,
             pairs: Iterable[tuple[str, str]] | None = None, report: bool = True,
-            verbose: int = 0, log: Callable[[str], None] = print,
+            verbose: int = 0, log: Callable[[str], None] = say,
             train_one: CellTrainer | None = None, cache_budget: int | None = None,
             cache_dir: str | None = None, beam_args: Sequence[str] = (),
             search: str | None = None, parallel_runs: int | None = None) -> CompareResult:

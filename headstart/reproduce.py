@@ -217,7 +217,7 @@ class Outcome:
 
 def reproduce(config_path: str, *, tiny: bool = False, source: str | None = None,
               out: str | None = None, beam_args: Sequence[str] = (),
-              log: Callable[[str], None] = print) -> Outcome:
+              log: Callable[[str], None] = compare_lib.say) -> Outcome:
   """Runs ingest -> extract -> compare for a config and checks its expectations.
 
   Args:
