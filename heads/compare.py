@@ -154,11 +154,16 @@ def run_cells(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config
   order = [(cell, seed) for cell in cells for seed in range(seeds)]
   results: dict[tuple[str, str, int], Mapping[str, Any]] = {}
 
+  def seeded(seed: int) -> config_lib.Config:
+    return config_lib.override(base, {"train": {"seed": seed}})
+
+  def name(index: int, cell: grid.Cell, seed: int) -> str:
+    return f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}"
+
   def train_run(index: int, cell: grid.Cell, seed: int) -> None:
     run = runs.cell_dir(out_dir, cell.dataset, cell.head, seed)
-    log(f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}: training")
-    results[cell.dataset, cell.head, seed] = train_one(
-        cell, seed, run, config_lib.override(base, {"train": {"seed": seed}}))
+    log(f"{name(index, cell, seed)}: training")
+    results[cell.dataset, cell.head, seed] = train_one(cell, seed, run, seeded(seed))
 
   try:
     by_dataset: dict[str, list[tuple[int, grid.Cell, int]]] = {}
@@ -174,9 +179,8 @@ def run_cells(cells: Sequence[grid.Cell], seeds: int, out_dir: str, base: config
       for index, cell, seed in members:
         run = runs.cell_dir(out_dir, cell.dataset, cell.head, seed)
         if run.finished:
-          check_same_settings(run, config_lib.override(base, {"train": {"seed": seed}}))
-          log(f"[{index}/{total}] {cell.dataset}/{cell.head}/seed{seed}: finished earlier, "
-              "skipped")
+          check_same_settings(run, seeded(seed))
+          log(f"{name(index, cell, seed)}: finished earlier, skipped")
           results[cell.dataset, cell.head, seed] = run.metrics()
           progress.report("compare", advance=1)
         else:

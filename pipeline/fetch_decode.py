@@ -124,7 +124,7 @@ class FetchDecodeFn(DeadLetteringDoFn):
       return await self._fetcher.fetch_http(row["location"])
     data = await self._cache_call(slot, self._cached, row["id"])
     if data is not None:
-      slot.cache = "hit"
+      slot.cache_hit = True
       return data
     data = await self._fetcher.fetch_http(row["location"])
     slot.unsaved = await self._cache_call(slot, self._cache_put, row["id"], data)
@@ -167,8 +167,9 @@ class FetchDecodeFn(DeadLetteringDoFn):
     # re-fetch on the next run, never a row or the job. One damaged database fails every
     # put: one warning per worker, not one per row (the counter has them all).
     entries = error.entries if isinstance(error, download_cache.NotStored) else 1
+    first = self._cache_failures == 0
     self._cache_failures += entries
-    if self._cache_failures == entries:
+    if first:
       what = f"for {row_id[:12]}" if entries == 1 and row_id else f"for {entries} sources"
       logging.getLogger("headstart").warning(
           "ingest: download cache not written %s: %s (later failures of this worker are "
@@ -195,7 +196,7 @@ class FetchDecodeFn(DeadLetteringDoFn):
     images, cpu = [], collections.Counter({"fetch": self._engine.take_loop_cpu()})
     for slot in slots:
       cpu.update(slot.cpu)
-      if slot.cache == "hit":
+      if slot.cache_hit:
         self._cache_hits.inc()
       if slot.unsaved:
         self._cache_errors.inc(slot.unsaved)

@@ -61,7 +61,8 @@ BATCH_BYTES = 8 << 20
 
 class Slot:
   """One row in flight: its bytes once fetched, then its result (or error)."""
-  __slots__ = ("row", "data", "result", "done", "size", "cpu", "cache", "unsaved", "window")
+  __slots__ = ("row", "data", "result", "done", "size", "cpu", "cache_hit", "unsaved",
+               "window")
 
   def __init__(self, row: dict, window: Window):
     self.row = row
@@ -70,10 +71,10 @@ class Slot:
     self.done = False
     self.size = ROW_OVERHEAD_BYTES
     self.cpu: dict[str, float] = {}
-    # What the download cache did for the row: "hit", and the entries its put failed to store
-    # (itself, or the whole batch its put completed), counted by the bundle's thread: Beam
-    # counters incremented on the download loop's thread are lost.
-    self.cache: str | None = None
+    # What the download cache did for the row: whether it held the bytes, and the entries its
+    # put failed to store (itself, or the whole batch its put completed), counted by the
+    # bundle's thread: Beam counters incremented on the download loop's thread are lost.
+    self.cache_hit = False
     self.unsaved = 0
     self.window = window
 
