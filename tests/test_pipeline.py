@@ -316,6 +316,46 @@ def test_exif_orientation_is_applied():
   assert decoded.rgb[5, 20, 0] > 200 and decoded.rgb[35, 20, 0] < 60  # red now on top
 
 
+def _jpeg_variants() -> dict[str, tuple[bytes, bool]]:
+  """JPEGs of every kind the header reader meets: (bytes, whether the fast path reads it)."""
+  array = np.random.default_rng(0).integers(0, 255, (50, 70, 3), np.uint8)
+  image = Image.fromarray(array)
+  exif = image.getexif()
+  exif[0x0112] = 6
+  plain = cv2.imencode(".jpg", array)[1].tobytes()
+  return {
+      "opencv baseline": (plain, True),
+      "opencv progressive": (cv2.imencode(".jpg", array, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
+                             .tobytes(), True),
+      "grayscale": (_pil_bytes(Image.fromarray(array[:, :, 0]), "JPEG"), True),
+      "optimized progressive": (_pil_bytes(image, "JPEG", progressive=True, optimize=True), True),
+      "icc profile": (_pil_bytes(image, "JPEG", icc_profile=b"x" * 300), True),
+      "exif orientation": (_pil_bytes(image, "JPEG", exif=exif.tobytes()), False),
+      "xmp": (_pil_bytes(image, "JPEG", xmp=b"<x:xmpmeta tiff:Orientation=\"6\"/>"), False),
+      "cmyk": (_pil_bytes(image.convert("CMYK"), "JPEG"), False),
+      "fill bytes before a marker": (plain[:2] + b"\xff" + plain[2:], False),
+      "segment past the end": (plain[:30], False),
+  }
+
+
+@pytest.mark.parametrize("name", list(_jpeg_variants()))
+def test_jpeg_header_fast_path_agrees_with_pillow(name):
+  data, fast = _jpeg_variants()[name]
+  assert (image_decode._plain_jpeg_header(data) is not None) == fast
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      expected = image_decode.Header("jpeg", *image.size, image.mode,
+                                     int(getattr(image, "n_frames", 1)),
+                                     int(image.getexif().get(0x0112, 1)))
+  except OSError:
+    expected = None  # unreadable: read_header must refuse it as before
+  if expected is None:
+    with pytest.raises(image_decode.ImageError):
+      image_decode.read_header(data)
+  else:
+    assert image_decode.read_header(data) == expected
+
+
 def test_decompression_bomb_refused_before_decode():
   # A PNG whose header claims 60000 x 60000 (3.6 Gpx) with 1 KB of zeros as "pixels":
   # refused from the header alone, before any buffer is allocated.
