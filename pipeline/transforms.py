@@ -73,7 +73,9 @@ class KeepOnePerIdFn(DeadLetteringDoFn):
 
   def process(self, element: tuple[str, Iterable[dict]]):
     _, rows = element
-    rows = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True, default=str))
+    rows = list(rows)
+    if len(rows) > 1:  # which copy is kept must not depend on arrival order; one needs no sort
+      rows.sort(key=lambda r: json.dumps(r, sort_keys=True, default=str))
     if len({r["label"] for r in rows}) > 1:
       labels = sorted({str(r["label"]) for r in rows})
       for row in rows:
