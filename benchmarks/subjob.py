@@ -34,6 +34,14 @@ def _high_water_mb() -> float | None:
     return None
 
 
+def _cpu_seconds() -> float:
+  """CPU seconds of this process and of its children waited for so far (an ingest's decoder
+  processes are, once its pipeline has finished)."""
+  own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                       resource.RUSAGE_CHILDREN))
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main(argv: list[str]) -> int:
   """Runs `ingest`, `extract`, `plan` or `train` with the remaining arguments; returns 0.
 
@@ -51,9 +59,12 @@ def main(argv: list[str]) -> int:
     report["hwm_mb"] = _high_water_mb()
   elif argv[0] == "ingest":
     from pipeline import run as ingest
-    summary = ingest.run(argv[1:])
+    job = ingest.plan(argv[1:])
+    planned = _cpu_seconds()
+    summary = ingest.run_job(job)
     report.update(written=summary["written"], cpu_ms_per_image=summary.get("cpu_ms_per_image"),
-                  fetch_decode_seconds=summary.get("fetch_decode_seconds"))
+                  fetch_decode_seconds=summary.get("fetch_decode_seconds"),
+                  run_cpu_seconds=_cpu_seconds() - planned)
   elif argv[0] == "extract":
     from features import run as extract
     extract.run(argv[1:])

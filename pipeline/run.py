@@ -306,7 +306,11 @@ def run(argv: list[str] | None = None) -> dict:
     ValueError: a bad flag value or an unusable source (before any work), or a failed job
       (error fraction above the limit, nothing written, counts not balanced).
   """
-  job = plan(argv)
+  return run_job(plan(argv))
+
+
+def run_job(job: Job) -> dict:
+  """Runs a planned ingest job (see `run`); returns its summary."""
   started = time.monotonic()
   result = job.pipeline.run()
   result.wait_until_finish()

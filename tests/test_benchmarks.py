@@ -108,3 +108,16 @@ def test_http_source_serves_distinct_urls_on_many_hosts_to_the_fetcher(tmp_path)
   assert {row.split("/")[2].split(":")[0] for row in rows[1:]} == {
       "127.0.0.1", "127.0.0.2", "127.0.0.3"}
   assert missing.value.reason == "not_found"
+
+
+def test_ingest_subjob_reports_the_cpu_of_its_pipeline_run(tmp_path):
+  """R3s's marginal CPU comes from `run_cpu_seconds`: the pipeline's run, decoder processes
+  included, without the imports and planning before it."""
+  from tests.conftest import write_image_set
+  manifest = write_image_set(tmp_path / "src", 6, 48)
+  child = measure.run_child("ingest", ["--source", str(manifest), "--out", str(tmp_path / "out"),
+                                       "--image-size", "32"])
+  run_cpu = child.usage["run_cpu_seconds"]
+  assert child.usage["written"] == 6
+  # Start-up (TensorFlow and Beam imports) is seconds of CPU; the run of 6 images is less.
+  assert 0 < run_cpu < child.cpu_seconds - 1.0, (run_cpu, child.cpu_seconds)
