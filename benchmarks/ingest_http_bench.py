@@ -17,10 +17,10 @@ spread over 32 loopback hosts, as a real manifest is over many sites, so the per
   JPEG q95, one thread, bytes in memory) over the ingest's marginal CPU per image at 0 ms
   latency (at 100 ms in details). Target >= 0.5: at most 2x the real work. The marginal CPU is
   the job's process tree's (server excluded) from the start of its pipeline to its end, decoder
-  processes included (`run_cpu_seconds`): the ~6 s of imports and planning before it cost the
-  same at both sizes but varied by +-0.5 s from run to run, +-0.12 ms per image of noise in a
-  marginal over 4,000 images. The marginal of the whole tree's CPU, start-up included, is in
-  details (`cpu_ms_per_image_whole_tree`).
+  processes included (`run_cpu_seconds`): the imports and planning before it cost the same at
+  both sizes in expectation, but 4.9-6.0 s from run to run in one quick suite (2026-12-01), up to
+  0.27 ms per image of noise in a marginal over 4,000 images. The marginal of the whole tree's
+  CPU, start-up included, is in details (`cpu_ms_per_image_whole_tree`).
 - LATENCY: images/s with the added latency over images/s without. Target >= 0.8. Images/s is
   the job's own figure at the larger size (`fetch_decode_seconds` of its summary: from the first
   row fetched to the last image decoded, start-up left out), the best of the repeats; the
