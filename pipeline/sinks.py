@@ -7,8 +7,9 @@ The sink learns a split's exact record count and bytes without reading the data 
 without holding records in memory (a GroupByKey into fixed shards, as Beam's own writer does,
 would hold every record on the local runner): each bundle streams its records into a part file
 and notes every record's end offset; once all parts exist, each shard is cut from the
-concatenated parts at record boundaries and copied, hashed on the way, one shard per worker.
-Parts are deleted at the end; a failed bundle's orphan part is never listed, so never copied.
+concatenated parts at record boundaries and copied, hashed on the way, one shard per worker (a
+shard that is one whole part is renamed, then hashed). Parts are deleted at the end; a failed
+bundle's orphan part is never listed, so never copied.
 
 The shard descriptions it yields (count, size, sha256) go to `contracts.datasets.group_shards`
 and `finalize_dataset`, which write the TFDS metadata and the manifest (see contracts/).
@@ -95,30 +96,57 @@ def _offset(part_path: str, record: int) -> int:
     return int.from_bytes(f.read(8), "little")
 
 
+def _records_in_part(part_path: str) -> int:
+  """How many records a part holds (its `.ends` file: 8 bytes per record)."""
+  return tf.io.gfile.stat(f"{part_path}.ends").length // 8
+
+
+def _read_hashed(path: str, begin: int, end: int, digest, out=None) -> None:
+  """Feeds bytes [begin, end) of `path` to `digest` (and writes them to `out`)."""
+  with tf.io.gfile.GFile(path, "rb") as source:
+    source.seek(begin)
+    left = end - begin
+    while left > 0:
+      chunk = source.read(min(left, _COPY_CHUNK_BYTES))
+      if not chunk:
+        raise sharding.ShardError(f"{path!r} ended {left} bytes early")
+      if out is not None:
+        out.write(chunk)
+      digest.update(chunk)
+      left -= len(chunk)
+
+
 class AssembleShardFn(beam.DoFn):
-  """Shard plan -> the shard file copied from its part ranges, and its description
-  (`split`, `file`, `num_examples`, `num_bytes`, `sha256`), hashed while copying."""
+  """Shard plan -> the shard file, and its description (`split`, `file`, `num_examples`,
+  `num_bytes`, `sha256`).
+
+  A shard that is one whole part (a local run's split of under 200 MiB is one bundle's part)
+  is that part renamed, then hashed; any other is copied from its part ranges, hashed on the
+  way. Copying a whole part cost ~0.07 ms of CPU per 30 KB image (a second write of every
+  byte), the rename and a read ~0.02 (issue 17).
+  """
 
   def __init__(self, out_dir: str):
     super().__init__()
     self._out_dir = out_dir.rstrip("/")
 
   def process(self, plan: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    digest, size = hashlib.sha256(), 0
-    with tf.io.gfile.GFile(f"{self._out_dir}/{plan['file']}", "wb") as out:
-      for part_path, start, stop in plan["segments"]:
-        begin, end = _offset(part_path, start), _offset(part_path, stop)
-        with tf.io.gfile.GFile(part_path, "rb") as part:
-          part.seek(begin)
-          left = end - begin
-          while left > 0:
-            chunk = part.read(min(left, _COPY_CHUNK_BYTES))
-            if not chunk:
-              raise sharding.ShardError(f"part {part_path!r} ended {left} bytes early")
-            out.write(chunk)
-            digest.update(chunk)
-            left -= len(chunk)
-        size += end - begin
+    target = f"{self._out_dir}/{plan['file']}"
+    digest, segments = hashlib.sha256(), plan["segments"]
+    if len(segments) == 1 and segments[0][1] == 0 and (
+        segments[0][2] == _records_in_part(segments[0][0])):
+      # A retried bundle finds the part already moved (its `.ends` stays until the end).
+      if tf.io.gfile.exists(segments[0][0]):
+        tf.io.gfile.rename(segments[0][0], target, overwrite=True)
+      size = tf.io.gfile.stat(target).length
+      _read_hashed(target, 0, size, digest)
+    else:
+      size = 0
+      with tf.io.gfile.GFile(target, "wb") as out:
+        for part_path, start, stop in segments:
+          begin, end = _offset(part_path, start), _offset(part_path, stop)
+          _read_hashed(part_path, begin, end, digest, out)
+          size += end - begin
     yield {"split": plan["split"], "file": plan["file"], "num_examples": plan["records"],
            "num_bytes": size, "sha256": digest.hexdigest()}
 

@@ -79,6 +79,29 @@ def test_sink_writes_exact_shards_that_read_back_whole_and_by_range(tmp_path):
   assert described["num_examples"] == len(first)
 
 
+def test_a_shard_that_is_one_whole_part_is_moved_and_a_retry_finds_it(tmp_path):
+  import hashlib
+  parts_dir, out = tmp_path / "things.parts", tmp_path / "out"
+  out.mkdir()
+  write = sinks.WritePartsFn(str(parts_dir))
+  write.setup()
+  write.start_bundle()
+  records = [f"record {i} ".encode() * (i + 1) for i in range(6)]
+  write.process(("train", records[:2]))
+  write.process(("train", records[2:]))
+  parts = [part.value for part in write.finish_bundle()]
+  (plan,) = sharding.plan_shards(parts, name="things")
+  assert plan["segments"] == [(parts[0]["path"], 0, 6)]
+  assemble = sinks.AssembleShardFn(str(out))
+  (first,) = assemble.process(plan)
+  (again,) = assemble.process(plan)  # a retried bundle: the part is gone, the shard is there
+  shard = out / plan["file"]
+  assert first == again and not tf.io.gfile.exists(parts[0]["path"])
+  assert first["sha256"] == hashlib.sha256(shard.read_bytes()).hexdigest()
+  assert first["num_bytes"] == shard.stat().st_size == parts[0]["bytes"]
+  assert [r.numpy() for r in tf.data.TFRecordDataset(str(shard))] == records
+
+
 def test_range_reads_name_the_shard_on_corruption_and_wrong_counts(tmp_path):
   path = tmp_path / "x-train.tfrecord-00000-of-00001"
   with tf.io.TFRecordWriter(str(path)) as writer:
