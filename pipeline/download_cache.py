@@ -63,6 +63,10 @@ class DownloadCache:
     """True for a folder on this machine (its calls are quick enough to make in-line)."""
     return isinstance(self._store, _SqliteStore)
 
+  def is_empty(self) -> bool:
+    """True when the cache holds no entry, committed or waiting."""
+    return self._store.is_empty()
+
   def get(self, source_id: str) -> bytes | None:
     """The cached bytes of a source, or None (missing, or failing its checksum)."""
     entry = self._store.read(source_id)
@@ -122,6 +126,13 @@ class _SqliteStore:
         raise
       self._local.connection = connection
     return connection
+
+  def is_empty(self) -> bool:
+    with self._lock:
+      if self._pending:
+        return False
+    return not self._connection().execute(
+        "SELECT EXISTS (SELECT 1 FROM sources)").fetchone()[0]
 
   def read(self, source_id: str) -> bytes | None:
     with self._lock:
@@ -187,6 +198,9 @@ class _ObjectStore:
 
   def _path(self, source_id: str) -> str:
     return f"{self._root}/{_ENTRIES}/{source_id[:2]}/{source_id}"
+
+  def is_empty(self) -> bool:
+    return not tf.io.gfile.exists(f"{self._root}/{_ENTRIES}")
 
   def read(self, source_id: str) -> bytes | None:
     try:

@@ -455,8 +455,14 @@ def test_verify_detects_corrupt_truncated_and_missing_shards(tmp_path, tiny_imag
     verify.verify(str(copy))
 
 
-def test_rerun_on_grown_manifest_fetches_only_new_sources(tmp_path, http_server):
-  """F13: the content-addressed download cache; the result equals a clean run (as sets by id)."""
+def test_rerun_on_grown_manifest_fetches_only_new_sources(tmp_path, http_server, monkeypatch):
+  """F13: the content-addressed download cache; the result equals a clean run (as sets by id).
+  A cache that starts empty is only written: the first run looks nothing up."""
+  from pipeline import download_cache
+  lookups = []
+  get = download_cache.DownloadCache.get
+  monkeypatch.setattr(download_cache.DownloadCache, "get",
+                      lambda self, source_id: lookups.append(source_id) or get(self, source_id))
   http_server.routes = {f"/{i}.png": (200, {}, _png(make_image((40, 40), i % 2, i)))
                         for i in range(8)}
   rows = [f"{http_server.url}/{i}.png,{'ab'[i % 2]}" for i in range(8)]
@@ -466,9 +472,10 @@ def test_rerun_on_grown_manifest_fetches_only_new_sources(tmp_path, http_server)
   common = ["--image-size", "32", "--allow-network", "127.0.0.1/32"]
   ingest.run(["--source", str(half), "--out", str(tmp_path / "out"), *common])
   first_hits = list(http_server.hits)
+  assert lookups == []
   http_server.hits.clear()
   summary = ingest.run(["--source", str(full), "--out", str(tmp_path / "out"), *common])
-  assert summary["download_cache"] == {"hits": 4, "not_written": 0}
+  assert summary["download_cache"] == {"hits": 4, "not_written": 0} and len(lookups) == 8
   assert sorted(first_hits) == sorted(f"/{i}.png" for i in range(4))
   assert sorted(http_server.hits) == sorted(f"/{i}.png" for i in range(4, 8))
   ingest.run(["--source", str(full), "--out", str(tmp_path / "clean"), *common,
@@ -652,13 +659,15 @@ def test_download_cache_local_and_remote_agree(tmp_path):
   assert local.is_local and not remote.is_local
   ids = {name: hashlib.sha256(name.encode()).hexdigest() for name in "abc"}
   for cache in (local, remote):
-    assert cache.get(ids["a"]) is None
+    assert cache.is_empty() and cache.get(ids["a"]) is None
     cache.put(ids["a"], b"same bytes")
+    assert not cache.is_empty()
     cache.put(ids["b"], b"same bytes")  # identical content under two sources
     cache.put(ids["c"], b"other")
     assert [cache.get(ids[name]) for name in "abc"] == [b"same bytes", b"same bytes", b"other"]
     cache.flush()   # local puts wait for their batch's commit (readable before it)
     assert [cache.get(ids[name]) for name in "abc"] == [b"same bytes", b"same bytes", b"other"]
+    assert not cache.is_empty()
   # Locally: no file per source, one database (and SQLite's WAL files beside it).
   assert {p.name for p in (tmp_path / "cache").iterdir()} <= {
       "sources.sqlite", "sources.sqlite-wal", "sources.sqlite-shm"}
