@@ -135,8 +135,8 @@ def _plain_jpeg_header(data: bytes) -> Header | None:
   Plain: 8-bit Huffman-coded frame (baseline, extended or progressive) of 1 or 3 components, no
   APP1 segment (Exif or XMP: either may carry an orientation) and no multi-picture (MPF)
   segment, every segment well formed. That is what Pillow would say of such a file (mode L or
-  RGB, one frame, orientation 1) without its per-segment Python parsing, which cost ~0.05 ms
-  per 11 KB face crop, a tenth of its whole decode + resize + encode (issue 17).
+  RGB, one frame, orientation 1) without its per-segment Python parsing: `prepare_record` of
+  an 11 KB 200 px JPEG took 0.546 ms with Pillow's header, 0.511 with this one (issue 17).
   """
   position, end, frame = 2, len(data), None
   while position + 4 <= end:

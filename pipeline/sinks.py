@@ -120,10 +120,10 @@ class AssembleShardFn(beam.DoFn):
   """Shard plan -> the shard file, and its description (`split`, `file`, `num_examples`,
   `num_bytes`, `sha256`).
 
-  A shard that is one whole part (a local run's split of under 200 MiB is one bundle's part)
-  is that part renamed, then hashed; any other is copied from its part ranges, hashed on the
-  way. Copying a whole part cost ~0.07 ms of CPU per 30 KB image (a second write of every
-  byte), the rename and a read ~0.02 (issue 17).
+  A shard that is one whole part (as a local run's split often is: one bundle wrote it, under
+  200 MiB) is that part renamed, then hashed; any other is copied from its part ranges, hashed
+  on the way. Copying a whole part cost ~0.066 ms of CPU per 30 KB image (a second write of
+  every byte), the rename and the hashing read ~0.025 (issue 17).
   """
 
   def __init__(self, out_dir: str):
