@@ -31,7 +31,7 @@ class IngestConfig:
   min_side: int = image_decode.DEFAULT_MIN_SIDE
   fetch: fetch.FetchConfig = fetch.FetchConfig()
   fetch_threads: int = 16      # threads reading files (local, gs://) and a gs:// download cache
-  max_in_flight: int = 256     # rows being fetched or decoded at once per bundle
+  max_in_flight: int = 256     # rows being fetched at once per bundle (decoding ones aside)
   # Bytes a worker process holds for rows in flight. 64 MiB: 256 rows of 10 KB photos or ~60
   # of 1 MB ones keep a worker busy; 256 MiB grew the quick R3 run's RSS by 211 MB (18 %) between
   # 200 and 1000 large photos before the cap bound.

@@ -57,8 +57,9 @@ def _add_fetch_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--retries", type=int, default=fetch.FetchConfig.retries)
   parser.add_argument("--max-in-flight", type=cli.positive_int,
                       default=transforms.IngestConfig.max_in_flight,
-                      help="rows being downloaded or decoded at once per worker (bundle "
-                      "thread); each host still gets at most --max-per-host of them")
+                      help="rows being downloaded at once per worker (bundle thread), "
+                      "besides those being decoded; each host still gets at most "
+                      "--max-per-host of them")
   parser.add_argument("--fetch-threads", type=cli.positive_int,
                       default=transforms.IngestConfig.fetch_threads,
                       help="threads per worker process reading local and gs:// files and a "
