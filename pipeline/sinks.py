@@ -30,6 +30,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from contracts import datasets
 from pipeline import sharding
 
 PARTS_DIR_SUFFIX = ".parts"
@@ -101,17 +102,16 @@ def _records_in_part(part_path: str) -> int:
   return tf.io.gfile.stat(f"{part_path}.ends").length // 8
 
 
-def _read_hashed(path: str, begin: int, end: int, digest, out=None) -> None:
-  """Feeds bytes [begin, end) of `path` to `digest` (and writes them to `out`)."""
+def _copy_hashed(path: str, begin: int, end: int, out, digest) -> None:
+  """Copies bytes [begin, end) of part `path` to `out`, feeding them to `digest` on the way."""
   with tf.io.gfile.GFile(path, "rb") as source:
     source.seek(begin)
     left = end - begin
     while left > 0:
       chunk = source.read(min(left, _COPY_CHUNK_BYTES))
       if not chunk:
-        raise sharding.ShardError(f"{path!r} ended {left} bytes early")
-      if out is not None:
-        out.write(chunk)
+        raise sharding.ShardError(f"part {path!r} ended {left} bytes early")
+      out.write(chunk)
       digest.update(chunk)
       left -= len(chunk)
 
@@ -131,24 +131,23 @@ class AssembleShardFn(beam.DoFn):
     self._out_dir = out_dir.rstrip("/")
 
   def process(self, plan: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    target = f"{self._out_dir}/{plan['file']}"
-    digest, segments = hashlib.sha256(), plan["segments"]
+    target, segments = f"{self._out_dir}/{plan['file']}", plan["segments"]
     if len(segments) == 1 and segments[0][1] == 0 and (
         segments[0][2] == _records_in_part(segments[0][0])):
       # A retried bundle finds the part already moved (its `.ends` stays until the end).
       if tf.io.gfile.exists(segments[0][0]):
         tf.io.gfile.rename(segments[0][0], target, overwrite=True)
-      size = tf.io.gfile.stat(target).length
-      _read_hashed(target, 0, size, digest)
+      size, sha256 = tf.io.gfile.stat(target).length, datasets.file_sha256(target)
     else:
-      size = 0
+      digest, size = hashlib.sha256(), 0
       with tf.io.gfile.GFile(target, "wb") as out:
         for part_path, start, stop in segments:
           begin, end = _offset(part_path, start), _offset(part_path, stop)
-          _read_hashed(part_path, begin, end, digest, out)
+          _copy_hashed(part_path, begin, end, out, digest)
           size += end - begin
+      sha256 = digest.hexdigest()
     yield {"split": plan["split"], "file": plan["file"], "num_examples": plan["records"],
-           "num_bytes": size, "sha256": digest.hexdigest()}
+           "num_bytes": size, "sha256": sha256}
 
 
 def _remove_parts(descriptions: list[dict[str, Any]], parts_dir: str) -> list[dict[str, Any]]:
