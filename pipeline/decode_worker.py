@@ -133,6 +133,8 @@ MAX_REPLY_JSON = 16 << 20
 MAX_REPLY_BLOB = 512 << 20
 _RESULT, _ERROR = 0, 1
 _BYTES_KEY = "$bytes"
+# Keys of the call's row that its result no longer has (see `encode_reply`'s `base`).
+DROPPED_KEY = "$dropped"
 
 
 class BadReply(ValueError):
@@ -146,13 +148,25 @@ def _plain(value):
   raise TypeError(f"a {type(value).__name__} cannot be sent back from the decoder")
 
 
-def encode_reply(ok: bool, value) -> bytes:
-  """The frame of one reply: a result dict, or an exception."""
+def encode_reply(ok: bool, value, base: dict | None = None) -> bytes:
+  """The frame of one reply: a result dict, or an exception.
+
+  With `base` (the call's first argument, a row the parent holds), a result that extends it
+  carries only the keys it added or changed, and those of `base` it dropped under `DROPPED_KEY`
+  (`merge_reply` puts them back together): the row's own fields (id, URL, label ...) need not
+  travel back to where they came from.
+  """
   if ok:
     if not isinstance(value, dict):
       return encode_reply(False, TypeError(f"the decoder returned a {type(value).__name__}, "
                                            "not a dict"))
     fields, chunks, offset = {}, [], 0
+    if base is not None:
+      dropped = [key for key in base if key not in value]
+      value = {key: item for key, item in value.items()
+               if key not in base or base[key] is not item}
+      if dropped:
+        value[DROPPED_KEY] = dropped
     for key, item in value.items():
       if isinstance(item, (bytes, bytearray, memoryview)):
         item = bytes(item)
@@ -209,6 +223,20 @@ def decode_reply(kind: int, text: bytes, blob: bytes) -> tuple[bool, object]:
         raise BadReply(f"bytes field {key!r} points outside the reply")
       fields[key] = blob[offset:offset + size]
   return True, fields
+
+
+def merge_reply(base: dict, fields: dict) -> dict:
+  """The whole result of a call whose reply was encoded against `base` (its row).
+
+  Raises:
+    BadReply: `DROPPED_KEY` is not a list of names.
+  """
+  dropped = fields.pop(DROPPED_KEY, [])
+  if not isinstance(dropped, list):
+    raise BadReply(f"{DROPPED_KEY} is not a list")
+  result = {key: item for key, item in base.items() if key not in dropped}
+  result.update(fields)
+  return result
 
 
 _reply_stream = None
@@ -277,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
           args = tuple(shared.get(a) if isinstance(a, SharedBytes) else a for a in args)
         if key not in functions:
           functions[key] = getattr(importlib.import_module(module_name), function_name)
-        reply = encode_reply(True, functions[key](*args))
+        result = functions[key](*args)
+        reply = encode_reply(True, result, args[0] if args and isinstance(args[0], dict) else None)
       except Exception as error:  # noqa: BLE001 - every failure goes back to the parent
         reply = encode_reply(False, error)
       # One frame per call, flushed at once: the parent times each call on its own and knows

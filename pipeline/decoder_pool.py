@@ -224,6 +224,9 @@ class IsolatedDecoder:
       done = 0
       try:
         for ok, value in worker.calls(self._name, [calls[i] for i in pending], self._timeout):
+          call = calls[pending[done]]
+          if ok and call and isinstance(call[0], dict):  # sent against its row: see encode_reply
+            value = decode_worker.merge_reply(call[0], value)
           results[pending[done]] = value if ok else _error_of(value)
           done += 1
       except TimeoutError:

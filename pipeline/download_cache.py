@@ -75,13 +75,14 @@ class DownloadCache:
     digest, data = entry[:_DIGEST_BYTES], entry[_DIGEST_BYTES:]
     return data if hashlib.sha256(data).digest() == digest else None
 
-  def put(self, source_id: str, data: bytes) -> None:
-    """Stores the bytes a source returned (locally: in the next committed batch).
+  def put(self, source_id: str, data: bytes, digest: bytes | None = None) -> None:
+    """Stores the bytes a source returned (locally: in the next committed batch); `digest` is
+    their sha256 when the caller has it.
 
     Raises:
       NotStored: this put completed a batch that could not be committed.
     """
-    self._store.write(source_id, hashlib.sha256(data).digest() + data)
+    self._store.write(source_id, (digest or hashlib.sha256(data).digest()) + data)
 
   def flush(self) -> None:
     """Commits the puts still waiting (a no-op for a remote cache).

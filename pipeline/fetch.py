@@ -31,6 +31,7 @@ import asyncio
 import base64
 import concurrent.futures
 import dataclasses
+import functools
 import ipaddress
 import itertools
 import random
@@ -108,6 +109,19 @@ def _vet(address: str, allowed: Sequence[address_guard.Network]) -> None:
   if why is not None:
     raise FetchError("blocked_address", f"address {address} is {why}: not public; refused "
                      "(allow it explicitly with --allow-network)")
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_block(netloc: str, user_agent: str, userinfo: str) -> bytes:
+  """The request headers for a host (with Basic credentials from the URL's userinfo, if any),
+  built once per host: a download builds none."""
+  headers = {"Host": netloc, "User-Agent": user_agent, "Accept": "image/*",
+             "Accept-Encoding": "identity"}
+  username, _, password = userinfo.partition(":")
+  if username:
+    credentials = f"{urllib.parse.unquote(username)}:{urllib.parse.unquote(password)}"
+    headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+  return http_client.header_block(headers)
 
 
 class Fetcher:
@@ -305,12 +319,8 @@ class Fetcher:
     except ValueError as error:
       raise FetchError("bad_url", f"bad port: {error}") from None
     addresses = await self._resolve(host, port, started)
-    headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "User-Agent": self.config.user_agent,
-               "Accept": "image/*", "Accept-Encoding": "identity"}
-    if parts.username:
-      credentials = (f"{urllib.parse.unquote(parts.username)}:"
-                     f"{urllib.parse.unquote(parts.password or '')}")
-      headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+    userinfo, _, netloc = parts.netloc.rpartition("@")
+    headers = _header_block(netloc, self.config.user_agent, userinfo)
     target = http_client.request_target(parts.path, parts.query)
     for index, address in enumerate(addresses):
       remaining = self.config.deadline - self._elapsed(started)

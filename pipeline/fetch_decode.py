@@ -6,6 +6,7 @@ out, with hundreds of rows in flight per worker (the machinery is `inflight`, no
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -133,7 +134,12 @@ class FetchDecodeFn(DeadLetteringDoFn):
         slot.cache_hit = True
         return data
     data = await self._fetcher.fetch_http(row["location"])
-    slot.unsaved = await self._cache_call(slot, self._cache_put, row["id"], data)
+    # Hashed once for the cache entry and the record's content_sha256 (see `_decode_many`).
+    started = time.thread_time()
+    digest = hashlib.sha256(data).digest()
+    slot.cpu["hash"] = time.thread_time() - started
+    slot.digest = digest.hex()
+    slot.unsaved = await self._cache_call(slot, self._cache_put, row["id"], data, digest)
     return data
 
   async def _cache_call(self, slot: inflight.Slot, function: Callable, *args):
@@ -156,10 +162,10 @@ class FetchDecodeFn(DeadLetteringDoFn):
     except Exception:  # noqa: BLE001 (an unreadable cache entry is a miss, not a failed row)
       return None
 
-  def _cache_put(self, row_id: str, data: bytes) -> int:
+  def _cache_put(self, row_id: str, data: bytes, digest: bytes) -> int:
     """Stores a download; returns how many entries the cache could not take (0 when fine)."""
     try:
-      self._cache.put(row_id, data)
+      self._cache.put(row_id, data, digest)
       return 0
     except Exception as error:  # noqa: BLE001 (the cache is an optimisation; the row is fine)
       return self._not_stored(error, row_id)
@@ -191,12 +197,14 @@ class FetchDecodeFn(DeadLetteringDoFn):
   def _decode_many(self, slots: Sequence[inflight.Slot]) -> list:
     """One result or ImageError per fetched slot (a batch: one message to a decoder process)."""
     settings = self._cfg.decode_settings
+    calls = [(slot.row if slot.digest is None else {**slot.row, "content_sha256": slot.digest},
+              slot.data, settings) for slot in slots]
     if isinstance(self._decode, decoder_pool.IsolatedDecoder):
-      return self._decode.map([(slot.row, slot.data, settings) for slot in slots])
+      return self._decode.map(calls)
     results = []
-    for slot in slots:
+    for call in calls:
       try:
-        results.append(self._decode(slot.row, slot.data, settings))
+        results.append(self._decode(*call))
       except image_decode.ImageError as error:
         results.append(error)
     return results

@@ -3,8 +3,8 @@ address the caller has vetted (`fetch.Fetcher` resolves, vets and picks it; this
 resolves a name).
 
     pool = http_client.ConnectionPool("https", "93.184.216.34", 443, "example.org", maxsize=8)
-    response = await pool.request("/a.jpg?w=1", {"Host": "example.org"}, connect_timeout=10,
-                                  read_timeout=30)
+    head = http_client.header_block({"Host": "example.org"})   # once per host, not per request
+    response = await pool.request("/a.jpg?w=1", head, connect_timeout=10, read_timeout=30)
     body = await response.read_body(max_bytes=50 << 20, deadline=loop.time() + 60,
                                     read_timeout=30)
     response.release()          # the connection goes back to the pool when it may be reused
@@ -34,6 +34,8 @@ from collections.abc import AsyncIterator, Mapping
 
 _HEAD_LIMIT = 64 << 10
 _READ_BYTES = 256 << 10
+# A body's read timeout is moved on only once the new deadline is this much later (see read_body).
+_RESCHEDULE_SECONDS = 1.0
 # Characters that may stand in a request target as they are (RFC 3986); others are %-encoded,
 # as urllib3 did (a manifest URL with a space still works).
 _TARGET_SAFE = "!#$%&'()*+,/:;=?@[]~"
@@ -58,6 +60,12 @@ class DeadlineExceeded(Exception):
 
 class _Stale(Exception):
   """A kept-alive connection the server had closed before this request: retried once anew."""
+
+
+def header_block(headers: Mapping[str, str]) -> bytes:
+  """Request header lines as sent, blank line included (the same for every request to a host:
+  built once, not per request)."""
+  return "".join([*(f"{k}: {v}\r\n" for k, v in headers.items()), "\r\n"]).encode("latin-1")
 
 
 def request_target(path: str, query: str) -> str:
@@ -112,10 +120,15 @@ class Response:
     chunks, total = [], 0
     loop = asyncio.get_running_loop()
     try:
-      # One timeout moved on after every piece (a context per read cost more than the read).
+      # One timeout moved on after pieces (a context per read cost more than the read), and only
+      # once it is a second old: moving a timer is a heap push, and a small body arrives in one
+      # piece. A body that stalls is given up `read_timeout` seconds (at most one more) after
+      # its last piece.
       async with asyncio.timeout_at(min(loop.time() + read_timeout, deadline)) as timeout:
         async for chunk in self._raw_chunks():
-          timeout.reschedule(min(loop.time() + read_timeout, deadline))
+          when = min(loop.time() + read_timeout, deadline)
+          if when - timeout.when() >= _RESCHEDULE_SECONDS:
+            timeout.reschedule(when)
           if decoder is not None:
             chunk = decoder.decompress(chunk, max_bytes - total + 1)
           total += len(chunk)
@@ -276,15 +289,15 @@ class ConnectionPool:
       connection.close()  # the server closed it while it was idle
     return None
 
-  async def request(self, target: str, headers: Mapping[str, str], *, connect_timeout: float,
+  async def request(self, target: str, headers: bytes, *, connect_timeout: float,
                     read_timeout: float) -> Response:
-    """Sends GET `target`; returns the answer with its head read.
+    """Sends GET `target` with `headers` (a `header_block`); returns the answer with its head
+    read.
 
     Raises:
       ConnectError, TimeoutError, ProtocolError.
     """
-    data = "".join([f"GET {target} HTTP/1.1\r\n",
-                    *(f"{k}: {v}\r\n" for k, v in headers.items()), "\r\n"]).encode("latin-1")
+    data = b"GET " + target.encode("latin-1") + b" HTTP/1.1\r\n" + headers
     if _log.isEnabledFor(logging.DEBUG):
       _log.debug("GET %s (%s port %d)", target, self.address, self.port)
     connection = self._idle_connection()

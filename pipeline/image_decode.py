@@ -406,7 +406,8 @@ class DecodeSettings:
 
 def prepare_record(row: dict, data: bytes, settings: DecodeSettings) -> dict:
   """Fetched bytes + source row -> the row plus `image` (encoded), source size, content sha256
-  and, for keypoint rows, `targets` normalised to the stored image.
+  (`row["content_sha256"]` when the caller has hashed `data` already) and, for keypoint rows,
+  `targets` normalised to the stored image.
 
   Also `PHASES_KEY`: this call's CPU seconds by phase (decode: header, decode and resize;
   encode; hash), which ingest adds to its counters and leaves out of the record.
@@ -425,7 +426,8 @@ def prepare_record(row: dict, data: bytes, settings: DecodeSettings) -> dict:
   decoded = time.thread_time()
   image = _encode_bgr(fitted, settings.image_format)
   encoded = time.thread_time()
-  digest = hashlib.sha256(data).hexdigest()
+  # A caller that hashed these bytes already (the download cache does) passes the digest in.
+  digest = row.get("content_sha256") or hashlib.sha256(data).hexdigest()
   hashed = time.thread_time()
   result = dict(row)
   result.update(image=image, width=width, height=height, content_sha256=digest)

@@ -63,7 +63,7 @@ BATCH_BYTES = 8 << 20
 class Slot:
   """One row in flight: its bytes once fetched, then its result (or error)."""
   __slots__ = ("row", "data", "result", "done", "size", "cpu", "cache_hit", "unsaved",
-               "window")
+               "digest", "window")
 
   def __init__(self, row: dict, window: Window):
     self.row = row
@@ -77,6 +77,7 @@ class Slot:
     # bundle's thread: Beam counters incremented on the download loop's thread are lost.
     self.cache_hit = False
     self.unsaved = 0
+    self.digest: str | None = None   # sha256 of `data` (hex) when the fetch computed it
     self.window = window
 
 

@@ -627,6 +627,24 @@ def test_isolated_decoder_moves_big_sources_through_the_shared_buffer(share_byte
     decode.close()
 
 
+def test_decoder_replies_carry_only_what_the_call_added_to_its_row():
+  """A reply leaves out the row's own fields (the parent has them) and names the dropped ones;
+  merged, it is the whole result. A reply breaking that form is a bad reply."""
+  from pipeline import decode_worker
+  row = {"id": "x" * 64, "location": "http://example.org/a.jpg", "label": "a", "extra": {}}
+  result = {**row, "label": "b", "image": b"\xff\xd8jpeg", "width": 3}
+  del result["extra"]
+  frame = decode_worker.encode_reply(True, result, base=row)
+  kind, text_size, blob_size = decode_worker.reply_sizes(frame[:decode_worker.REPLY_HEADER.size])
+  body = frame[decode_worker.REPLY_HEADER.size:]
+  ok, fields = decode_worker.decode_reply(kind, body[:text_size], body[text_size:])
+  assert ok and b"example.org" not in frame
+  assert set(fields) == {"label", "image", "width", decode_worker.DROPPED_KEY}
+  assert decode_worker.merge_reply(row, fields) == result
+  with pytest.raises(decode_worker.BadReply):
+    decode_worker.merge_reply(row, {decode_worker.DROPPED_KEY: "extra"})
+
+
 def test_examples_serialize_to_the_same_bytes_in_every_process():
   """Shard bytes (hence dataset fingerprints and feature cache keys) do not depend on the
   process: a protobuf map is otherwise written in a per-process order."""
@@ -783,6 +801,11 @@ def test_a_rerun_reads_every_source_from_the_download_cache(tmp_path, http_serve
   second = ingest.run([*common, "--out", str(tmp_path / "second")])
   assert second["written"] == 5 and http_server.hits == []
   assert second["download_cache"] == {"hits": 5, "not_written": 0}
+  # The first run's content_sha256 came from the cache's hash of each download, the second's
+  # from the decoder's: the same records.
+  shards = {run: {p.name: p.read_bytes() for p in (tmp_path / run).rglob("*.tfrecord*")}
+            for run in ("first", "second")}
+  assert shards["first"] and shards["first"] == shards["second"]
 
 
 def test_a_download_cache_that_cannot_be_written_loses_no_row(tmp_path, http_server, monkeypatch):
