@@ -7,16 +7,21 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
+import secrets
 import sqlite3
 import threading
 import time
 
 import tensorflow as tf
 
-# A local cache is one SQLite database in the cache folder; a remote one (gs://) keeps one object
-# per source under `sources/`. Earlier local layouts (`sources/` files, `refs/` + `blobs/`) are
-# ignored: their sources are fetched again once.
+# A local cache is pack files under `packs/` located by an index in one SQLite database; a remote
+# one (gs://) keeps one object per source under `sources/`. Earlier local layouts (`sources/`
+# files, `refs/` + `blobs/`, entries inside the database's `sources` table) are ignored: their
+# sources are fetched again once.
 DATABASE_NAME = "sources.sqlite"
+PACKS = "packs"
 _ENTRIES = "sources"
 _DIGEST_BYTES = 32
 # How long a writer waits for another process's transaction before the put counts as failed.
@@ -25,6 +30,9 @@ _BUSY_TIMEOUT_MS = 60_000
 # transaction per put cost 0.065-0.071 ms per 11.5 KB entry, one per 32 entries 0.041-0.048.
 BATCH_ENTRIES = 32
 _BATCH_BYTES = 4 << 20
+# Pack files a store keeps open for reading (least recently opened closed first).
+_OPEN_PACKS = 32
+_PACK_NAME = re.compile(r"[0-9]+-[0-9a-f]{16}\.pack")
 
 
 class NotStored(Exception):
@@ -42,26 +50,31 @@ class DownloadCache:
   is trusted only when that digest matches (a damaged entry reads as a miss and the source is
   fetched again). Sources that return identical bytes (mirrors) each keep their own entry.
 
-  A local folder holds one SQLite database (`sources.sqlite`, table `sources(id, entry)`, WAL
-  journal): puts wait in memory (readable at once) and are committed together, up to
-  `BATCH_ENTRIES` per transaction and at every `flush`, so an interrupted job leaves whole
-  entries or none (at most one batch is lost and fetched again), and the worker processes of
-  one machine write it concurrently (SQLite's locking). One file per
-  source cost a file creation per image: 0.14-0.47 ms of the kernel's CPU per 11 KB image on
-  this VM whenever the disk had much unwritten data (after a few GB of writes), where an insert
-  costs ~0.05-0.08 ms (issue 17); a folder of millions of small files is also slow to list,
-  copy and delete. SQLite's locking needs a local disk (not NFS); a remote root (gs://...) keeps
-  one object per source, `sources/<id[:2]>/<id>`, written in one call through `tf.io.gfile`.
+  A local folder holds pack files (`packs/<pid>-<random>.pack`: each writer appends the entries
+  of its puts to its own) and one SQLite database indexing them (`sources.sqlite`, table
+  `packed(id, pack, offset, length)`, WAL journal). Puts wait in memory (readable at once) and
+  are written together, up to `BATCH_ENTRIES` per batch and at every `flush`: the batch's
+  entries are appended to the pack, then indexed in one transaction, so an interrupted job
+  leaves whole entries or none (at most one batch is lost and fetched again; bytes appended but
+  never indexed are dead weight, not wrong answers), and the worker processes of one machine
+  write it concurrently (own packs, SQLite's locking for the index). Entries inside the database
+  cost every byte twice (WAL, then checkpoint) plus its B-tree and WAL checksums: ~0.07 ms of
+  the HTTP benchmark's CPU per 11 KB image in the job, the disk writes slowing the shard writer
+  too (issue 17). One file per source cost a file creation per image: 0.14-0.47 ms of the
+  kernel's CPU per 11 KB image on this VM whenever the disk had much unwritten data, and a
+  folder of millions of small files is slow to list, copy and delete. SQLite's locking needs a
+  local disk (not NFS); a remote root (gs://...) keeps one object per source,
+  `sources/<id[:2]>/<id>`, written in one call through `tf.io.gfile`.
   """
 
   def __init__(self, root: str):
     root = root.rstrip("/")
-    self._store = _ObjectStore(root) if "://" in root else _SqliteStore(f"{root}/{DATABASE_NAME}")
+    self._store = _ObjectStore(root) if "://" in root else _PackStore(root)
 
   @property
   def is_local(self) -> bool:
     """True for a folder on this machine (its calls are quick enough to make in-line)."""
-    return isinstance(self._store, _SqliteStore)
+    return isinstance(self._store, _PackStore)
 
   def is_empty(self) -> bool:
     """True when the cache holds no entry, committed or waiting."""
@@ -93,17 +106,21 @@ class DownloadCache:
     self._store.flush()
 
 
-class _SqliteStore:
-  """Entries in one SQLite database; one connection per thread (sqlite3's rule), puts waiting
-  for their batch's commit shared by all threads."""
+class _PackStore:
+  """Entries appended to this store's own pack file and indexed in one SQLite database; one
+  connection per thread (sqlite3's rule); puts waiting for their batch shared by all threads."""
 
-  def __init__(self, path: str):
-    self._path = path
+  def __init__(self, root: str):
+    self._root = root
+    self._path = f"{root}/{DATABASE_NAME}"
     self._local = threading.local()
     self._damaged: sqlite3.DatabaseError | None = None
-    self._lock = threading.Lock()
+    self._lock = threading.Lock()   # the waiting puts, the pack being written, the open packs
     self._pending: dict[str, bytes] = {}
     self._pending_bytes = 0
+    self._pack: tuple[int, str, object] | None = None   # (pid, name, file) being appended to
+    self._pack_size = 0
+    self._readers: dict[str, int] = {}   # pack name -> descriptor open for reading
 
   def _connection(self) -> sqlite3.Connection:
     if self._damaged is not None:
@@ -112,7 +129,7 @@ class _SqliteStore:
       raise sqlite3.DatabaseError(str(self._damaged))
     connection = getattr(self._local, "connection", None)
     if connection is None:
-      tf.io.gfile.makedirs(self._path.rsplit("/", 1)[0])
+      os.makedirs(self._root, exist_ok=True)
       # Autocommit: each statement is its own transaction.
       connection = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_MS / 1e3,
                                    isolation_level=None)
@@ -133,16 +150,33 @@ class _SqliteStore:
       if self._pending:
         return False
     return not self._connection().execute(
-        "SELECT EXISTS (SELECT 1 FROM sources)").fetchone()[0]
+        "SELECT EXISTS (SELECT 1 FROM packed)").fetchone()[0]
 
   def read(self, source_id: str) -> bytes | None:
     with self._lock:
       entry = self._pending.get(source_id)
     if entry is not None:
       return entry
-    row = self._connection().execute("SELECT entry FROM sources WHERE id = ?",
+    row = self._connection().execute("SELECT pack, offset, length FROM packed WHERE id = ?",
                                      (source_id,)).fetchone()
-    return None if row is None else row[0]
+    if row is None:
+      return None
+    pack, offset, length = row
+    if not (isinstance(pack, str) and _PACK_NAME.fullmatch(pack)):
+      return None   # a damaged index names no file outside the packs
+    try:
+      return os.pread(self._reader(pack), length, offset)  # short when cut: the digest fails
+    except OSError:
+      return None   # the pack is gone or unreadable: a miss
+
+  def _reader(self, pack: str) -> int:
+    with self._lock:
+      fd = self._readers.get(pack)
+      if fd is None:
+        if len(self._readers) >= _OPEN_PACKS:
+          os.close(self._readers.pop(next(iter(self._readers))))
+        fd = self._readers[pack] = os.open(f"{self._root}/{PACKS}/{pack}", os.O_RDONLY)
+      return fd
 
   def write(self, source_id: str, entry: bytes) -> None:
     with self._lock:
@@ -158,13 +192,32 @@ class _SqliteStore:
     if not batch:
       return
     try:
-      connection = self._connection()
-      with connection:  # one transaction: committed whole, or rolled back
+      connection = self._connection()  # a damaged index fails before any byte is appended
+      with self._lock:
+        rows = self._append(batch)
+      with connection:  # one transaction: indexed whole, or not at all
         connection.execute("BEGIN")
-        connection.executemany("INSERT OR REPLACE INTO sources (id, entry) VALUES (?, ?)",
-                               batch.items())
+        connection.executemany(
+            "INSERT OR REPLACE INTO packed (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
     except Exception as error:  # noqa: BLE001 (locked, full disk, not a database, no folder)
       raise NotStored(len(batch), error) from error
+
+  def _append(self, batch: dict[str, bytes]) -> list[tuple[str, str, int, int]]:
+    """Appends entries to this process's pack (the caller holds the lock); their index rows.
+    The bytes reach the OS before they are indexed."""
+    if self._pack is None or self._pack[0] != os.getpid():  # a forked child writes its own
+      os.makedirs(f"{self._root}/{PACKS}", exist_ok=True)
+      name = f"{os.getpid()}-{secrets.token_hex(8)}.pack"
+      self._pack = (os.getpid(), name, open(f"{self._root}/{PACKS}/{name}", "xb"))
+      self._pack_size = 0
+    _, name, file = self._pack
+    rows = []
+    for source_id, entry in batch.items():
+      file.write(entry)
+      rows.append((source_id, name, self._pack_size, len(entry)))
+      self._pack_size += len(entry)
+    file.flush()
+    return rows
 
 
 def _set_up(connection: sqlite3.Connection) -> None:
@@ -174,15 +227,12 @@ def _set_up(connection: sqlite3.Connection) -> None:
   deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1e3
   while True:
     try:
-      # 64 KB pages (a new database only: an existing one keeps its own): batches of ~11 KB
-      # images committed in 0.023 ms per entry against 0.041-0.048 with 4 KB pages.
-      connection.execute("PRAGMA page_size=65536")
       connection.execute("PRAGMA journal_mode=WAL")
       # WAL with NORMAL: a commit is durable at the next checkpoint, not at once; an entry lost
       # to a power cut is fetched again, and the database stays consistent.
       connection.execute("PRAGMA synchronous=NORMAL")
-      connection.execute(
-          "CREATE TABLE IF NOT EXISTS sources (id TEXT PRIMARY KEY, entry BLOB NOT NULL)")
+      connection.execute("CREATE TABLE IF NOT EXISTS packed (id TEXT PRIMARY KEY, pack TEXT NOT "
+                         "NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL)")
       return
     except sqlite3.OperationalError as error:
       if "locked" not in str(error) or time.monotonic() > deadline:

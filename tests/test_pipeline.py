@@ -664,9 +664,9 @@ def test_examples_serialize_to_the_same_bytes_in_every_process():
 
 
 def test_download_cache_local_and_remote_agree(tmp_path):
-  """The local root (one SQLite database) and a remote one (one object per source through
-  tf.io.gfile, here TF's in-memory ram://) store and return the same bytes; a damaged entry is
-  a miss, not wrong bytes, and a put makes it whole again."""
+  """The local root (pack files indexed by one SQLite database) and a remote one (one object
+  per source through tf.io.gfile, here TF's in-memory ram://) store and return the same bytes;
+  a damaged entry is a miss, not wrong bytes, and a put makes it whole again."""
   import sqlite3
 
   import tensorflow as tf
@@ -686,16 +686,23 @@ def test_download_cache_local_and_remote_agree(tmp_path):
     cache.flush()   # local puts wait for their batch's commit (readable before it)
     assert [cache.get(ids[name]) for name in "abc"] == [b"same bytes", b"same bytes", b"other"]
     assert not cache.is_empty()
-  # Locally: no file per source, one database (and SQLite's WAL files beside it).
+  # Locally: no file per source; one pack (this store's), one index (and SQLite's WAL files).
   assert {p.name for p in (tmp_path / "cache").iterdir()} <= {
-      "sources.sqlite", "sources.sqlite-wal", "sources.sqlite-shm"}
+      "packs", "sources.sqlite", "sources.sqlite-wal", "sources.sqlite-shm"}
+  pack, = (tmp_path / "cache" / "packs").iterdir()
   database = sqlite3.connect(tmp_path / "cache" / "sources.sqlite", isolation_level=None)
-  (stored,), = database.execute("SELECT entry FROM sources WHERE id = ?", (ids["c"],))
-  assert stored == hashlib.sha256(b"other").digest() + b"other"
-  assert database.execute("SELECT COUNT(*) FROM sources").fetchone() == (3,)
-  for damaged in (stored[:-1], stored[:-1] + b"X"):   # cut short, garbled
-    database.execute("UPDATE sources SET entry = ? WHERE id = ?", (damaged, ids["c"]))
-    assert local.get(ids["c"]) is None
+  (name, offset, length), = database.execute(
+      "SELECT pack, offset, length FROM packed WHERE id = ?", (ids["c"],))
+  stored = pack.read_bytes()[offset:offset + length]
+  assert name == pack.name and stored == hashlib.sha256(b"other").digest() + b"other"
+  assert database.execute("SELECT COUNT(*) FROM packed").fetchone() == (3,)
+  whole = pack.read_bytes()
+  pack.write_bytes(whole[:offset] + stored[:-1] + b"X")       # garbled
+  assert local.get(ids["c"]) is None
+  pack.write_bytes(whole[:offset + length - 1])                # cut short
+  assert local.get(ids["c"]) is None
+  database.execute("UPDATE packed SET pack = '../../sources.sqlite' WHERE id = ?", (ids["c"],))
+  assert local.get(ids["c"]) is None                           # names no file outside packs/
   local.put(ids["c"], b"other")           # fetched again: whole again
   assert local.get(ids["c"]) == b"other"
   remote_entry = f"ram://cache-{tmp_path.name}/sources/{ids['c'][:2]}/{ids['c']}"
@@ -717,7 +724,7 @@ def test_download_cache_commits_local_puts_in_batches_and_counts_a_failed_batch(
     if not database.exists():
       return 0
     with contextlib.closing(sqlite3.connect(database)) as connection:
-      return connection.execute("SELECT COUNT(*) FROM sources").fetchone()[0]
+      return connection.execute("SELECT COUNT(*) FROM packed").fetchone()[0]
 
   ids = [hashlib.sha256(str(i).encode()).hexdigest()
          for i in range(3 * download_cache.BATCH_ENTRIES)]
@@ -817,7 +824,7 @@ def test_a_download_cache_that_cannot_be_written_loses_no_row(tmp_path, http_ser
   def broken(self, source_id, entry):
     raise sqlite3.OperationalError(f"database or disk is full writing {source_id}")
 
-  monkeypatch.setattr(download_cache._SqliteStore, "write", broken)  # noqa: SLF001
+  monkeypatch.setattr(download_cache._PackStore, "write", broken)  # noqa: SLF001
   http_server.routes = {f"/{i}.png": (200, {}, _png(make_image((40, 40), i % 2, i)))
                         for i in range(4)}
   manifest = tmp_path / "m.csv"
