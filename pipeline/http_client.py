@@ -18,9 +18,8 @@ few headers out; status, headers and a body framed by Content-Length, chunked en
 connection's end back; gzip/deflate decoded under the byte cap (a small body must not inflate
 past it); TLS with certificate and host name checks (`ssl.create_default_context`). Answers
 other than 200 are not read: their connection is closed. Connections are asyncio protocols, not
-stream pairs: received bytes wait in a buffer, a reader waits on one future with one timer, and
-a small answer that arrives in one segment is parsed in one wake-up (the stream pair's per-read
-wake-ups and timeout contexts were most of the client's CPU per download).
+stream pairs: an answer that arrives in one segment is parsed in one wake-up (the stream pair's
+per-read wake-ups and timeout contexts were most of the client's CPU per download).
 
 Errors: `ConnectError` (the address refused or cannot be reached: the caller may try its next
 vetted address), `TimeoutError` (connect or read), `ProtocolError` (a malformed answer or a
@@ -78,13 +77,7 @@ def request_target(path: str, query: str) -> str:
 
 
 class _Connection(asyncio.Protocol):
-  """One connection, kept alive between requests: the bytes received wait in `buffer` until a
-  request's reader takes them.
-
-  A protocol, not a stream pair: a small answer (head and body in one segment) costs one wake-up
-  of its reader and no per-read timeout contexts (the stream pair cost about twice the CPU per
-  download, issue 17). A reader waits with `wait`, whose deadline is one timer.
-  """
+  """One connection kept alive between requests; received bytes wait in `buffer`."""
 
   def __init__(self, loop: asyncio.AbstractEventLoop):
     self.loop = loop
@@ -134,9 +127,8 @@ class _Connection(asyncio.Protocol):
 
   def broken(self, what: str) -> ProtocolError:
     """The error for a connection that ended before `what`."""
-    if self.error is not None:
-      return ProtocolError(f"connection broken: {self.error}")
-    return ProtocolError(f"connection closed before {what}")
+    return ProtocolError(f"connection broken: {self.error}" if self.error is not None
+                         else f"connection closed before {what}")
 
   def idle_and_open(self) -> bool:
     """True when the connection may carry another request (open, nothing unread)."""
@@ -184,14 +176,28 @@ class Response:
     """
     decoder = _decoder(self.get("Content-Encoding", ""))
     reader = _BodyReader(self._connection, read_timeout, deadline)
+    chunked = "chunked" in (self.get("Transfer-Encoding") or "").lower()
+    length = None if chunked else self._content_length()
+    self._reusable = self._reusable and (chunked or length is not None)  # else: runs to the end
     try:
-      length = self._content_length()
       if decoder is None and length is not None:  # most images: the bytes as they came
         if length > max_bytes:
           raise BodyTooLarge()
         body = await reader.exactly(length)
-      else:
-        body = await self._read_framed(reader, decoder, max_bytes, length)
+      else:  # decoded piece by piece under the cap: a small body must not inflate past it
+        chunks, total = [], 0
+        async for chunk in reader.chunked() if chunked else reader.pieces(length):
+          if decoder is not None:
+            chunk = decoder.decompress(chunk, max_bytes - total + 1)
+          total += len(chunk)
+          if total > max_bytes:
+            raise BodyTooLarge()
+          chunks.append(chunk)
+        if decoder is not None:
+          chunks.append(decoder.flush())
+          if total + len(chunks[-1]) > max_bytes:
+            raise BodyTooLarge()
+        body = b"".join(chunks)
     except TimeoutError:
       if reader.loop.time() >= deadline:
         raise DeadlineExceeded(f"after {reader.total} bytes") from None
@@ -200,56 +206,15 @@ class Response:
     return body
 
   def _content_length(self) -> int | None:
-    """The declared body length, or None when the body is chunked or runs to the end.
+    """The declared body length, or None.
 
     Raises:
       ProtocolError: a malformed Content-Length.
     """
-    if "chunked" in (self.get("Transfer-Encoding") or "").lower():
-      return None
     length = self.get("Content-Length")
-    if length is None:
-      return None
-    if not length.strip().isdigit():
+    if length is not None and not length.strip().isdigit():
       raise ProtocolError(f"bad Content-Length {length!r}")
-    return int(length)
-
-  async def _read_framed(self, reader: _BodyReader, decoder, max_bytes: int,
-                         length: int | None) -> bytes:
-    """A body framed by chunked encoding, Content-Length or the connection's end, decoded
-    piece by piece under the byte cap (a small body must not inflate past it)."""
-    chunks, total = [], 0
-    async for chunk in self._raw_chunks(reader, length):
-      if decoder is not None:
-        chunk = decoder.decompress(chunk, max_bytes - total + 1)
-      total += len(chunk)
-      if total > max_bytes:
-        raise BodyTooLarge()
-      chunks.append(chunk)
-    if decoder is not None:
-      chunks.append(decoder.flush())
-      if total + len(chunks[-1]) > max_bytes:
-        raise BodyTooLarge()
-    return b"".join(chunks)
-
-  async def _raw_chunks(self, reader: _BodyReader, length: int | None) -> AsyncIterator[bytes]:
-    """The body as received: framed by chunked encoding, Content-Length or the end."""
-    if "chunked" in (self.get("Transfer-Encoding") or "").lower():
-      while size := _chunk_size(await reader.line("a chunk header")):
-        async for piece in reader.pieces(size):
-          yield piece
-        if await reader.line("a chunk's end"):
-          raise ProtocolError("chunk data longer than its size")
-      while await reader.line("the trailers"):
-        pass
-      return
-    if length is not None:
-      async for piece in reader.pieces(length):
-        yield piece
-      return
-    self._reusable = False
-    async for piece in reader.pieces(None):
-      yield piece
+    return None if length is None else int(length)
 
   def release(self) -> None:
     """Returns the connection to its pool when the answer allows reuse (its body read whole);
@@ -280,9 +245,8 @@ class _BodyReader:
     await self.connection.wait(min(self.loop.time() + self.read_timeout, self.deadline))
 
   def _take(self, size: int) -> bytes:
-    piece = _take(self.connection.buffer, size)
-    self.total += len(piece)
-    return piece
+    self.total += size
+    return _take(self.connection.buffer, size)
 
   async def exactly(self, length: int) -> bytes:
     """The next `length` bytes."""
@@ -301,11 +265,20 @@ class _BodyReader:
           return
         await self._more(f"the body's end ({length} bytes short)")
         continue
-      piece = self._take(min(len(buffer), _READ_BYTES if length is None
-                             else min(length, _READ_BYTES)))
+      piece = self._take(min(len(buffer), _READ_BYTES, length or _READ_BYTES))
       if length is not None:
         length -= len(piece)
       yield piece
+
+  async def chunked(self) -> AsyncIterator[bytes]:
+    """A chunked body's data, as it arrives (the trailers read and dropped)."""
+    while size := _chunk_size(await self.line("a chunk header")):
+      async for piece in self.pieces(size):
+        yield piece
+      if await self.line("a chunk's end"):
+        raise ProtocolError("chunk data longer than its size")
+    while await self.line("the trailers"):
+      pass
 
   async def line(self, what: str) -> bytes:
     """The next line, without its CRLF."""
@@ -313,8 +286,7 @@ class _BodyReader:
       if len(self.connection.buffer) > _HEAD_LIMIT:
         raise ProtocolError(f"{what} line too long")
       await self._more(what)
-    line = self._take(end + 2)
-    return line[:-2]
+    return self._take(end + 2)[:-2]
 
 
 def _decoder(encoding: str):
