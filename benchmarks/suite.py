@@ -223,7 +223,7 @@ def run(config: SuiteConfig, work: pathlib.Path) -> dict[str, Any]:
   result["driver"] = driver
   result["seconds"] = time.perf_counter() - started
   result["load_average_at_end"] = os.getloadavg()
-  result["lines"] = [r.line() for r in ratios] + [ingest_http_bench.phase_line(r3s)] + [
+  result["lines"] = [r.line() for r in ratios] + [ingest_http_bench.phase_line(r3s, latency)] + [
       _memory_line(m) for m in memory] + [extract_bench.scaling_line(scaling),
                                           heads_scale_bench.memory_line(heads_rss)] + [
           driver_bench.line(d) for d in driver]
