@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -213,10 +214,17 @@ class _PackStore:
     _, name, file = self._pack
     rows = []
     for source_id, entry in batch.items():
-      file.write(entry)
       rows.append((source_id, name, self._pack_size, len(entry)))
       self._pack_size += len(entry)
-    file.flush()
+    # One write for the batch: a write per 11 KB entry cost 7.3 us of CPU each, joined 3.2.
+    try:
+      file.write(b"".join(batch.values()))
+      file.flush()
+    except OSError:
+      self._pack = None  # part of the batch may be in the file: later batches go to a new one
+      with contextlib.suppress(OSError):
+        file.close()
+      raise
     return rows
 
 
