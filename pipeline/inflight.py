@@ -2,7 +2,7 @@
 batches, handed back in the order they came (no Beam here; `fetch_decode.FetchDecodeFn` drives
 it).
 
-    engine = inflight.Engine(fetcher, max_in_flight=256, max_bytes=256 << 20, file_threads=16)
+    engine = inflight.Engine(fetcher, max_in_flight=512, max_bytes=64 << 20, file_threads=16)
     decoding = inflight.DecodeStage(decode_many, workers=2)     # one per DoFn instance
     window = inflight.Window(engine, decoding, fetch_one)       # one per bundle
     for row in rows:
