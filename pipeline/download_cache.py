@@ -2,6 +2,7 @@
 
     cache = download_cache.DownloadCache("out/images/download_cache")
     cache.put(row_id, data); cache.get(row_id)   # bytes, or None
+    cache.lookup(row_id)                         # (bytes, their sha256), or None
     cache.flush()                                # local puts are committed in batches
 """
 from __future__ import annotations
@@ -83,11 +84,17 @@ class DownloadCache:
 
   def get(self, source_id: str) -> bytes | None:
     """The cached bytes of a source, or None (missing, or failing its checksum)."""
+    found = self.lookup(source_id)
+    return None if found is None else found[0]
+
+  def lookup(self, source_id: str) -> tuple[bytes, bytes] | None:
+    """(bytes, their sha256 digest) of a source, or None (missing, or failing its checksum):
+    the digest checked is the caller's too, so the bytes need no second hashing."""
     entry = self._store.read(source_id)
     if entry is None:
       return None
     digest, data = entry[:_DIGEST_BYTES], entry[_DIGEST_BYTES:]
-    return data if hashlib.sha256(data).digest() == digest else None
+    return (data, digest) if hashlib.sha256(data).digest() == digest else None
 
   def put(self, source_id: str, data: bytes, digest: bytes | None = None) -> None:
     """Stores the bytes a source returned (locally: in the next committed batch); `digest` is
@@ -120,7 +127,6 @@ class _PackStore:
     self._pending: dict[str, bytes] = {}
     self._pending_bytes = 0
     self._pack: tuple[int, str, object] | None = None   # (pid, name, file) being appended to
-    self._pack_size = 0
     self._readers: dict[str, int] = {}   # pack name -> descriptor open for reading
 
   def _connection(self) -> sqlite3.Connection:
@@ -210,12 +216,11 @@ class _PackStore:
       os.makedirs(f"{self._root}/{PACKS}", exist_ok=True)
       name = f"{os.getpid()}-{secrets.token_hex(8)}.pack"
       self._pack = (os.getpid(), name, open(f"{self._root}/{PACKS}/{name}", "xb"))
-      self._pack_size = 0
     _, name, file = self._pack
-    rows = []
+    rows, offset = [], file.tell()
     for source_id, entry in batch.items():
-      rows.append((source_id, name, self._pack_size, len(entry)))
-      self._pack_size += len(entry)
+      rows.append((source_id, name, offset, len(entry)))
+      offset += len(entry)
     # One write for the batch: a write per 11 KB entry cost 7.3 us of CPU each, joined 3.2.
     try:
       file.write(b"".join(batch.values()))

@@ -135,9 +135,10 @@ class FetchDecodeFn(DeadLetteringDoFn):
     if self._cache is None:
       return await self._fetcher.fetch_http(row["location"])
     if self._lookups:
-      data = await self._cache_call(slot, self._cached, row["id"])
-      if data is not None:
-        slot.cache_hit = True
+      found = await self._cache_call(slot, self._cached, row["id"])
+      if found is not None:
+        data, digest = found
+        slot.cache_hit, slot.digest = True, digest.hex()  # checked by the cache: not hashed again
         return data
     data = await self._fetcher.fetch_http(row["location"])
     # Hashed once for the cache entry and the record's content_sha256 (see `_decode_many`).
@@ -162,9 +163,9 @@ class FetchDecodeFn(DeadLetteringDoFn):
     except Exception:  # noqa: BLE001 (an unreadable cache is searched: its reads miss alike)
       return False
 
-  def _cached(self, row_id: str) -> bytes | None:
+  def _cached(self, row_id: str) -> tuple[bytes, bytes] | None:
     try:
-      return self._cache.get(row_id)
+      return self._cache.lookup(row_id)
     except Exception:  # noqa: BLE001 (an unreadable cache entry is a miss, not a failed row)
       return None
 

@@ -460,9 +460,9 @@ def test_rerun_on_grown_manifest_fetches_only_new_sources(tmp_path, http_server,
   A cache that starts empty is only written: the first run looks nothing up."""
   from pipeline import download_cache
   lookups = []
-  get = download_cache.DownloadCache.get
-  monkeypatch.setattr(download_cache.DownloadCache, "get",
-                      lambda self, source_id: lookups.append(source_id) or get(self, source_id))
+  lookup = download_cache.DownloadCache.lookup
+  monkeypatch.setattr(download_cache.DownloadCache, "lookup",
+                      lambda self, source_id: lookups.append(source_id) or lookup(self, source_id))
   http_server.routes = {f"/{i}.png": (200, {}, _png(make_image((40, 40), i % 2, i)))
                         for i in range(8)}
   rows = [f"{http_server.url}/{i}.png,{'ab'[i % 2]}" for i in range(8)]
@@ -685,6 +685,7 @@ def test_download_cache_local_and_remote_agree(tmp_path):
     assert [cache.get(ids[name]) for name in "abc"] == [b"same bytes", b"same bytes", b"other"]
     cache.flush()   # local puts wait for their batch's commit (readable before it)
     assert [cache.get(ids[name]) for name in "abc"] == [b"same bytes", b"same bytes", b"other"]
+    assert cache.lookup(ids["c"]) == (b"other", hashlib.sha256(b"other").digest())
     assert not cache.is_empty()
   # Locally: no file per source; one pack (this store's), one index (and SQLite's WAL files).
   assert {p.name for p in (tmp_path / "cache").iterdir()} <= {
@@ -808,8 +809,8 @@ def test_a_rerun_reads_every_source_from_the_download_cache(tmp_path, http_serve
   second = ingest.run([*common, "--out", str(tmp_path / "second")])
   assert second["written"] == 5 and http_server.hits == []
   assert second["download_cache"] == {"hits": 5, "not_written": 0}
-  # The first run's content_sha256 came from the cache's hash of each download, the second's
-  # from the decoder's: the same records.
+  # The first run's content_sha256 came from hashing each download for its cache entry, the
+  # second's from the digest the cache checked on reading it: the same records.
   shards = {run: {p.name: p.read_bytes() for p in (tmp_path / run).rglob("*.tfrecord*")}
             for run in ("first", "second")}
   assert shards["first"] and shards["first"] == shards["second"]
