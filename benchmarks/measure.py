@@ -213,6 +213,10 @@ def run_child(stage: str, argv: Sequence[str], *, timeout: float = 1800,
   """
   if timeout <= 0:
     raise ValueError(f"timeout must be positive, got {timeout!r}")
+  # Earlier runs' files are written out first: a child that starts with GBs of them still in
+  # the page cache has its own writes throttled and its page allocations pay for reclaim (the
+  # HTTP ingest's write and cache phases cost twice as much late in the full suite as alone).
+  os.sync()
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   started = time.perf_counter()
   env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

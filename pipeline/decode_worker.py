@@ -7,8 +7,9 @@ pickle of `(module, function name, [args, args, ...])`; the child runs the calls
 answers each with a reply frame of raw bytes as soon as it is done (see `encode_reply`: a header
 of fixed size, JSON fields, raw bytes values) that the parent parses without unpickling
 anything, within that call's deadline. A batch costs one message for many small images (at
-~11 KB per image the per-call hand-off was a fifth of the CPU an image took). It is a plain interpreter started with
-`-m`, so it imports only what the function needs (OpenCV, Pillow, NumPy) and never re-runs the
+~11 KB per image the per-call hand-off was a fifth of the CPU an image took). An empty batch is
+a warm-up: the child imports the function's module and answers one reply (an empty result, or
+the import's error). It is a plain interpreter started with `-m`, so it imports only what the function needs (OpenCV, Pillow, NumPy) and never re-runs the
 parent's main script, as multiprocessing's spawn does.
 
 Limits: the worker caps its own address space (`--max-memory-bytes`, RLIMIT_AS) before serving,
@@ -298,14 +299,27 @@ def main(argv: list[str] | None = None) -> None:
   while (request := read_message(requests)) is not None:
     module_name, function_name, calls = request
     key = (module_name, function_name)
+    # The function's module (OpenCV, NumPy: 0.2 s and more of CPU) is imported before any
+    # call's CPU limit and deadline start, not inside the first call's.
+    if key not in functions:
+      try:
+        functions[key] = getattr(importlib.import_module(module_name), function_name)
+      except Exception as error:  # noqa: BLE001 - every call of the batch gets this reply
+        functions[key] = error
+    function = functions[key]
+    if not calls:  # a warm-up (`IsolatedDecoder.start`): one reply, whether the import worked
+      failed = isinstance(function, Exception)
+      _reply_stream.write(encode_reply(not failed, function if failed else {}))
+      _reply_stream.flush()
+      continue
     for args in calls:
       _limit_cpu(options.cpu_seconds)
       try:
         if shared is not None:
           args = tuple(shared.get(a) if isinstance(a, SharedBytes) else a for a in args)
-        if key not in functions:
-          functions[key] = getattr(importlib.import_module(module_name), function_name)
-        result = functions[key](*args)
+        if isinstance(function, Exception):
+          raise function
+        result = function(*args)
         reply = encode_reply(True, result, args[0] if args and isinstance(args[0], dict) else None)
       except Exception as error:  # noqa: BLE001 - every failure goes back to the parent
         reply = encode_reply(False, error)

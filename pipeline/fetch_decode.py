@@ -97,6 +97,7 @@ class FetchDecodeFn(DeadLetteringDoFn):
       self._decode = decoder_pool.IsolatedDecoder(
           cfg.decoder, processes=cfg.decode_processes, timeout=cfg.decode_timeout,
           max_memory_bytes=cfg.decode_memory_mb << 20)
+      self._decode.start()
     self._decoding = inflight.DecodeStage(self._decode_many, workers=cfg.decode_processes)
     self._done = Metrics.counter("ingest", "images_written")
     self._cpu = CpuCounters()

@@ -627,6 +627,39 @@ def test_isolated_decoder_moves_big_sources_through_the_shared_buffer(share_byte
     decode.close()
 
 
+def test_isolated_decoder_start_imports_before_the_first_call_and_its_deadline():
+  """`start` has each worker import the function's module before any call: a first call
+  whose deadline is shorter than the import succeeds (without `start`, the import ran inside
+  it). A module that cannot be imported costs no start; its calls are dead-lettered."""
+  from pipeline import decoder_pool
+  from tests import slow_import_decoder
+  timeout = slow_import_decoder.IMPORT_SECONDS / 3
+  cold = decoder_pool.IsolatedDecoder(slow_import_decoder.describe, processes=1, timeout=timeout)
+  warm = decoder_pool.IsolatedDecoder(slow_import_decoder.describe, processes=2, timeout=timeout)
+  try:
+    with pytest.raises(image_decode.ImageError) as caught:
+      cold({"id": "x"}, b"abc", None)
+    assert caught.value.reason == "decode_timeout"
+    warm.start()
+    assert len(warm._workers) == 2
+    assert warm.map([({"id": "x"}, b"abc", None)] * 3) == [{"id": "x", "length": 3}] * 3
+  finally:
+    cold.close()
+    warm.close()
+
+  def missing(row, data, settings):
+    return row
+  missing.__module__ = "tests.no_such_module"
+  broken = decoder_pool.IsolatedDecoder(missing, processes=1, timeout=30)
+  try:
+    broken.start()
+    assert broken._workers == []
+    (result,) = broken.map([({"id": "x"}, b"abc", None)])
+    assert result.reason == "decode_failed" and "no_such_module" in str(result)
+  finally:
+    broken.close()
+
+
 def test_decoder_replies_carry_only_what_the_call_added_to_its_row():
   """A reply leaves out the row's own fields (the parent has them) and names the dropped ones;
   merged, it is the whole result. A reply breaking that form is a bad reply."""
