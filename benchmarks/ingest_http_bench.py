@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -97,13 +98,17 @@ def measure_latencies(served: pathlib.Path, work: pathlib.Path, latencies: Seque
 
 def _ingest(manifest: pathlib.Path, out: pathlib.Path, count: int, size: int,
             extra_args: Sequence[str] = ()) -> measure.ChildResult:
-  """One `headstart ingest` child over a manifest of `count` served URLs; all must be written."""
+  """One `headstart ingest` child over a manifest of `count` served URLs; all must be written.
+  Its output (shards and download cache) is removed once checked: a suite's runs left GBs of
+  it in the page cache, and the later runs' writes paid for the memory it held (see
+  `measure.run_child`)."""
   child = measure.run_child("ingest", [
       "--source", str(manifest), "--out", str(out), "--image-size", str(size),
       "--allow-network", "127.0.0.0/8", *extra_args])
   if child.usage.get("written") != count:
     raise RuntimeError(f"ingest wrote {child.usage.get('written')} of {count} served "
                        f"images: {child.output[-1500:]}")
+  shutil.rmtree(out, ignore_errors=True)
   return child
 
 

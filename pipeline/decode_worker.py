@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import json
 import math
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         functions[key] = getattr(importlib.import_module(module_name), function_name)
       except Exception as error:  # noqa: BLE001 - every call of the batch gets this reply
         functions[key] = error
+      gc.freeze()  # the modules' objects stay out of every later collection's walk
     function = functions[key]
     if not calls:  # a warm-up (`IsolatedDecoder.start`): one reply, whether the import worked
       failed = isinstance(function, Exception)

@@ -74,7 +74,10 @@ class _Worker:
   """One child process, its pipes and (on Linux) the buffer shared with it for big arguments."""
 
   def __init__(self, share_bytes: bool = True, limits: tuple[int, float] = (0, 0.0)):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    # NumPy's OpenBLAS starts a thread per core at import, which decoding never uses: those
+    # threads spun on the cores the decoders share (~0.007 ms of CPU per image, perf).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
+               OPENBLAS_NUM_THREADS="1")
     command = [sys.executable, "-m", "pipeline.decode_worker",
                "--max-memory-bytes", str(limits[0]), "--cpu-seconds", str(limits[1])]
     self.shared = None
