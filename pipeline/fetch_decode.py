@@ -5,7 +5,6 @@ out, with hundreds of rows in flight per worker (the machinery is `inflight`, no
 """
 from __future__ import annotations
 
-import collections
 import gc
 import hashlib
 import logging
@@ -50,6 +49,13 @@ class CpuCounters:
       if phase not in self._counters:
         self._counters[phase] = Metrics.counter(sinks.CPU_NAMESPACE, phase)
       self._counters[phase].inc(int(value * 1e6))
+
+
+def _sum_into(totals: dict[str, float], seconds: Mapping[str, float]) -> None:
+  """Adds CPU seconds by phase to `totals` (a plain dict: `Counter.update` cost 3x as much, twice
+  per image)."""
+  for phase, value in seconds.items():
+    totals[phase] = totals.get(phase, 0.0) + value
 
 
 class FetchDecodeFn(DeadLetteringDoFn):
@@ -221,9 +227,9 @@ class FetchDecodeFn(DeadLetteringDoFn):
     """Dead letters, then one list of the images, of finished slots."""
     if not slots:
       return
-    images, cpu = [], collections.Counter({"fetch": self._engine.take_loop_cpu()})
+    images, cpu = [], {"fetch": self._engine.take_loop_cpu()}
     for slot in slots:
-      cpu.update(slot.cpu)
+      _sum_into(cpu, slot.cpu)
       if slot.cache_hit:
         self._cache_hits.inc()
       if slot.unsaved:
@@ -234,7 +240,7 @@ class FetchDecodeFn(DeadLetteringDoFn):
       elif isinstance(result, BaseException):
         raise result  # a bug, not a bad input: the bundle fails as it would in-line
       else:
-        cpu.update(result.pop(image_decode.PHASES_KEY, None) or {})
+        _sum_into(cpu, result.pop(image_decode.PHASES_KEY, None) or {})
         images.append(result)
     self._cpu.add(cpu)
     if images:
