@@ -5,7 +5,9 @@
 The real `headstart ingest` runs in child processes (`benchmarks.subjob`) on manifests of
 distinct loopback URLs (`benchmarks.http_source`, a server in its own process whose CPU is not
 counted as the job's) over small photo-like JPEGs (200x200, ~10 KB, as face crops are), at two
-sizes; the difference removes the fixed start-up cost. It runs with no added latency and with
+sizes (1,000 and 10,000 URLs in the quick suite, 2,000 and 10,000 in the full one); the
+difference removes the fixed start-up cost. Each run starts with earlier runs' files synced and
+their outputs removed (`measure.run_child`, `_ingest`). It runs with no added latency and with
 `latency` seconds added to every response (a typical internet round trip), the two interleaved
 run by run (this machine's speed drifts over minutes; see `measure_latencies`), with the
 shipped defaults (the local runner's one worker, whose downloads share one event loop and whose

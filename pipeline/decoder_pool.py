@@ -1,6 +1,7 @@
 """Runs image decoding in worker processes, so a decoder crash or hang costs one input, not the job.
 
     decode = IsolatedDecoder(image_decode.prepare_record, processes=2, timeout=30.0)
+    decode.start()                         # optional: workers start and import now, in parallel
     record = decode(row, data, settings)   # or raises image_decode.ImageError
 
 A crafted file can make a native decoder segfault or loop forever (reliability matrix rows
