@@ -135,7 +135,10 @@ class _Worker:
         start = 0
       self._received += self._chunk_view[:count]
     self._start = start + size
-    return bytes(self._received[start:start + size])
+    # One copy out (a bytearray slice, then bytes of it, was two); the view is released at once
+    # so the buffer can be resized by the next read.
+    with memoryview(self._received) as view:
+      return bytes(view[start:start + size])
 
   def calls(self, name: tuple[str, str], calls: list[tuple], timeout: float):
     """Sends a batch of calls; yields each parsed reply (see `decode_worker.decode_reply`) as
