@@ -9,8 +9,9 @@ of fixed size, JSON fields, raw bytes values) that the parent parses without unp
 anything, within that call's deadline. A batch costs one message for many small images (at
 ~11 KB per image the per-call hand-off was a fifth of the CPU an image took). An empty batch is
 a warm-up: the child imports the function's module and answers one reply (an empty result, or
-the import's error). It is a plain interpreter started with `-m`, so it imports only what the function needs (OpenCV, Pillow, NumPy) and never re-runs the
-parent's main script, as multiprocessing's spawn does.
+the import's error). It is a plain interpreter started with `-m`, so it imports only what the
+function needs (OpenCV, Pillow, NumPy) and never re-runs the parent's main script, as
+multiprocessing's spawn does.
 
 Limits: the worker caps its own address space (`--max-memory-bytes`, RLIMIT_AS) before serving,
 and the CPU time of each call (`--cpu-seconds`, RLIMIT_CPU moved before every call), so a

@@ -75,8 +75,9 @@ class _Worker:
   """One child process, its pipes and (on Linux) the buffer shared with it for big arguments."""
 
   def __init__(self, share_bytes: bool = True, limits: tuple[int, float] = (0, 0.0)):
-    # NumPy's OpenBLAS starts a thread per core at import, which decoding never uses: those
-    # threads spun on the cores the decoders share (~0.007 ms of CPU per image, perf).
+    # NumPy's and OpenCV's OpenBLAS each start a thread per core at import, which decoding
+    # never uses: those threads spun on the cores the decoders share (perf, HTTP benchmark:
+    # ~0.024 ms of CPU per image).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p),
                OPENBLAS_NUM_THREADS="1")
     command = [sys.executable, "-m", "pipeline.decode_worker",
@@ -149,14 +150,10 @@ class _Worker:
     """
     decode_worker.write_message(self.process.stdin, (*name, self._share(calls)))
     for left in range(len(calls) - 1, -1, -1):
-      deadline = time.monotonic() + timeout
       # Waking for every reply the moment it lands cost a context switch per image on cores
       # the decoders share with this process; replies before a batch's last one are collected
       # a few at a time (the worker does not wait for them: the pipe holds 1 MiB).
-      kind, text_size, blob_size = decode_worker.reply_sizes(
-          self._read(decode_worker.REPLY_HEADER.size, deadline, _GATHER_SECONDS if left else 0))
-      yield decode_worker.decode_reply(kind, self._read(text_size, deadline),
-                                       self._read(blob_size, deadline))
+      yield self._reply(time.monotonic() + timeout, _GATHER_SECONDS if left else 0.0)
 
   def warm_up(self, name: tuple[str, str], timeout: float) -> tuple[bool, object]:
     """Has the child import the function's module now; its reply (see `decode_worker`).
@@ -165,9 +162,12 @@ class _Worker:
       TimeoutError, EOFError, decode_worker.BadReply: as `calls`.
     """
     decode_worker.write_message(self.process.stdin, (*name, []))
-    deadline = time.monotonic() + timeout
+    return self._reply(time.monotonic() + timeout)
+
+  def _reply(self, deadline: float, gather: float = 0.0) -> tuple[bool, object]:
+    """The next reply frame, parsed (see `decode_worker.decode_reply`), read before `deadline`."""
     kind, text_size, blob_size = decode_worker.reply_sizes(
-        self._read(decode_worker.REPLY_HEADER.size, deadline))
+        self._read(decode_worker.REPLY_HEADER.size, deadline, gather))
     return decode_worker.decode_reply(kind, self._read(text_size, deadline),
                                       self._read(blob_size, deadline))
 
@@ -214,7 +214,14 @@ class IsolatedDecoder:
     with contextlib.suppress(queue.Empty):
       while True:
         slots.append(self._idle.get_nowait())
-    started = [worker or self._start() for worker in slots]
+    started = []
+    for worker in slots:
+      if worker is None:
+        try:
+          worker = self._start()
+        except OSError:
+          continue  # `_start` kept the slot: the first call starts the worker (or fails)
+      started.append(worker)
     for worker in started:
       try:
         ok, _ = worker.warm_up(self._name, max(self._timeout, _WARM_UP_SECONDS))

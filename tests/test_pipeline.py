@@ -627,10 +627,11 @@ def test_isolated_decoder_moves_big_sources_through_the_shared_buffer(share_byte
     decode.close()
 
 
-def test_isolated_decoder_start_imports_before_the_first_call_and_its_deadline():
+def test_isolated_decoder_start_imports_before_the_first_call_and_its_deadline(monkeypatch):
   """`start` has each worker import the function's module before any call: a first call
   whose deadline is shorter than the import succeeds (without `start`, the import ran inside
-  it). A module that cannot be imported costs no start; its calls are dead-lettered."""
+  it). A module that cannot be imported costs no start; its calls are dead-lettered. A worker
+  that cannot be started keeps its slot: the first call tries again and fails as it would."""
   from pipeline import decoder_pool
   from tests import slow_import_decoder
   timeout = slow_import_decoder.IMPORT_SECONDS / 3
@@ -658,6 +659,16 @@ def test_isolated_decoder_start_imports_before_the_first_call_and_its_deadline()
     assert result.reason == "decode_failed" and "no_such_module" in str(result)
   finally:
     broken.close()
+
+  def no_process(*args, **kwargs):
+    raise OSError("cannot start a process")
+  monkeypatch.setattr(decoder_pool, "_Worker", no_process)
+  unstartable = decoder_pool.IsolatedDecoder(slow_import_decoder.describe, processes=2,
+                                             timeout=30)
+  unstartable.start()
+  assert unstartable._workers == [] and unstartable._idle.qsize() == 2
+  with pytest.raises(OSError, match="cannot start a process"):
+    unstartable.map([({"id": "x"}, b"abc", None)])
 
 
 def test_decoder_replies_carry_only_what_the_call_added_to_its_row():
