@@ -269,12 +269,12 @@ def prepare(job: FeatureJob) -> FeatureJob:
 def _save_random_weights(base: Any, out_dir: str) -> weights_lib.WeightsChoice:
   # Keras writes only local files; write there, then copy through gfile (out_dir may be gs://).
   import tempfile
-  local_dir = tempfile.mkdtemp(prefix="headstart-random-")
-  local = f"{local_dir}/{RANDOM_WEIGHTS_NAME}"
-  base.save_weights(local)
   target = f"{out_dir}/{RANDOM_WEIGHTS_NAME}"
-  tf.io.gfile.copy(local, target, overwrite=True)
-  tf.io.gfile.remove(local)
+  # The local directory goes too (mkdtemp left one empty directory in /tmp per job).
+  with tempfile.TemporaryDirectory(prefix="headstart-random-") as local_dir:
+    local = f"{local_dir}/{RANDOM_WEIGHTS_NAME}"
+    base.save_weights(local)
+    tf.io.gfile.copy(local, target, overwrite=True)
   return weights_lib.WeightsChoice("none", "random", target, RANDOM_WEIGHTS_NAME,
                                    weights_lib.file_sha256(target))
 
