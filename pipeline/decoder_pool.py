@@ -111,18 +111,19 @@ class _Worker:
     return [tuple(places.get((c, i), arg) for i, arg in enumerate(args))
             for c, args in enumerate(calls)]
 
-  def _read(self, size: int, deadline: float, gather: float = 0.0) -> bytes:
-    """Exactly `size` reply bytes before `deadline`; a child that stops half way is no
-    different from one that never answers. Reads what is there (several replies at once),
-    first letting `gather` seconds of replies pile up when they are not there yet.
+  def _fill(self, size: int, deadline: float, gather: float = 0.0) -> None:
+    """Reads until `size` unconsumed reply bytes are buffered, before `deadline`; a child that
+    stops half way is no different from one that never answers. Reads what is there (several
+    replies at once), first letting `gather` seconds of replies pile up when they are not
+    there yet.
 
     Raises:
       TimeoutError: the deadline passed; EOFError: the child closed its end (it died).
     """
-    stream, start = self.process.stdout, self._start
-    if gather and len(self._received) - start < size:
+    stream = self.process.stdout
+    if gather and len(self._received) - self._start < size:
       time.sleep(min(gather, max(0.0, deadline - time.monotonic())))
-    while len(self._received) - start < size:
+    while len(self._received) - self._start < size:
       left = deadline - time.monotonic()
       if left <= 0 or not select.select([stream], [], [], left)[0]:
         raise TimeoutError
@@ -131,15 +132,10 @@ class _Worker:
       count = stream.readinto(self._chunk)
       if not count:
         raise EOFError
-      if start:  # drop what was consumed only when more arrives, not once per reply
-        del self._received[:start]
-        start = 0
+      if self._start:  # drop what was consumed only when more arrives, not once per reply
+        del self._received[:self._start]
+        self._start = 0
       self._received += self._chunk_view[:count]
-    self._start = start + size
-    # One copy out (a bytearray slice, then bytes of it, was two); the view is released at once
-    # so the buffer can be resized by the next read.
-    with memoryview(self._received) as view:
-      return bytes(view[start:start + size])
 
   def calls(self, name: tuple[str, str], calls: list[tuple], timeout: float):
     """Sends a batch of calls; yields each parsed reply (see `decode_worker.decode_reply`) as
@@ -166,10 +162,20 @@ class _Worker:
 
   def _reply(self, deadline: float, gather: float = 0.0) -> tuple[bool, object]:
     """The next reply frame, parsed (see `decode_worker.decode_reply`), read before `deadline`."""
-    kind, text_size, blob_size = decode_worker.reply_sizes(
-        self._read(decode_worker.REPLY_HEADER.size, deadline, gather))
-    return decode_worker.decode_reply(kind, self._read(text_size, deadline),
-                                      self._read(blob_size, deadline))
+    header = decode_worker.REPLY_HEADER.size
+    self._fill(header, deadline, gather)
+    # The parts leave the read-ahead buffer with one copy each (a bytearray slice, then bytes of
+    # it, was two); a view is released at once so the next read can resize the buffer.
+    with memoryview(self._received) as view:
+      kind, text_size, blob_size = decode_worker.reply_sizes(
+          bytes(view[self._start:self._start + header]))
+    self._fill(header + text_size + blob_size, deadline)  # may move the frame to the front
+    text_start = self._start + header
+    blob_start = text_start + text_size
+    self._start = blob_start + blob_size
+    with memoryview(self._received) as view:
+      return decode_worker.decode_reply(kind, bytes(view[text_start:blob_start]),
+                                        bytes(view[blob_start:self._start]))
 
   def died_of_cpu_limit(self) -> bool:
     """True when the kernel ended the child for using up its CPU time (SIGXCPU)."""
