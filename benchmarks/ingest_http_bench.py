@@ -19,8 +19,8 @@ under way cap a worker at ~2,100 images/s with 100 ms per response, Little's law
 machinery. The 100 ms rate on 32 hosts, where the per-host limit caps downloads at 256, is in
 LATENCY's details: `images_per_second_32_hosts`.)
 
-- R3s: CPU per image of the bare OpenCV loop (DCT-reduced decode, INTER_AREA to the target,
-  JPEG q95, one thread, bytes in memory) over the ingest's marginal CPU per image at 0 ms
+- R3s: CPU per image of the bare OpenCV loop (`ingest_bench.bare_loop_seconds`: the ingest's
+  decode, resize and JPEG q95 encode, one thread, bytes in memory) over the ingest's marginal CPU per image at 0 ms
   latency (at 100 ms in details). Target >= 0.5: at most 2x the real work. The marginal CPU is
   the job's process tree's (server excluded) from the start of its pipeline to its end, decoder
   processes included (`run_cpu_seconds`): the imports and planning before it cost the same at
