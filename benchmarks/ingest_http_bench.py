@@ -20,13 +20,13 @@ machinery. The 100 ms rate on 32 hosts, where the per-host limit caps downloads 
 LATENCY's details: `images_per_second_32_hosts`.)
 
 - R3s: CPU per image of the bare OpenCV loop (`ingest_bench.bare_loop_seconds`: the ingest's
-  decode, resize and JPEG q95 encode, one thread, bytes in memory) over the ingest's marginal CPU per image at 0 ms
-  latency (at 100 ms in details). Target >= 0.5: at most 2x the real work. The marginal CPU is
-  the job's process tree's (server excluded) from the start of its pipeline to its end, decoder
-  processes included (`run_cpu_seconds`): the imports and planning before it cost the same at
-  both sizes in expectation, but 4.9-6.0 s from run to run in one quick suite (2026-12-01), up to
-  0.27 ms per image of noise in a marginal over 4,000 images. The marginal of the whole tree's
-  CPU, start-up included, is in details (`cpu_ms_per_image_whole_tree`).
+  decode, resize and JPEG q95 encode, one thread, bytes in memory) over the ingest's marginal CPU
+  per image at 0 ms latency (at 100 ms in details). Target >= 0.5: at most 2x the real work. The
+  marginal CPU is the job's process tree's (server excluded) from the start of its pipeline to its
+  end, decoder processes included (`run_cpu_seconds`): the imports and planning before it cost the
+  same at both sizes in expectation, but 4.9-6.0 s from run to run in one quick suite
+  (2026-12-01), up to 0.27 ms per image of noise in a marginal over 4,000 images. The marginal of
+  the whole tree's CPU, start-up included, is in details (`cpu_ms_per_image_whole_tree`).
 - LATENCY: images/s with the added latency over images/s without. Target >= 0.8. Images/s is
   the job's own figure at the larger size (`fetch_decode_seconds` of its summary: from the first
   row fetched to the last image decoded, start-up left out), the best of the repeats; the

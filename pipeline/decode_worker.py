@@ -290,6 +290,20 @@ def _one_thread_per_worker() -> None:
   cv2.setNumThreads(1)
 
 
+def _answer(function, args: tuple, shared: SharedBuffer | None) -> bytes:
+  """The reply frame of one call. `function` is its import's error when the import failed:
+  answered as it is (raising the one stored instance again grew its traceback every call)."""
+  if isinstance(function, Exception):
+    return encode_reply(False, function)
+  try:
+    if shared is not None:
+      args = tuple(shared.get(a) if isinstance(a, SharedBytes) else a for a in args)
+    result = function(*args)
+    return encode_reply(True, result, args[0] if args and isinstance(args[0], dict) else None)
+  except Exception as error:  # noqa: BLE001 - every failure goes back to the parent
+    return encode_reply(False, error)
+
+
 def main(argv: list[str] | None = None) -> None:
   """Serves calls until stdin closes."""
   global _reply_stream
@@ -329,18 +343,9 @@ def main(argv: list[str] | None = None) -> None:
       continue
     for args in calls:
       cpu_limit.before_call()
-      try:
-        if shared is not None:
-          args = tuple(shared.get(a) if isinstance(a, SharedBytes) else a for a in args)
-        if isinstance(function, Exception):
-          raise function
-        result = function(*args)
-        reply = encode_reply(True, result, args[0] if args and isinstance(args[0], dict) else None)
-      except Exception as error:  # noqa: BLE001 - every failure goes back to the parent
-        reply = encode_reply(False, error)
       # One frame per call, flushed at once: the parent times each call on its own and knows
       # which call of a batch a crash or a hang belongs to.
-      _reply_stream.write(reply)
+      _reply_stream.write(_answer(function, args, shared))
       _reply_stream.flush()
 
 if __name__ == "__main__":
